@@ -1,0 +1,380 @@
+//! A served disk: the image plus its role in a migration.
+//!
+//! ```text
+//!  source:       Serving ──start_tracking──▶ Tracking ──freeze/commit──▶ Moved (writes refused)
+//!                   ▲                           │
+//!                   └────── stop_tracking ◀─────┘ (rollback: nothing was lost)
+//!  destination:  Receiving{pending} ──all pending blocks landed──▶ Serving
+//! ```
+//!
+//! Writes hold a shared permit on `gate` while they run; `freeze` takes it
+//! exclusively, so it waits for writes in flight and holds new ones (they are
+//! delayed, not failed). At the destination, a read of a block still in flight
+//! waits for it (and asks the source for it first), a write covering a whole pending
+//! block replaces it, a partial write waits for it.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::sync::{mpsc, Notify, OwnedRwLockWriteGuard, RwLock};
+
+use crate::image::{Extent, Image, ImageError};
+use crate::precopy::Engine;
+
+#[derive(Debug, Error)]
+pub enum DiskError {
+    #[error("request [{offset}, +{len}) is beyond the end of the {size}-byte disk")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("disk has moved to {to}; this copy is read-only")]
+    Moved { to: String },
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("I/O worker failed: {0}")]
+    Worker(String),
+}
+
+enum Role {
+    Serving,
+    Tracking(Arc<Mutex<Engine>>),
+    Moved { to: String },
+    Receiving(Receiving),
+}
+
+struct Receiving {
+    block_size: u64,
+    /// Blocks whose newest content has not arrived yet.
+    pending: HashSet<u64>,
+    /// Blocks being written by the receiver right now.
+    landing: HashSet<u64>,
+    /// Blocks already asked for on demand.
+    requested: HashSet<u64>,
+    fetch: mpsc::UnboundedSender<u64>,
+}
+
+pub struct Disk {
+    image: Arc<Image>,
+    name: String,
+    gate: Arc<RwLock<()>>,
+    frozen: Mutex<Option<OwnedRwLockWriteGuard<()>>>,
+    role: Mutex<Role>,
+    arrived: Notify,
+}
+
+/// What a write must do about blocks still in flight at the destination.
+enum PendingCheck {
+    Go,
+    Wait,
+}
+
+impl Disk {
+    pub fn new(image: Image, name: impl Into<String>) -> Self {
+        Self {
+            image: Arc::new(image),
+            name: name.into(),
+            gate: Arc::new(RwLock::new(())),
+            frozen: Mutex::new(None),
+            role: Mutex::new(Role::Serving),
+            arrived: Notify::new(),
+        }
+    }
+
+    /// A destination disk whose `pending` blocks are still to arrive; reads of them
+    /// send the block number on `fetch`.
+    pub fn receiving(
+        image: Image,
+        name: impl Into<String>,
+        block_size: u32,
+        pending: HashSet<u64>,
+        fetch: mpsc::UnboundedSender<u64>,
+    ) -> Self {
+        let d = Self::new(image, name);
+        *d.lock_role() = Role::Receiving(Receiving {
+            block_size: block_size as u64,
+            pending,
+            landing: HashSet::new(),
+            requested: HashSet::new(),
+            fetch,
+        });
+        d
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
+    fn lock_role(&self) -> MutexGuard<'_, Role> {
+        // A poisoned lock means a panic elsewhere already; the data is a plain enum.
+        self.role.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        matches!(*self.lock_role(), Role::Moved { .. })
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(DiskError::OutOfRange { offset, len, size });
+        }
+        Ok(())
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Image) -> Result<T, ImageError> + Send + 'static,
+    ) -> Result<T, DiskError> {
+        let img = self.image.clone();
+        tokio::task::spawn_blocking(move || f(&img))
+            .await
+            .map_err(|e| DiskError::Worker(e.to_string()))?
+            .map_err(DiskError::from)
+    }
+
+    fn blocks_of(bs: u64, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        if len == 0 {
+            return 1..=0;
+        }
+        offset / bs..=(offset + len - 1) / bs
+    }
+
+    /// Waits until no block of the range is pending or landing (destination only).
+    async fn wait_arrived(&self, offset: u64, len: u64) {
+        loop {
+            let notified = self.arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut role = self.lock_role();
+                let Role::Receiving(r) = &mut *role else {
+                    return;
+                };
+                let mut waiting = false;
+                for b in Self::blocks_of(r.block_size, offset, len) {
+                    if r.pending.contains(&b) {
+                        waiting = true;
+                        if r.requested.insert(b) {
+                            let _ = r.fetch.send(b);
+                        }
+                    } else if r.landing.contains(&b) {
+                        waiting = true;
+                    }
+                }
+                if !waiting {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError> {
+        self.check_range(offset, len as u64)?;
+        self.wait_arrived(offset, len as u64).await;
+        self.blocking(move |img| {
+            let mut buf = vec![0u8; len as usize];
+            img.read_at(&mut buf, offset)?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    /// Before a write at the destination: whole pending blocks are superseded, a
+    /// partially covered pending or landing block must arrive first.
+    fn check_pending_for_write(&self, offset: u64, len: u64) -> PendingCheck {
+        let mut role = self.lock_role();
+        let Role::Receiving(r) = &mut *role else {
+            return PendingCheck::Go;
+        };
+        let bs = r.block_size;
+        let mut superseded = Vec::new();
+        for b in Self::blocks_of(bs, offset, len) {
+            let whole = offset <= b * bs && offset + len >= (b + 1) * bs;
+            if r.landing.contains(&b) || (r.pending.contains(&b) && !whole) {
+                if r.pending.contains(&b) && r.requested.insert(b) {
+                    let _ = r.fetch.send(b);
+                }
+                return PendingCheck::Wait;
+            }
+            if r.pending.contains(&b) {
+                superseded.push(b);
+            }
+        }
+        for b in superseded {
+            r.pending.remove(&b);
+        }
+        PendingCheck::Go
+    }
+
+    /// Common path of every modifying command: permit, role checks, the I/O, dirty
+    /// marking, then the throttle delay (after releasing the permit).
+    async fn modify(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        op: impl FnOnce(&Image) -> Result<(), ImageError> + Send + 'static,
+    ) -> Result<(), DiskError> {
+        self.check_range(offset, len)?;
+        let permit = self.gate.read().await;
+        if let Role::Moved { to } = &*self.lock_role() {
+            return Err(DiskError::Moved { to: to.clone() });
+        }
+        while let PendingCheck::Wait = self.check_pending_for_write(offset, len) {
+            self.wait_arrived(offset, len).await;
+        }
+        self.blocking(move |img| {
+            op(img)?;
+            if fua {
+                img.sync()?;
+            }
+            Ok(())
+        })
+        .await?;
+        let delay = match &*self.lock_role() {
+            Role::Tracking(engine) => engine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .handle_write(offset, len, Instant::now()),
+            _ => Duration::ZERO,
+        };
+        drop(permit);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(())
+    }
+
+    pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DiskError> {
+        let len = data.len() as u64;
+        self.modify(offset, len, fua, move |img| img.write_at(&data, offset))
+            .await
+    }
+
+    /// WRITE_ZEROES (`punch` unless NO_HOLE) and TRIM: the range reads as zeros after.
+    pub async fn zero(&self, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), DiskError> {
+        self.modify(offset, len, fua, move |img| img.zero(offset, len, punch))
+            .await
+    }
+
+    pub async fn flush(&self) -> Result<(), DiskError> {
+        self.blocking(|img| img.sync()).await
+    }
+
+    /// Allocation map of a range. Blocks still in flight at the destination are
+    /// reported as data: their holes on disk are not their content.
+    pub async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+        self.check_range(offset, len)?;
+        let in_flight = match &*self.lock_role() {
+            Role::Receiving(r) => Self::blocks_of(r.block_size, offset, len)
+                .any(|b| r.pending.contains(&b) || r.landing.contains(&b)),
+            _ => false,
+        };
+        if in_flight {
+            return Ok(vec![Extent {
+                offset,
+                len,
+                hole: false,
+            }]);
+        }
+        self.blocking(move |img| img.extents(offset, len)).await
+    }
+
+    // ---- source side of a migration ----
+
+    /// Start tracking writes into `engine`. Fails if the disk has moved or is
+    /// already being migrated.
+    pub fn start_tracking(&self, engine: Arc<Mutex<Engine>>) -> Result<(), String> {
+        let mut role = self.lock_role();
+        match &*role {
+            Role::Serving => {
+                *role = Role::Tracking(engine);
+                Ok(())
+            }
+            Role::Tracking(_) => Err(format!("disk {} is already being migrated", self.name)),
+            Role::Moved { to } => Err(format!("disk {} has already moved to {to}", self.name)),
+            Role::Receiving(_) => Err(format!("disk {} is still receiving blocks", self.name)),
+        }
+    }
+
+    /// Rollback: stop tracking and release held writes. The image was never
+    /// modified by the migration, so nothing else needs undoing.
+    pub fn stop_tracking(&self) {
+        let mut role = self.lock_role();
+        if let Role::Tracking(_) = &*role {
+            *role = Role::Serving;
+        }
+        drop(role);
+        self.unfreeze();
+    }
+
+    /// Hold new writes and wait for the ones in flight to finish.
+    pub async fn freeze(&self) {
+        let guard = self.gate.clone().write_owned().await;
+        *self.frozen.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    }
+
+    pub fn unfreeze(&self) {
+        self.frozen.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// The commit point at the source: from now on it refuses writes; held writes
+    /// are released and fail.
+    pub fn commit_moved(&self, to: String) {
+        *self.lock_role() = Role::Moved { to };
+        self.unfreeze();
+    }
+
+    // ---- destination side ----
+
+    /// Claim block `b` for writing by the receiver. False when it is no longer
+    /// pending (a guest write superseded it, or it already landed).
+    pub fn begin_landing(&self, b: u64) -> bool {
+        let mut role = self.lock_role();
+        let Role::Receiving(r) = &mut *role else {
+            return false;
+        };
+        if r.pending.remove(&b) {
+            r.landing.insert(b);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn end_landing(&self, b: u64) {
+        if let Role::Receiving(r) = &mut *self.lock_role() {
+            r.landing.remove(&b);
+        }
+        self.arrived.notify_waiters();
+    }
+
+    /// Blocks still pending (destination).
+    pub fn pending_blocks(&self) -> usize {
+        match &*self.lock_role() {
+            Role::Receiving(r) => r.pending.len() + r.landing.len(),
+            _ => 0,
+        }
+    }
+
+    /// All blocks have landed: serve plainly.
+    pub fn finish_receiving(&self) {
+        let mut role = self.lock_role();
+        if let Role::Receiving(r) = &*role {
+            if r.pending.is_empty() && r.landing.is_empty() {
+                *role = Role::Serving;
+            }
+        }
+        drop(role);
+        self.arrived.notify_waiters();
+    }
+}

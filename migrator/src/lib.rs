@@ -1,0 +1,17 @@
+//! Live migration of a VM's local disk (and, later, its memory) across a WAN.
+//!
+//! - [`nbd`]: the NBD server the hypervisor uses as the VM's disk; every write passes
+//!   through it, which is where dirty tracking and throttling hook in.
+//! - [`precopy`]: the sans-I/O disk pre-copy engine (bulk pass, dirty rounds,
+//!   throttling, convergence).
+//! - [`transport`]: framed messages over one TLS 1.3 connection with pinned keys.
+//! - [`source`] and [`agent`]: the two ends of a disk migration.
+
+pub mod agent;
+pub mod disk;
+pub mod events;
+pub mod image;
+pub mod nbd;
+pub mod precopy;
+pub mod source;
+pub mod transport;

@@ -1,0 +1,494 @@
+//! Source side of a disk migration: the tokio shell around [`precopy::Engine`].
+//!
+//! Ownership makes rollback the default: until the commit point a
+//! [`RollbackGuard`] owns the disk's tracking state, and dropping it (any error,
+//! a cancelled task, Ctrl-C of the CLI) returns the disk to plain serving with
+//! held writes released. Nothing at the source is modified by a migration, so
+//! nothing else needs undoing.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::disk::Disk;
+use crate::events::{Event, EventSink, Phase, Summary};
+use crate::image::is_zero;
+use crate::precopy::{self, Engine, Transmit};
+use crate::transport::frame::{BlockHash, HASH_LEN, VERSION};
+use crate::transport::tls::{self, Fingerprint, Identity};
+use crate::transport::{read_frame, write_frame, Compressor, Frame, LinkError};
+
+#[derive(Debug, Error)]
+pub enum MigrateError {
+    #[error("cannot reach destination {addr}: {source} (is `migrator receive` running there, and the port open?)")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} failed: {source} (do both sides pin each other's key with --peer?)")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("destination refused the migration: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("link to the destination closed before the commit point; the source still serves the disk, re-run to resume")]
+    LinkClosed,
+    #[error("timed out waiting for the destination's {0}")]
+    Timeout(&'static str),
+    #[error("did not converge after {rounds} rounds ({dirty_mib:.1} MiB still dirty): enable write throttling, raise --max-rounds or --downtime")]
+    NotConverged { rounds: u32, dirty_mib: f64 },
+    #[error("{0}")]
+    Disk(String),
+    #[error("committed: the destination is the authority, but sending the final blocks failed: {0}; its reads of those blocks wait until `migrator disk migrate` is run again")]
+    AfterCommit(String),
+    #[error("cannot record the commit in {path}: {source}; rolled back, the source keeps serving")]
+    Marker {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+pub struct MigrateOptions {
+    /// `host:port` of `migrator receive`.
+    pub to: String,
+    pub identity: Identity,
+    pub peers: Vec<Fingerprint>,
+    pub precopy: precopy::Config,
+    pub compress: bool,
+    /// Written at the commit point so a restarted `disk serve` will not serve the
+    /// stale copy: `<image>.moved`.
+    pub marker: Option<PathBuf>,
+}
+
+/// Marker path for an image.
+pub fn marker_path(image: &Path) -> PathBuf {
+    let mut s = image.as_os_str().to_owned();
+    s.push(".moved");
+    PathBuf::from(s)
+}
+
+struct RollbackGuard<'a> {
+    disk: &'a Disk,
+    armed: bool,
+}
+
+impl Drop for RollbackGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            warn!(disk = self.disk.name(), "migration rolled back; the source keeps serving");
+            self.disk.stop_tracking();
+        }
+    }
+}
+
+fn hash_block(data: &[u8]) -> BlockHash {
+    let mut h = [0u8; HASH_LEN];
+    h.copy_from_slice(&blake3::hash(data).as_bytes()[..HASH_LEN]);
+    h
+}
+
+/// Sender-side state shared by the pre- and post-commit loops.
+struct Sender<W> {
+    wr: W,
+    disk: Arc<Disk>,
+    engine: Arc<Mutex<Engine>>,
+    bs: u64,
+    peer_hashes: HashMap<u64, BlockHash>,
+    comp: Option<Compressor>,
+    summary: Summary,
+}
+
+impl<W: AsyncWrite + Unpin> Sender<W> {
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn send(&mut self, f: &Frame) -> Result<(), LinkError> {
+        let n = write_frame(&mut self.wr, f).await? as u64;
+        self.summary.wire_bytes += n;
+        self.engine().handle_sent(n, Instant::now());
+        Ok(())
+    }
+
+    /// Read blocks `[start, start+count)` and send them: skipped when the
+    /// destination already holds the same content, zero extents for zeros.
+    async fn send_blocks(&mut self, start: u64, count: u64) -> Result<(), MigrateError> {
+        let size = self.disk.size();
+        let off = start * self.bs;
+        let len = (count * self.bs).min(size - off);
+        let data = self
+            .disk
+            .image()
+            .clone();
+        let buf = tokio::task::spawn_blocking(move || {
+            let mut b = vec![0u8; len as usize];
+            data.read_at(&mut b, off).map(|_| b)
+        })
+        .await
+        .map_err(|e| MigrateError::Disk(e.to_string()))?
+        .map_err(|e| MigrateError::Disk(e.to_string()))?;
+        let mut zero_run: Option<(u64, u64)> = None;
+        for (i, chunk) in buf.chunks(self.bs as usize).enumerate() {
+            let b = start + i as u64;
+            let boff = b * self.bs;
+            if let Some(h) = self.peer_hashes.remove(&b) {
+                if h == hash_block(chunk) {
+                    self.summary.resumed_bytes += chunk.len() as u64;
+                    continue;
+                }
+            }
+            if is_zero(chunk) {
+                zero_run = match zero_run {
+                    Some((o, l)) if o + l == boff => Some((o, l + chunk.len() as u64)),
+                    Some((o, l)) => {
+                        self.send_zero(o, l).await?;
+                        Some((boff, chunk.len() as u64))
+                    }
+                    None => Some((boff, chunk.len() as u64)),
+                };
+                continue;
+            }
+            let raw_len = chunk.len() as u32;
+            self.summary.data_bytes += raw_len as u64;
+            let (compressed, payload) = match &mut self.comp {
+                Some(c) => c.pack(chunk.to_vec()),
+                None => (false, chunk.to_vec()),
+            };
+            self.send(&Frame::Data {
+                offset: boff,
+                compressed,
+                raw_len,
+                payload,
+            })
+            .await?;
+        }
+        if let Some((o, l)) = zero_run {
+            self.send_zero(o, l).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_zero(&mut self, offset: u64, len: u64) -> Result<(), LinkError> {
+        self.summary.zero_bytes += len;
+        self.send(&Frame::Zero { offset, len }).await
+    }
+}
+
+/// Block ranges `(start, count)` covering the byte extents, merged and sorted.
+fn block_ranges(bs: u64, extents: impl IntoIterator<Item = (u64, u64)>, extra: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = extents
+        .into_iter()
+        .filter(|e| e.1 > 0)
+        .map(|(o, l)| (o / bs, (o + l).div_ceil(bs) - o / bs))
+        .chain(extra.into_iter().map(|b| (b, 1)))
+        .collect();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, c) in v {
+        match out.last_mut() {
+            Some(last) if s <= last.0 + last.1 => last.1 = last.1.max(s + c - last.0),
+            _ => out.push((s, c)),
+        }
+    }
+    out
+}
+
+/// Messages from the destination that the sending loop acts on.
+enum Inbound {
+    Ready,
+    DoneAck,
+    Refused(String),
+    Closed(Option<LinkError>),
+}
+
+/// Migrate `disk` to the destination agent. On success the source has moved
+/// (refuses writes) and the destination serves the disk.
+pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -> Result<Summary, MigrateError> {
+    let t0 = Instant::now();
+    events.send(Event::Phase { phase: Phase::Connect });
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&opts.to))
+        .await
+        .map_err(|_| MigrateError::Connect {
+            addr: opts.to.clone(),
+            source: std::io::ErrorKind::TimedOut.into(),
+        })?
+        .map_err(|source| MigrateError::Connect {
+            addr: opts.to.clone(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let cfg = tls::client_config(&opts.identity, opts.peers.clone()).map_err(|e| MigrateError::Refused(e.to_string()))?;
+    let stream = tokio_rustls::TlsConnector::from(cfg)
+        .connect(tls::server_name(), tcp)
+        .await
+        .map_err(|source| MigrateError::Handshake {
+            addr: opts.to.clone(),
+            source,
+        })?;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let bs = opts.precopy.block_size as u64;
+    write_frame(
+        &mut wr,
+        &Frame::Hello {
+            version: VERSION,
+            name: disk.name().to_string(),
+            size: disk.size(),
+            block_size: opts.precopy.block_size,
+        },
+    )
+    .await?;
+    wr.flush().await.map_err(LinkError::Io)?;
+    let mut peer_hashes = HashMap::new();
+    loop {
+        match read_frame(&mut rd).await? {
+            Some(Frame::Hashes(v)) => peer_hashes.extend(v),
+            Some(Frame::Welcome) => break,
+            Some(Frame::Error { message }) => return Err(MigrateError::Refused(message)),
+            Some(other) => return Err(MigrateError::Refused(format!("unexpected {other:?} during handshake"))),
+            None => return Err(MigrateError::LinkClosed),
+        }
+    }
+    info!(disk = disk.name(), to = %opts.to, resumable_blocks = peer_hashes.len(), "migration connected");
+
+    // Bulk ranges: allocated data here, plus what the destination holds (it may
+    // need zeroing where this copy has a hole now).
+    let img = disk.image().clone();
+    let size = disk.size();
+    let extents = tokio::task::spawn_blocking(move || img.extents(0, size))
+        .await
+        .map_err(|e| MigrateError::Disk(e.to_string()))?
+        .map_err(|e| MigrateError::Disk(e.to_string()))?;
+    let ranges = block_ranges(
+        bs,
+        extents.iter().filter(|e| !e.hole).map(|e| (e.offset, e.len)),
+        peer_hashes.keys().copied(),
+    );
+    let engine = Arc::new(Mutex::new(Engine::new(opts.precopy.clone(), size, ranges)));
+    disk.start_tracking(engine.clone()).map_err(MigrateError::Disk)?;
+    let mut guard = RollbackGuard { disk: &disk, armed: true };
+
+    // Reader: Fetch requests go to `fetch_tx`, everything else to `inbound`.
+    let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel::<u64>();
+    let (in_tx, mut inbound) = mpsc::unbounded_channel::<Inbound>();
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = match read_frame(&mut rd).await {
+                Ok(Some(Frame::Fetch { block })) => {
+                    let _ = fetch_tx.send(block);
+                    continue;
+                }
+                Ok(Some(Frame::Ready)) => Inbound::Ready,
+                Ok(Some(Frame::DoneAck)) => Inbound::DoneAck,
+                Ok(Some(Frame::Error { message })) => Inbound::Refused(message),
+                Ok(Some(other)) => Inbound::Refused(format!("unexpected frame {other:?}")),
+                Ok(None) => Inbound::Closed(None),
+                Err(e) => Inbound::Closed(Some(e)),
+            };
+            let stop = matches!(msg, Inbound::Refused(_) | Inbound::Closed(_));
+            if in_tx.send(msg).is_err() || stop {
+                return;
+            }
+        }
+    });
+    let _reader_guard = AbortOnDrop(reader);
+
+    let mut s = Sender {
+        wr,
+        disk: disk.clone(),
+        engine: engine.clone(),
+        bs,
+        peer_hashes,
+        comp: opts.compress.then(Compressor::default),
+        summary: Summary {
+            disk: disk.name().to_string(),
+            destination: opts.to.clone(),
+            size_bytes: size,
+            ..Summary::default()
+        },
+    };
+    events.send(Event::Phase { phase: Phase::Bulk });
+    let mut last_progress = Instant::now();
+    let mut phase = Phase::Bulk;
+    loop {
+        if let Ok(msg) = inbound.try_recv() {
+            return Err(inbound_error(msg));
+        }
+        let t = s.engine().poll_transmit(Instant::now());
+        match t {
+            Some(Transmit::Blocks { start, count }) => {
+                s.send_blocks(start, count).await?;
+            }
+            Some(Transmit::Switchover) => break,
+            Some(Transmit::NotConverged { rounds, dirty_blocks }) => {
+                return Err(MigrateError::NotConverged {
+                    rounds,
+                    dirty_mib: (dirty_blocks * bs) as f64 / (1024.0 * 1024.0),
+                })
+            }
+            None => return Err(MigrateError::Disk("pre-copy engine stopped early".into())),
+        }
+        let e = s.engine();
+        if phase == Phase::Bulk && !e.is_bulk() {
+            phase = Phase::Dirty;
+            drop(e);
+            events.send(Event::Phase { phase });
+        } else {
+            drop(e);
+        }
+        if last_progress.elapsed() >= Duration::from_millis(200) {
+            last_progress = Instant::now();
+            events.send(progress(&s.engine(), phase));
+        }
+    }
+
+    // Switchover: hold writes, take the final set, let the destination persist
+    // everything else, then commit.
+    events.send(Event::Phase { phase: Phase::Switchover });
+    let t_freeze = Instant::now();
+    disk.freeze().await;
+    let final_blocks = s.engine().handle_frozen();
+    s.send(&Frame::Prepare {
+        blocks: final_blocks.clone(),
+    })
+    .await?;
+    s.wr.flush().await.map_err(LinkError::Io)?;
+    match tokio::time::timeout(Duration::from_secs(60), inbound.recv()).await {
+        Ok(Some(Inbound::Ready)) => {}
+        Ok(Some(other)) => return Err(inbound_error(other)),
+        Ok(None) => return Err(MigrateError::LinkClosed),
+        Err(_) => return Err(MigrateError::Timeout("Ready")),
+    }
+    if let Some(path) = &opts.marker {
+        write_marker(path, &opts.to).map_err(|source| MigrateError::Marker {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    // ---- commit point ----
+    disk.commit_moved(opts.to.clone());
+    guard.armed = false;
+    let t_commit = Instant::now();
+    s.summary.frozen_ms = (t_commit - t_freeze).as_secs_f64() * 1e3;
+    events.send(Event::Phase { phase: Phase::Committed });
+    let after = async {
+        s.send(&Frame::Commit).await?;
+        s.wr.flush().await.map_err(LinkError::Io)?;
+        let mut remaining: BTreeSet<u64> = final_blocks.iter().copied().collect();
+        while !remaining.is_empty() {
+            let next = match fetch_rx.try_recv() {
+                Ok(b) if remaining.contains(&b) => {
+                    s.summary.fetched_blocks += 1;
+                    b
+                }
+                _ => match remaining.first() {
+                    Some(&b) => b,
+                    None => break,
+                },
+            };
+            remaining.remove(&next);
+            s.send_blocks(next, 1).await?;
+            if remaining.is_empty() || fetch_rx.is_empty() {
+                s.wr.flush().await.map_err(LinkError::Io)?;
+            }
+        }
+        s.send(&Frame::Done).await?;
+        s.wr.flush().await.map_err(LinkError::Io)?;
+        match tokio::time::timeout(Duration::from_secs(60), inbound.recv()).await {
+            Ok(Some(Inbound::DoneAck)) => Ok(()),
+            Ok(Some(other)) => Err(inbound_error(other)),
+            Ok(None) => Err(MigrateError::LinkClosed),
+            Err(_) => Err(MigrateError::Timeout("DoneAck")),
+        }
+    };
+    after.await.map_err(|e| MigrateError::AfterCommit(e.to_string()))?;
+    let _ = s.wr.shutdown().await;
+    s.summary.final_ms = t_commit.elapsed().as_secs_f64() * 1e3;
+    s.summary.total_s = t0.elapsed().as_secs_f64();
+    let st = s.engine().stats().clone();
+    s.summary.bulk_blocks = st.bulk_blocks;
+    s.summary.resent_blocks = st.resent_blocks;
+    s.summary.rounds = st.rounds;
+    s.summary.round_dirty_blocks = st.round_dirty;
+    s.summary.final_blocks = st.final_blocks;
+    s.summary.writes = st.writes;
+    s.summary.writes_delayed = st.writes_delayed;
+    s.summary.write_delay_total_ms = st.delay_total.as_secs_f64() * 1e3;
+    s.summary.compressed_saved_bytes = s.comp.as_ref().map(|c| c.saved).unwrap_or(0);
+    events.send(Event::Phase { phase: Phase::Done });
+    events.send(Event::Summary(s.summary.clone()));
+    Ok(s.summary)
+}
+
+fn progress(e: &Engine, phase: Phase) -> Event {
+    let bs = e.config().block_size;
+    let rate = e.drain_rate();
+    let left = (e.bulk_remaining() + e.dirty_blocks()) * bs as u64;
+    Event::Progress {
+        phase,
+        round: e.stats().rounds,
+        wire_bytes: e.stats().bytes_sent,
+        bulk_remaining_blocks: e.bulk_remaining(),
+        dirty_blocks: e.dirty_blocks(),
+        block_size: bs,
+        rate_bytes_per_s: rate,
+        eta_s: rate.filter(|r| *r > 0.0).map(|r| left as f64 / r),
+    }
+}
+
+fn inbound_error(msg: Inbound) -> MigrateError {
+    match msg {
+        Inbound::Refused(m) => MigrateError::Refused(m),
+        Inbound::Closed(Some(e)) => MigrateError::Link(e),
+        Inbound::Closed(None) => MigrateError::LinkClosed,
+        Inbound::Ready | Inbound::DoneAck => MigrateError::Refused("destination acknowledged out of order".into()),
+    }
+}
+
+fn write_marker(path: &Path, to: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("moved.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{to}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_and_round_to_blocks() {
+        let r = block_ranges(10, [(5, 10), (15, 1), (100, 20)], [2, 50]);
+        assert_eq!(r, vec![(0, 3), (10, 2), (50, 1)]);
+        assert_eq!(block_ranges(10, [], []), vec![]);
+    }
+}

@@ -1,0 +1,119 @@
+//! The migration link: one TLS 1.3 connection (pinned keys) carrying frames.
+//!
+//! ```text
+//!  source                                   destination
+//!  Hello{version,name,size,block_size} ──▶  open/create DIR/name.img, check room
+//!                                      ◀──  Hashes{(block,hash)…}*  Welcome
+//!  Data / Zero (bulk, then dirty rounds) ─▶ written in place (before commit the
+//!                                           destination serves nothing)
+//!  [writes frozen] Prepare{final blocks} ─▶ fsync image, record pending set
+//!                                      ◀──  Ready
+//!  [source: commit point, refuses writes]
+//!  Commit                              ──▶  authority: serves NBD now; reads of
+//!                                           pending blocks wait / send Fetch
+//!  Data (final blocks, Fetch first)    ──▶  applied unless a guest write replaced them
+//!                                      ◀──  Fetch{block}  (any time after Commit)
+//!  Done                                ──▶  all landed ─▶ DoneAck
+//! ```
+//!
+//! Receiver states (destination): `Handshake → Receiving → Prepared → Committed →
+//! Complete`. A link break before `Commit` leaves the source authoritative and the
+//! destination's partial image in place; the next `Hello` for the same name
+//! answers with block hashes so only differing blocks travel again.
+
+pub mod frame;
+pub mod tls;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub use frame::{Frame, FrameError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("link I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer sent a malformed frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("link closed in the middle of a frame")]
+    Truncated,
+    #[error("cannot decompress block at offset {offset}: {reason}")]
+    Decompress { offset: u64, reason: String },
+}
+
+/// Read one frame; `Ok(None)` on a clean end of stream between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Frame>, LinkError> {
+    let mut h = [0u8; frame::HEADER_LEN];
+    let mut got = 0;
+    while got < h.len() {
+        let n = rd.read(&mut h[got..]).await?;
+        if n == 0 {
+            return if got == 0 { Ok(None) } else { Err(LinkError::Truncated) };
+        }
+        got += n;
+    }
+    let (kind, len) = Frame::header(&h)?;
+    let mut payload = vec![0u8; len as usize];
+    rd.read_exact(&mut payload).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => LinkError::Truncated,
+        _ => LinkError::Io(e),
+    })?;
+    Ok(Some(Frame::parse(kind, &payload)?))
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(wr: &mut W, f: &Frame) -> Result<usize, LinkError> {
+    let b = f.emit();
+    wr.write_all(&b).await?;
+    Ok(b.len())
+}
+
+/// Adaptive zstd: compress when it pays, and after a run of incompressible blocks
+/// stop trying for a while (random data costs CPU and saves nothing).
+#[derive(Debug, Default)]
+pub struct Compressor {
+    skip: u32,
+    misses: u32,
+    pub saved: u64,
+}
+
+impl Compressor {
+    /// Returns `(compressed?, payload)`.
+    pub fn pack(&mut self, data: Vec<u8>) -> (bool, Vec<u8>) {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return (false, data);
+        }
+        match zstd::bulk::compress(&data, 1) {
+            Ok(c) if c.len() + c.len() / 16 < data.len() => {
+                self.misses = 0;
+                self.saved += (data.len() - c.len()) as u64;
+                (true, c)
+            }
+            _ => {
+                self.misses += 1;
+                if self.misses >= 4 {
+                    self.skip = 64;
+                    self.misses = 0;
+                }
+                (false, data)
+            }
+        }
+    }
+}
+
+/// Decode a Data frame's payload to the block's bytes.
+pub fn unpack(offset: u64, compressed: bool, raw_len: u32, payload: Vec<u8>) -> Result<Vec<u8>, LinkError> {
+    if !compressed {
+        return Ok(payload);
+    }
+    let out = zstd::bulk::decompress(&payload, raw_len as usize).map_err(|e| LinkError::Decompress {
+        offset,
+        reason: e.to_string(),
+    })?;
+    if out.len() != raw_len as usize {
+        return Err(LinkError::Decompress {
+            offset,
+            reason: format!("{} bytes instead of {raw_len}", out.len()),
+        });
+    }
+    Ok(out)
+}
