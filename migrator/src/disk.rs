@@ -378,3 +378,89 @@ impl Disk {
         self.arrived.notify_waiters();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: u64 = 65536;
+
+    fn receiving(pending: &[u64]) -> (tempfile::TempDir, Arc<Disk>, mpsc::UnboundedReceiver<u64>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = Image::create(&dir.path().join("d.img"), 8 * BS).expect("image");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let d = Disk::receiving(img, "d", BS as u32, pending.iter().copied().collect(), tx);
+        (dir, Arc::new(d), rx)
+    }
+
+    #[tokio::test]
+    async fn read_of_a_pending_block_waits_and_asks_for_it() {
+        let (_dir, disk, mut fetch) = receiving(&[2]);
+        // A read of another block does not wait.
+        assert_eq!(disk.read(0, 512).await.expect("read"), vec![0u8; 512]);
+        let d = disk.clone();
+        let reader = tokio::spawn(async move { d.read(2 * BS + 100, 10).await });
+        assert_eq!(fetch.recv().await, Some(2), "the read asks the source for block 2");
+        assert!(!reader.is_finished());
+        // The block lands.
+        assert!(disk.begin_landing(2));
+        disk.image().write_at(&[7u8; BS as usize], 2 * BS).expect("write");
+        disk.end_landing(2);
+        let got = reader.await.expect("join").expect("read");
+        assert_eq!(got, vec![7u8; 10]);
+        assert_eq!(disk.pending_blocks(), 0);
+    }
+
+    #[tokio::test]
+    async fn whole_block_write_replaces_a_pending_block() {
+        let (_dir, disk, _fetch) = receiving(&[3]);
+        disk.write(3 * BS, vec![9u8; BS as usize], false).await.expect("write");
+        // The late arrival of the old content is dropped.
+        assert!(!disk.begin_landing(3));
+        assert_eq!(disk.read(3 * BS, 4).await.expect("read"), vec![9u8; 4]);
+    }
+
+    #[tokio::test]
+    async fn partial_write_waits_for_the_block() {
+        let (_dir, disk, mut fetch) = receiving(&[1]);
+        let d = disk.clone();
+        let writer = tokio::spawn(async move { d.write(BS + 10, vec![5u8; 10], false).await });
+        assert_eq!(fetch.recv().await, Some(1));
+        assert!(!writer.is_finished());
+        assert!(disk.begin_landing(1));
+        disk.image().write_at(&[1u8; BS as usize], BS).expect("write");
+        disk.end_landing(1);
+        writer.await.expect("join").expect("write");
+        let got = disk.read(BS, 30).await.expect("read");
+        assert_eq!(&got[..10], &[1u8; 10]);
+        assert_eq!(&got[10..20], &[5u8; 10]);
+        assert_eq!(&got[20..], &[1u8; 10]);
+    }
+
+    #[tokio::test]
+    async fn freeze_holds_writes_and_commit_refuses_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = Image::create(&dir.path().join("s.img"), 4 * BS).expect("image");
+        let disk = Arc::new(Disk::new(img, "s"));
+        disk.freeze().await;
+        let d = disk.clone();
+        let held = tokio::spawn(async move { d.write(0, vec![1u8; 512], false).await });
+        tokio::task::yield_now().await;
+        assert!(!held.is_finished(), "write must be held while frozen");
+        disk.commit_moved("b:7800".into());
+        let r = held.await.expect("join");
+        assert!(matches!(r, Err(DiskError::Moved { .. })), "{r:?}");
+        // The held write never reached the image.
+        assert_eq!(disk.read(0, 512).await.expect("read"), vec![0u8; 512]);
+        assert!(disk.is_read_only());
+    }
+
+    #[tokio::test]
+    async fn out_of_range_requests_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = Image::create(&dir.path().join("s.img"), BS).expect("image");
+        let disk = Disk::new(img, "s");
+        assert!(matches!(disk.read(BS - 1, 2).await, Err(DiskError::OutOfRange { .. })));
+        assert!(matches!(disk.write(u64::MAX, vec![0; 2], false).await, Err(DiskError::OutOfRange { .. })));
+    }
+}

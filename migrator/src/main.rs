@@ -114,6 +114,10 @@ struct MigrateArgs {
     /// Switch over when the dirty set drains in this many milliseconds.
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
+    /// Cap the migration link at this many megabits per second.
+    #[arg(long)]
+    #[serde(default)]
+    max_rate_mbit: Option<f64>,
     /// Send blocks uncompressed.
     #[arg(long)]
     no_compress: bool,
@@ -149,6 +153,7 @@ impl MigrateArgs {
                 ..precopy::Config::default()
             },
             compress: !self.no_compress,
+            max_rate: self.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
             marker,
         })
     }
@@ -401,6 +406,8 @@ async fn receive(listen: String, dir: PathBuf, keys: Keys) -> Result<()> {
         info!(disk = name, "serving a disk migrated earlier");
     }
     let l = TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    // The bound address on stdout, so `--listen 127.0.0.1:0` can be used by scripts.
+    println!("listening on {}", l.local_addr()?);
     info!(addr = %l.local_addr()?, "waiting for migrations");
     agent.run(l, ctrl_c()).await?;
     Ok(())

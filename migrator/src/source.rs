@@ -69,6 +69,8 @@ pub struct MigrateOptions {
     pub peers: Vec<Fingerprint>,
     pub precopy: precopy::Config,
     pub compress: bool,
+    /// Cap on the link's use, bytes per second (`None`: as fast as it drains).
+    pub max_rate: Option<u64>,
     /// Written at the commit point so a restarted `disk serve` will not serve the
     /// stale copy: `<image>.moved`.
     pub marker: Option<PathBuf>,
@@ -110,6 +112,7 @@ struct Sender<W> {
     peer_hashes: HashMap<u64, BlockHash>,
     comp: Option<Compressor>,
     summary: Summary,
+    pace: Option<(u64, Instant)>,
 }
 
 impl<W: AsyncWrite + Unpin> Sender<W> {
@@ -120,6 +123,15 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
     async fn send(&mut self, f: &Frame) -> Result<(), LinkError> {
         let n = write_frame(&mut self.wr, f).await? as u64;
         self.summary.wire_bytes += n;
+        if let Some((rate, start)) = self.pace {
+            // Pace to the cap: never ahead of rate × elapsed.
+            let due = Duration::from_secs_f64(self.summary.wire_bytes as f64 / rate as f64);
+            let ahead = due.saturating_sub(start.elapsed());
+            if ahead > Duration::from_millis(2) {
+                self.wr.flush().await?;
+                tokio::time::sleep(ahead).await;
+            }
+        }
         self.engine().handle_sent(n, Instant::now());
         Ok(())
     }
@@ -313,6 +325,7 @@ pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -
         bs,
         peer_hashes,
         comp: opts.compress.then(Compressor::default),
+        pace: opts.max_rate.filter(|r| *r > 0).map(|r| (r, Instant::now())),
         summary: Summary {
             disk: disk.name().to_string(),
             destination: opts.to.clone(),

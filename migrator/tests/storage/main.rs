@@ -1,0 +1,6 @@
+//! Storage integration tests: real NBD clients against our server, and disk
+//! migrations over loopback TLS with a concurrent writer.
+
+mod common;
+mod interop;
+mod migrate;
