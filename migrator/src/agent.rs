@@ -85,7 +85,11 @@ impl Agent {
 
     /// A disk this agent serves (after its commit point).
     pub fn served(&self, name: &str) -> Option<Arc<Disk>> {
-        self.served.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     fn read_state(&self, name: &str) -> Option<StateFile> {
@@ -116,12 +120,17 @@ impl Agent {
         let mut names = Vec::new();
         for entry in std::fs::read_dir(&self.opts.dir)? {
             let p = entry?.path();
-            let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".state")) else {
+            let Some(name) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".state"))
+            else {
                 continue;
             };
             match self.read_state(name) {
                 Some(st) if st.state == DiskState::Complete => {
-                    let img = Image::open(&self.image_path(name), true).map_err(std::io::Error::other)?;
+                    let img =
+                        Image::open(&self.image_path(name), true).map_err(std::io::Error::other)?;
                     self.start_serving(Arc::new(Disk::new(img, name)))?;
                     names.push(name.to_string());
                 }
@@ -148,8 +157,15 @@ impl Agent {
     }
 
     /// Accept migrations until `shutdown` resolves.
-    pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) -> Result<(), tls::TlsError> {
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&self.opts.identity, self.opts.peers.clone())?);
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), tls::TlsError> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(
+            &self.opts.identity,
+            self.opts.peers.clone(),
+        )?);
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -175,7 +191,9 @@ impl Agent {
                 };
                 match agent.session(stream).await {
                     Ok(Some(name)) => info!(%peer, disk = name, "migration complete"),
-                    Ok(None) => info!(%peer, "peer closed the link before the commit point; partial copy kept for resume"),
+                    Ok(None) => {
+                        info!(%peer, "peer closed the link before the commit point; partial copy kept for resume")
+                    }
                     Err(e) => warn!(%peer, "migration session failed: {e}"),
                 }
             });
@@ -192,15 +210,32 @@ impl Agent {
         let (name, size, bs) = match self.check_hello(hello) {
             Ok(x) => x,
             Err(msg) => {
-                let _ = write_frame(&mut wr, &Frame::Error { message: msg.clone() }).await;
+                let _ = write_frame(
+                    &mut wr,
+                    &Frame::Error {
+                        message: msg.clone(),
+                    },
+                )
+                .await;
                 let _ = wr.shutdown().await;
                 return Err(AgentError::Refused(msg));
             }
         };
         // One session per disk name at a time.
-        if !self.active.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone()) {
+        if !self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone())
+        {
             let msg = format!("a migration of {name} is already in progress here");
-            let _ = write_frame(&mut wr, &Frame::Error { message: msg.clone() }).await;
+            let _ = write_frame(
+                &mut wr,
+                &Frame::Error {
+                    message: msg.clone(),
+                },
+            )
+            .await;
             return Err(AgentError::Refused(msg));
         }
         let _active = ActiveGuard(self.clone(), name.clone());
@@ -224,12 +259,20 @@ impl Agent {
         let valid_name = !name.is_empty()
             && name.len() <= 64
             && !name.starts_with('.')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
         if !valid_name {
-            return Err(format!("disk name {name:?} is not allowed (use 1-64 of A-Z a-z 0-9 . _ -)"));
+            return Err(format!(
+                "disk name {name:?} is not allowed (use 1-64 of A-Z a-z 0-9 . _ -)"
+            ));
         }
-        if !block_size.is_power_of_two() || !(4096..=crate::transport::frame::MAX_BLOCK).contains(&block_size) {
-            return Err(format!("block size {block_size} must be a power of two between 4 KiB and 16 MiB"));
+        if !block_size.is_power_of_two()
+            || !(4096..=crate::transport::frame::MAX_BLOCK).contains(&block_size)
+        {
+            return Err(format!(
+                "block size {block_size} must be a power of two between 4 KiB and 16 MiB"
+            ));
         }
         if let Some(st) = self.read_state(&name) {
             if st.state != DiskState::Partial {
@@ -239,7 +282,11 @@ impl Agent {
                 ));
             }
         }
-        let have = self.image_path(&name).metadata().map(|m| m.len()).unwrap_or(0);
+        let have = self
+            .image_path(&name)
+            .metadata()
+            .map(|m| m.len())
+            .unwrap_or(0);
         if let Some(free) = free_bytes(&self.opts.dir) {
             if size.saturating_sub(have) > free {
                 return Err(format!(
@@ -251,7 +298,14 @@ impl Agent {
         Ok((name, size, block_size))
     }
 
-    async fn receive<R, W>(self: &Arc<Self>, rd: &mut R, wr: W, name: &str, size: u64, block_size: u32) -> Result<bool, AgentError>
+    async fn receive<R, W>(
+        self: &Arc<Self>,
+        rd: &mut R,
+        wr: W,
+        name: &str,
+        size: u64,
+        block_size: u32,
+    ) -> Result<bool, AgentError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -264,7 +318,14 @@ impl Agent {
         }
         let io = |e: crate::image::ImageError| AgentError::Io(e.to_string());
         let image = Arc::new(Image::create(&path, size).map_err(io)?);
-        self.write_state(name, &StateFile { state: DiskState::Partial, size, block_size })?;
+        self.write_state(
+            name,
+            &StateFile {
+                state: DiskState::Partial,
+                size,
+                block_size,
+            },
+        )?;
 
         // Outgoing frames go through one writer task (replies and Fetch requests).
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
@@ -287,7 +348,11 @@ impl Agent {
                 .await
                 .map_err(|e| AgentError::Io(e.to_string()))?
                 .map_err(io)?;
-            info!(disk = name, blocks = hashes.len(), "resuming from a partial copy");
+            info!(
+                disk = name,
+                blocks = hashes.len(),
+                "resuming from a partial copy"
+            );
             for batch in hashes.chunks(500_000) {
                 let _ = out_tx.send(Frame::Hashes(batch.to_vec()));
             }
@@ -303,33 +368,55 @@ impl Agent {
                 Err(e) => break Err(AgentError::Link(e)),
             };
             match frame {
-                Frame::Data { offset, compressed, raw_len, payload } => {
+                Frame::Data {
+                    offset,
+                    compressed,
+                    raw_len,
+                    payload,
+                } => {
                     if offset.checked_add(raw_len as u64).is_none_or(|e| e > size) {
-                        break Err(self.refuse(&out_tx, format!("block at {offset} (+{raw_len}) is beyond the {size}-byte disk")));
+                        break Err(self.refuse(
+                            &out_tx,
+                            format!(
+                                "block at {offset} (+{raw_len}) is beyond the {size}-byte disk"
+                            ),
+                        ));
                     }
                     let data = match unpack(offset, compressed, raw_len, payload) {
                         Ok(d) => d,
                         Err(e) => break Err(self.refuse(&out_tx, e.to_string())),
                     };
-                    if let Err(e) = land(&image, disk.as_deref(), bs, offset, Landing::Data(data)).await {
+                    if let Err(e) =
+                        land(&image, disk.as_deref(), bs, offset, Landing::Data(data)).await
+                    {
                         break Err(e);
                     }
                 }
                 Frame::Zero { offset, len } => {
                     if offset.checked_add(len).is_none_or(|e| e > size) {
-                        break Err(self.refuse(&out_tx, format!("zero extent at {offset} (+{len}) is beyond the disk")));
+                        break Err(self.refuse(
+                            &out_tx,
+                            format!("zero extent at {offset} (+{len}) is beyond the disk"),
+                        ));
                     }
-                    if let Err(e) = land(&image, disk.as_deref(), bs, offset, Landing::Zero(len)).await {
+                    if let Err(e) =
+                        land(&image, disk.as_deref(), bs, offset, Landing::Zero(len)).await
+                    {
                         break Err(e);
                     }
                 }
                 Frame::Prepare { blocks } if disk.is_none() => {
                     let nblocks = size.div_ceil(bs);
                     if let Some(b) = blocks.iter().find(|&&b| b >= nblocks) {
-                        break Err(self.refuse(&out_tx, format!("prepare names block {b} beyond the disk")));
+                        break Err(self
+                            .refuse(&out_tx, format!("prepare names block {b} beyond the disk")));
                     }
                     let img = image.clone();
-                    if let Err(e) = tokio::task::spawn_blocking(move || img.sync()).await.map_err(|e| AgentError::Io(e.to_string())).and_then(|r| r.map_err(io)) {
+                    if let Err(e) = tokio::task::spawn_blocking(move || img.sync())
+                        .await
+                        .map_err(|e| AgentError::Io(e.to_string()))
+                        .and_then(|r| r.map_err(io))
+                    {
                         break Err(e);
                     }
                     prepared = Some(blocks.into_iter().collect());
@@ -339,7 +426,14 @@ impl Agent {
                     let Some(pending) = prepared.take() else {
                         break Err(self.refuse(&out_tx, "commit before prepare".into()));
                     };
-                    if let Err(e) = self.write_state(name, &StateFile { state: DiskState::Committed, size, block_size }) {
+                    if let Err(e) = self.write_state(
+                        name,
+                        &StateFile {
+                            state: DiskState::Committed,
+                            size,
+                            block_size,
+                        },
+                    ) {
                         break Err(e);
                     }
                     // The commit point at the destination: serve from now on.
@@ -366,19 +460,31 @@ impl Agent {
                     let d = disk.as_ref().map(|d| d.clone());
                     if let Some(d) = d {
                         if d.pending_blocks() != 0 {
-                            break Err(self.refuse(&out_tx, format!("Done with {} blocks still pending", d.pending_blocks())));
+                            break Err(self.refuse(
+                                &out_tx,
+                                format!("Done with {} blocks still pending", d.pending_blocks()),
+                            ));
                         }
                         d.finish_receiving();
                     }
                     let img = image.clone();
                     let _ = tokio::task::spawn_blocking(move || img.sync()).await;
-                    if let Err(e) = self.write_state(name, &StateFile { state: DiskState::Complete, size, block_size }) {
+                    if let Err(e) = self.write_state(
+                        name,
+                        &StateFile {
+                            state: DiskState::Complete,
+                            size,
+                            block_size,
+                        },
+                    ) {
                         break Err(e);
                     }
                     let _ = out_tx.send(Frame::DoneAck);
                     break Ok(true);
                 }
-                Frame::Error { message } => break Err(AgentError::Refused(format!("source aborted: {message}"))),
+                Frame::Error { message } => {
+                    break Err(AgentError::Refused(format!("source aborted: {message}")))
+                }
                 other => break Err(self.refuse(&out_tx, format!("unexpected frame {other:?}"))),
             }
         };
@@ -392,7 +498,9 @@ impl Agent {
     }
 
     fn refuse(&self, out: &mpsc::UnboundedSender<Frame>, message: String) -> AgentError {
-        let _ = out.send(Frame::Error { message: message.clone() });
+        let _ = out.send(Frame::Error {
+            message: message.clone(),
+        });
         AgentError::Refused(message)
     }
 }
@@ -401,7 +509,11 @@ struct ActiveGuard(Arc<Agent>, String);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+        self.0
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
     }
 }
 
@@ -412,7 +524,13 @@ enum Landing {
 
 /// Apply a Data or Zero frame. After commit (`disk` is set) only blocks still
 /// pending are written: a guest write may have replaced a block since.
-async fn land(image: &Arc<Image>, disk: Option<&Disk>, bs: u64, offset: u64, what: Landing) -> Result<(), AgentError> {
+async fn land(
+    image: &Arc<Image>,
+    disk: Option<&Disk>,
+    bs: u64,
+    offset: u64,
+    what: Landing,
+) -> Result<(), AgentError> {
     let io = |e: String| AgentError::Io(e);
     let len = match &what {
         Landing::Data(d) => d.len() as u64,
@@ -448,7 +566,8 @@ async fn land(image: &Arc<Image>, disk: Option<&Disk>, bs: u64, offset: u64, wha
         })
         .await;
         disk.end_landing(b);
-        r.map_err(|e| io(e.to_string()))?.map_err(|e| io(e.to_string()))?;
+        r.map_err(|e| io(e.to_string()))?
+            .map_err(|e| io(e.to_string()))?;
     }
     Ok(())
 }

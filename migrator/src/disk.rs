@@ -140,11 +140,11 @@ impl Disk {
             .map_err(DiskError::from)
     }
 
-    fn blocks_of(bs: u64, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+    fn blocks_of(bs: u64, offset: u64, len: u64) -> std::ops::Range<u64> {
         if len == 0 {
-            return 1..=0;
+            return 0..0;
         }
-        offset / bs..=(offset + len - 1) / bs
+        offset / bs..(offset + len - 1) / bs + 1
     }
 
     /// Waits until no block of the range is pending or landing (destination only).
@@ -261,7 +261,13 @@ impl Disk {
     }
 
     /// WRITE_ZEROES (`punch` unless NO_HOLE) and TRIM: the range reads as zeros after.
-    pub async fn zero(&self, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), DiskError> {
+    pub async fn zero(
+        &self,
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+    ) -> Result<(), DiskError> {
         self.modify(offset, len, fua, move |img| img.zero(offset, len, punch))
             .await
     }
@@ -400,11 +406,17 @@ mod tests {
         assert_eq!(disk.read(0, 512).await.expect("read"), vec![0u8; 512]);
         let d = disk.clone();
         let reader = tokio::spawn(async move { d.read(2 * BS + 100, 10).await });
-        assert_eq!(fetch.recv().await, Some(2), "the read asks the source for block 2");
+        assert_eq!(
+            fetch.recv().await,
+            Some(2),
+            "the read asks the source for block 2"
+        );
         assert!(!reader.is_finished());
         // The block lands.
         assert!(disk.begin_landing(2));
-        disk.image().write_at(&[7u8; BS as usize], 2 * BS).expect("write");
+        disk.image()
+            .write_at(&[7u8; BS as usize], 2 * BS)
+            .expect("write");
         disk.end_landing(2);
         let got = reader.await.expect("join").expect("read");
         assert_eq!(got, vec![7u8; 10]);
@@ -414,7 +426,9 @@ mod tests {
     #[tokio::test]
     async fn whole_block_write_replaces_a_pending_block() {
         let (_dir, disk, _fetch) = receiving(&[3]);
-        disk.write(3 * BS, vec![9u8; BS as usize], false).await.expect("write");
+        disk.write(3 * BS, vec![9u8; BS as usize], false)
+            .await
+            .expect("write");
         // The late arrival of the old content is dropped.
         assert!(!disk.begin_landing(3));
         assert_eq!(disk.read(3 * BS, 4).await.expect("read"), vec![9u8; 4]);
@@ -428,7 +442,9 @@ mod tests {
         assert_eq!(fetch.recv().await, Some(1));
         assert!(!writer.is_finished());
         assert!(disk.begin_landing(1));
-        disk.image().write_at(&[1u8; BS as usize], BS).expect("write");
+        disk.image()
+            .write_at(&[1u8; BS as usize], BS)
+            .expect("write");
         disk.end_landing(1);
         writer.await.expect("join").expect("write");
         let got = disk.read(BS, 30).await.expect("read");
@@ -460,7 +476,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let img = Image::create(&dir.path().join("s.img"), BS).expect("image");
         let disk = Disk::new(img, "s");
-        assert!(matches!(disk.read(BS - 1, 2).await, Err(DiskError::OutOfRange { .. })));
-        assert!(matches!(disk.write(u64::MAX, vec![0; 2], false).await, Err(DiskError::OutOfRange { .. })));
+        assert!(matches!(
+            disk.read(BS - 1, 2).await,
+            Err(DiskError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            disk.write(u64::MAX, vec![0; 2], false).await,
+            Err(DiskError::OutOfRange { .. })
+        ));
     }
 }

@@ -87,14 +87,36 @@ pub struct Summary {
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-        writeln!(f, "migrated {} ({:.1} MiB) to {}", self.disk, mib(self.size_bytes), self.destination)?;
+        writeln!(
+            f,
+            "migrated {} ({:.1} MiB) to {}",
+            self.disk,
+            mib(self.size_bytes),
+            self.destination
+        )?;
         writeln!(f, "  total time        {:.2} s", self.total_s)?;
-        writeln!(f, "  writes held       {:.1} ms (freeze → commit)", self.frozen_ms)?;
-        writeln!(f, "  final blocks      {} in {:.1} ms after commit ({} fetched on demand)", self.final_blocks, self.final_ms, self.fetched_blocks)?;
+        writeln!(
+            f,
+            "  writes held       {:.1} ms (freeze → commit)",
+            self.frozen_ms
+        )?;
+        writeln!(
+            f,
+            "  final blocks      {} in {:.1} ms after commit ({} fetched on demand)",
+            self.final_blocks, self.final_ms, self.fetched_blocks
+        )?;
         writeln!(f, "  on the wire       {:.1} MiB (data {:.1} MiB, zero extents {:.1} MiB, zstd saved {:.1} MiB, resumed {:.1} MiB)",
             mib(self.wire_bytes), mib(self.data_bytes), mib(self.zero_bytes), mib(self.compressed_saved_bytes), mib(self.resumed_bytes))?;
-        writeln!(f, "  blocks            {} bulk, {} resent in {} dirty rounds {:?}", self.bulk_blocks, self.resent_blocks, self.rounds, self.round_dirty_blocks)?;
-        write!(f, "  throttling        {} of {} writes delayed, {:.1} ms in total", self.writes_delayed, self.writes, self.write_delay_total_ms)
+        writeln!(
+            f,
+            "  blocks            {} bulk, {} resent in {} dirty rounds {:?}",
+            self.bulk_blocks, self.resent_blocks, self.rounds, self.round_dirty_blocks
+        )?;
+        write!(
+            f,
+            "  throttling        {} of {} writes delayed, {:.1} ms in total",
+            self.writes_delayed, self.writes, self.write_delay_total_ms
+        )
     }
 }
 

@@ -51,10 +51,7 @@ impl Image {
             .write(writable)
             .open(path)
             .map_err(|e| open_err(path, e))?;
-        let size = file
-            .metadata()
-            .map_err(|e| open_err(path, e))?
-            .len();
+        let size = file.metadata().map_err(|e| open_err(path, e))?.len();
         Ok(Self {
             file,
             path: path.to_owned(),
@@ -167,7 +164,10 @@ impl Image {
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let data = self.seek(pos, libc::SEEK_DATA)?.unwrap_or(self.size).min(end);
+            let data = self
+                .seek(pos, libc::SEEK_DATA)?
+                .unwrap_or(self.size)
+                .min(end);
             if data > pos {
                 out.push(Extent {
                     offset: pos,
@@ -177,7 +177,10 @@ impl Image {
                 pos = data;
                 continue;
             }
-            let hole = self.seek(pos, libc::SEEK_HOLE)?.unwrap_or(self.size).min(end);
+            let hole = self
+                .seek(pos, libc::SEEK_HOLE)?
+                .unwrap_or(self.size)
+                .min(end);
             let hole = hole.max(pos + 1).min(end);
             out.push(Extent {
                 offset: pos,

@@ -23,7 +23,11 @@ use migrator::source::{self, marker_path, MigrateOptions};
 use migrator::transport::tls::{parse_fingerprint, Identity};
 
 #[derive(Parser)]
-#[command(name = "migrator", version, about = "Live wide-area migration of a VM's local disk")]
+#[command(
+    name = "migrator",
+    version,
+    about = "Live wide-area migration of a VM's local disk"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -137,7 +141,10 @@ impl MigrateArgs {
             .map(|p| parse_fingerprint(p))
             .collect::<Result<Vec<_>, _>>()?;
         if !(self.throttle_ratio > 0.0 && self.throttle_ratio <= 1.0) {
-            bail!("--throttle-ratio must be in (0, 1], got {}", self.throttle_ratio);
+            bail!(
+                "--throttle-ratio must be in (0, 1], got {}",
+                self.throttle_ratio
+            );
         }
         Ok(MigrateOptions {
             to: self.to.clone(),
@@ -178,9 +185,13 @@ fn main() -> Result<()> {
                 Ok(())
             }
             Cmd::Receive { listen, dir, keys } => receive(listen, dir, keys).await,
-            Cmd::Disk(DiskCmd::Serve { image, socket, listen, name, control }) => {
-                serve(image, socket, listen, name, control).await
-            }
+            Cmd::Disk(DiskCmd::Serve {
+                image,
+                socket,
+                listen,
+                name,
+                control,
+            }) => serve(image, socket, listen, name, control).await,
             Cmd::Disk(DiskCmd::Migrate(args)) => migrate_cli(args).await,
         }
     })
@@ -213,21 +224,31 @@ async fn ctrl_c() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn serve(image: PathBuf, socket: Option<PathBuf>, listen: Option<String>, name: Option<String>, control: Option<PathBuf>) -> Result<()> {
+async fn serve(
+    image: PathBuf,
+    socket: Option<PathBuf>,
+    listen: Option<String>,
+    name: Option<String>,
+    control: Option<PathBuf>,
+) -> Result<()> {
     let disk = open_source(&image, name)?;
     if let Some(ctl) = control {
         let _ = std::fs::remove_file(&ctl);
-        let l = UnixListener::bind(&ctl).with_context(|| format!("cannot bind control socket {}", ctl.display()))?;
+        let l = UnixListener::bind(&ctl)
+            .with_context(|| format!("cannot bind control socket {}", ctl.display()))?;
         tokio::spawn(control_loop(l, disk.clone(), image.clone()));
     }
     if let Some(sock) = socket {
         let _ = std::fs::remove_file(&sock);
-        let l = UnixListener::bind(&sock).with_context(|| format!("cannot bind NBD socket {}", sock.display()))?;
+        let l = UnixListener::bind(&sock)
+            .with_context(|| format!("cannot bind NBD socket {}", sock.display()))?;
         info!(image = %image.display(), socket = %sock.display(), export = disk.name(), "serving");
         serve_unix(l, disk, ctrl_c()).await;
         let _ = std::fs::remove_file(&sock);
     } else if let Some(addr) = listen {
-        let l = TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let l = TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         info!(image = %image.display(), %addr, export = disk.name(), "serving");
         serve_tcp(l, disk, ctrl_c()).await;
     }
@@ -238,20 +259,29 @@ async fn serve(image: PathBuf, socket: Option<PathBuf>, listen: Option<String>, 
 /// migration is cancelled (rolled back) if the client goes away before commit.
 async fn control_loop(l: UnixListener, disk: Arc<Disk>, image: PathBuf) {
     loop {
-        let Ok((s, _)) = l.accept().await else { continue };
+        let Ok((s, _)) = l.accept().await else {
+            continue;
+        };
         let (disk, image) = (disk.clone(), image.clone());
         tokio::spawn(async move {
             let (rd, mut wr) = s.into_split();
             let mut lines = BufReader::new(rd).lines();
-            let send = |e: &Event| serde_json::to_string(e).map(|mut s| {
-                s.push('\n');
-                s
-            });
+            let send = |e: &Event| {
+                serde_json::to_string(e).map(|mut s| {
+                    s.push('\n');
+                    s
+                })
+            };
             let req = match lines.next_line().await {
-                Ok(Some(l)) => serde_json::from_str::<MigrateArgs>(&l).map_err(|e| format!("bad request: {e}")),
+                Ok(Some(l)) => {
+                    serde_json::from_str::<MigrateArgs>(&l).map_err(|e| format!("bad request: {e}"))
+                }
                 _ => return,
             };
-            let opts = req.and_then(|a| a.options(Some(marker_path(&image))).map_err(|e| format!("{e:#}")));
+            let opts = req.and_then(|a| {
+                a.options(Some(marker_path(&image)))
+                    .map_err(|e| format!("{e:#}"))
+            });
             let opts = match opts {
                 Ok(o) => o,
                 Err(message) => {
@@ -286,7 +316,9 @@ async fn control_loop(l: UnixListener, disk: Arc<Disk>, image: PathBuf) {
                 }
             }
             if let Err(e) = result {
-                if let Ok(s) = send(&Event::Error { message: e.to_string() }) {
+                if let Ok(s) = send(&Event::Error {
+                    message: e.to_string(),
+                }) {
                     let _ = wr.write_all(s.as_bytes()).await;
                 }
             }
@@ -326,10 +358,15 @@ async fn migrate_cli(args: MigrateArgs) -> Result<()> {
         match failed {
             Some(m) => Err(anyhow::anyhow!(m)),
             None if done => Ok(()),
-            None => Err(anyhow::anyhow!("disk server closed the control connection without a result")),
+            None => Err(anyhow::anyhow!(
+                "disk server closed the control connection without a result"
+            )),
         }
     } else {
-        let image = args.image.clone().context("--image or --control is required")?;
+        let image = args
+            .image
+            .clone()
+            .context("--image or --control is required")?;
         let disk = open_source(&image, None)?;
         let opts = args.options(Some(marker_path(&image)))?;
         tokio::select! {
@@ -367,17 +404,35 @@ async fn render(mut rx: mpsc::UnboundedReceiver<Event>, json: bool) {
         match (&e, &bar) {
             (Event::Phase { phase }, Some(b)) => b.set_prefix(phase.to_string()),
             (Event::Phase { phase }, None) => eprintln!("phase: {phase}"),
-            (Event::Progress { phase, round, wire_bytes, bulk_remaining_blocks, dirty_blocks, block_size, rate_bytes_per_s, eta_s }, Some(b)) => {
+            (
+                Event::Progress {
+                    phase,
+                    round,
+                    wire_bytes,
+                    bulk_remaining_blocks,
+                    dirty_blocks,
+                    block_size,
+                    rate_bytes_per_s,
+                    eta_s,
+                },
+                Some(b),
+            ) => {
                 let left = (bulk_remaining_blocks + dirty_blocks) * *block_size as u64;
                 b.set_length(wire_bytes + left);
                 b.set_position(*wire_bytes);
-                b.set_prefix(if *phase == Phase::Dirty { format!("round {round}") } else { phase.to_string() });
+                b.set_prefix(if *phase == Phase::Dirty {
+                    format!("round {round}")
+                } else {
+                    phase.to_string()
+                });
                 b.set_message(format!(
                     "{:.1} MiB sent, {} dirty blocks, {:.1} MiB/s, ETA {}",
                     mib(*wire_bytes as f64),
                     dirty_blocks,
                     mib(rate_bytes_per_s.unwrap_or(0.0)),
-                    eta_s.map(|s| format!("{s:.0} s")).unwrap_or_else(|| "?".into())
+                    eta_s
+                        .map(|s| format!("{s:.0} s"))
+                        .unwrap_or_else(|| "?".into())
                 ));
             }
             (Event::Progress { .. }, None) => {}
@@ -400,12 +455,22 @@ async fn render(mut rx: mpsc::UnboundedReceiver<Event>, json: bool) {
 async fn receive(listen: String, dir: PathBuf, keys: Keys) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let identity = Identity::load(&keys.identity)?;
-    let peers = keys.peers.iter().map(|p| parse_fingerprint(p)).collect::<Result<Vec<_>, _>>()?;
-    let agent = Agent::new(AgentOptions { dir, identity, peers });
+    let peers = keys
+        .peers
+        .iter()
+        .map(|p| parse_fingerprint(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let agent = Agent::new(AgentOptions {
+        dir,
+        identity,
+        peers,
+    });
     for name in agent.serve_completed()? {
         info!(disk = name, "serving a disk migrated earlier");
     }
-    let l = TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let l = TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     // The bound address on stdout, so `--listen 127.0.0.1:0` can be used by scripts.
     println!("listening on {}", l.local_addr()?);
     info!(addr = %l.local_addr()?, "waiting for migrations");

@@ -91,7 +91,10 @@ struct RollbackGuard<'a> {
 impl Drop for RollbackGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            warn!(disk = self.disk.name(), "migration rolled back; the source keeps serving");
+            warn!(
+                disk = self.disk.name(),
+                "migration rolled back; the source keeps serving"
+            );
             self.disk.stop_tracking();
         }
     }
@@ -142,10 +145,7 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
         let size = self.disk.size();
         let off = start * self.bs;
         let len = (count * self.bs).min(size - off);
-        let data = self
-            .disk
-            .image()
-            .clone();
+        let data = self.disk.image().clone();
         let buf = tokio::task::spawn_blocking(move || {
             let mut b = vec![0u8; len as usize];
             data.read_at(&mut b, off).map(|_| b)
@@ -201,7 +201,11 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
 }
 
 /// Block ranges `(start, count)` covering the byte extents, merged and sorted.
-fn block_ranges(bs: u64, extents: impl IntoIterator<Item = (u64, u64)>, extra: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+fn block_ranges(
+    bs: u64,
+    extents: impl IntoIterator<Item = (u64, u64)>,
+    extra: impl IntoIterator<Item = u64>,
+) -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = extents
         .into_iter()
         .filter(|e| e.1 > 0)
@@ -229,9 +233,15 @@ enum Inbound {
 
 /// Migrate `disk` to the destination agent. On success the source has moved
 /// (refuses writes) and the destination serves the disk.
-pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -> Result<Summary, MigrateError> {
+pub async fn migrate(
+    disk: Arc<Disk>,
+    opts: MigrateOptions,
+    events: EventSink,
+) -> Result<Summary, MigrateError> {
     let t0 = Instant::now();
-    events.send(Event::Phase { phase: Phase::Connect });
+    events.send(Event::Phase {
+        phase: Phase::Connect,
+    });
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&opts.to))
         .await
         .map_err(|_| MigrateError::Connect {
@@ -243,7 +253,8 @@ pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-    let cfg = tls::client_config(&opts.identity, opts.peers.clone()).map_err(|e| MigrateError::Refused(e.to_string()))?;
+    let cfg = tls::client_config(&opts.identity, opts.peers.clone())
+        .map_err(|e| MigrateError::Refused(e.to_string()))?;
     let stream = tokio_rustls::TlsConnector::from(cfg)
         .connect(tls::server_name(), tcp)
         .await
@@ -270,7 +281,11 @@ pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -
             Some(Frame::Hashes(v)) => peer_hashes.extend(v),
             Some(Frame::Welcome) => break,
             Some(Frame::Error { message }) => return Err(MigrateError::Refused(message)),
-            Some(other) => return Err(MigrateError::Refused(format!("unexpected {other:?} during handshake"))),
+            Some(other) => {
+                return Err(MigrateError::Refused(format!(
+                    "unexpected {other:?} during handshake"
+                )))
+            }
             None => return Err(MigrateError::LinkClosed),
         }
     }
@@ -286,12 +301,19 @@ pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -
         .map_err(|e| MigrateError::Disk(e.to_string()))?;
     let ranges = block_ranges(
         bs,
-        extents.iter().filter(|e| !e.hole).map(|e| (e.offset, e.len)),
+        extents
+            .iter()
+            .filter(|e| !e.hole)
+            .map(|e| (e.offset, e.len)),
         peer_hashes.keys().copied(),
     );
     let engine = Arc::new(Mutex::new(Engine::new(opts.precopy.clone(), size, ranges)));
-    disk.start_tracking(engine.clone()).map_err(MigrateError::Disk)?;
-    let mut guard = RollbackGuard { disk: &disk, armed: true };
+    disk.start_tracking(engine.clone())
+        .map_err(MigrateError::Disk)?;
+    let mut guard = RollbackGuard {
+        disk: &disk,
+        armed: true,
+    };
 
     // Reader: Fetch requests go to `fetch_tx`, everything else to `inbound`.
     let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel::<u64>();
@@ -325,7 +347,10 @@ pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -
         bs,
         peer_hashes,
         comp: opts.compress.then(Compressor::default),
-        pace: opts.max_rate.filter(|r| *r > 0).map(|r| (r, Instant::now())),
+        pace: opts
+            .max_rate
+            .filter(|r| *r > 0)
+            .map(|r| (r, Instant::now())),
         summary: Summary {
             disk: disk.name().to_string(),
             destination: opts.to.clone(),
@@ -346,7 +371,10 @@ pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -
                 s.send_blocks(start, count).await?;
             }
             Some(Transmit::Switchover) => break,
-            Some(Transmit::NotConverged { rounds, dirty_blocks }) => {
+            Some(Transmit::NotConverged {
+                rounds,
+                dirty_blocks,
+            }) => {
                 return Err(MigrateError::NotConverged {
                     rounds,
                     dirty_mib: (dirty_blocks * bs) as f64 / (1024.0 * 1024.0),
@@ -370,7 +398,9 @@ pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -
 
     // Switchover: hold writes, take the final set, let the destination persist
     // everything else, then commit.
-    events.send(Event::Phase { phase: Phase::Switchover });
+    events.send(Event::Phase {
+        phase: Phase::Switchover,
+    });
     let t_freeze = Instant::now();
     disk.freeze().await;
     let final_blocks = s.engine().handle_frozen();
@@ -396,7 +426,9 @@ pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -
     guard.armed = false;
     let t_commit = Instant::now();
     s.summary.frozen_ms = (t_commit - t_freeze).as_secs_f64() * 1e3;
-    events.send(Event::Phase { phase: Phase::Committed });
+    events.send(Event::Phase {
+        phase: Phase::Committed,
+    });
     let after = async {
         s.send(&Frame::Commit).await?;
         s.wr.flush().await.map_err(LinkError::Io)?;
@@ -427,7 +459,9 @@ pub async fn migrate(disk: Arc<Disk>, opts: MigrateOptions, events: EventSink) -
             Err(_) => Err(MigrateError::Timeout("DoneAck")),
         }
     };
-    after.await.map_err(|e| MigrateError::AfterCommit(e.to_string()))?;
+    after
+        .await
+        .map_err(|e| MigrateError::AfterCommit(e.to_string()))?;
     let _ = s.wr.shutdown().await;
     s.summary.final_ms = t_commit.elapsed().as_secs_f64() * 1e3;
     s.summary.total_s = t0.elapsed().as_secs_f64();
@@ -467,7 +501,9 @@ fn inbound_error(msg: Inbound) -> MigrateError {
         Inbound::Refused(m) => MigrateError::Refused(m),
         Inbound::Closed(Some(e)) => MigrateError::Link(e),
         Inbound::Closed(None) => MigrateError::LinkClosed,
-        Inbound::Ready | Inbound::DoneAck => MigrateError::Refused("destination acknowledged out of order".into()),
+        Inbound::Ready | Inbound::DoneAck => {
+            MigrateError::Refused("destination acknowledged out of order".into())
+        }
     }
 }
 

@@ -9,7 +9,12 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A unique prefix for this process's namespaces and links.
 pub fn unique(tag: &str) -> String {
-    format!("m{}{}{}", tag, std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "m{}{}{}",
+        tag,
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn run(args: &[&str]) -> Result<()> {
@@ -19,7 +24,11 @@ pub fn run(args: &[&str]) -> Result<()> {
         .output()
         .with_context(|| format!("cannot run {}", args[0]))?;
     if !out.status.success() {
-        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -54,12 +63,17 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Kill whatever still runs inside, then delete the namespace.
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 let _ = Command::new("kill").args(["-9", pid]).status();
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -67,7 +81,10 @@ impl Drop for Netns {
 pub fn veth(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> Result<(String, String)> {
     let base = unique("v");
     let (ea, eb) = (format!("{base}a"), format!("{base}b"));
-    run(&["ip", "link", "add", &ea, "netns", &a.name, "type", "veth", "peer", "name", &eb, "netns", &b.name])?;
+    run(&[
+        "ip", "link", "add", &ea, "netns", &a.name, "type", "veth", "peer", "name", &eb, "netns",
+        &b.name,
+    ])?;
     a.exec(&["ip", "addr", "add", a_addr, "dev", &ea])?;
     b.exec(&["ip", "addr", "add", b_addr, "dev", &eb])?;
     a.exec(&["ip", "link", "set", &ea, "up"])?;

@@ -30,7 +30,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             return Err(ClientError::Negotiation("not a newstyle NBD server".into()));
         }
         let _hflags = s.read_u16().await?;
-        s.write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await?;
+        s.write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+            .await?;
         let mut data = (export.len() as u32).to_be_bytes().to_vec();
         data.extend_from_slice(export.as_bytes());
         data.extend_from_slice(&0u16.to_be_bytes());
@@ -82,7 +83,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.flags & TF_READ_ONLY != 0
     }
 
-    async fn request(&mut self, kind: u16, flags: u16, offset: u64, len: u32, payload: &[u8], what: &'static str) -> Result<(), ClientError> {
+    async fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+        what: &'static str,
+    ) -> Result<(), ClientError> {
         self.cookie += 1;
         let r = Request {
             flags,
@@ -107,18 +116,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     pub async fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
-        self.request(CMD_READ, 0, offset, buf.len() as u32, &[], "read").await?;
+        self.request(CMD_READ, 0, offset, buf.len() as u32, &[], "read")
+            .await?;
         self.s.read_exact(buf).await?;
         Ok(())
     }
 
     pub async fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
-        self.request(CMD_WRITE, flags, offset, data.len() as u32, data, "write").await
+        self.request(CMD_WRITE, flags, offset, data.len() as u32, data, "write")
+            .await
     }
 
     pub async fn write_zeroes(&mut self, offset: u64, len: u32) -> Result<(), ClientError> {
-        self.request(CMD_WRITE_ZEROES, 0, offset, len, &[], "write zeroes").await
+        self.request(CMD_WRITE_ZEROES, 0, offset, len, &[], "write zeroes")
+            .await
     }
 
     pub async fn flush(&mut self) -> Result<(), ClientError> {

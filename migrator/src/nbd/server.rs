@@ -149,7 +149,11 @@ fn name_matches(disk: &Disk, name: &str) -> bool {
     name.is_empty() || name == disk.name()
 }
 
-async fn negotiate<R, W>(rd: &mut R, wr: &mut W, disk: &Disk) -> Result<Option<Negotiated>, NbdError>
+async fn negotiate<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    disk: &Disk,
+) -> Result<Option<Negotiated>, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -160,7 +164,9 @@ where
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
     wr.write_all(&hello).await?;
     let cflags = rd.read_u32().await?;
-    if cflags & FLAG_C_FIXED_NEWSTYLE == 0 || cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+    if cflags & FLAG_C_FIXED_NEWSTYLE == 0
+        || cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0
+    {
         return Err(NbdError::NotFixedNewstyle(cflags));
     }
     let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
@@ -198,7 +204,8 @@ where
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    wr.write_all(&err(REP_ERR_INVALID, "NBD_OPT_LIST takes no data")).await?;
+                    wr.write_all(&err(REP_ERR_INVALID, "NBD_OPT_LIST takes no data"))
+                        .await?;
                     continue;
                 }
                 let mut v = (disk.name().len() as u32).to_be_bytes().to_vec();
@@ -208,8 +215,11 @@ where
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    wr.write_all(&err(REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data"))
-                        .await?;
+                    wr.write_all(&err(
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    ))
+                    .await?;
                     continue;
                 }
                 neg.structured = true;
@@ -224,11 +234,18 @@ where
                     }
                 };
                 if !name_matches(disk, &req.name) {
-                    let msg = format!("no export named {:?}; this server has {:?}", req.name, disk.name());
+                    let msg = format!(
+                        "no export named {:?}; this server has {:?}",
+                        req.name,
+                        disk.name()
+                    );
                     wr.write_all(&err(REP_ERR_UNKNOWN, &msg)).await?;
                     continue;
                 }
-                let mut out = reply(REP_INFO, &info_export(disk.size(), export_flags(disk, neg.structured)));
+                let mut out = reply(
+                    REP_INFO,
+                    &info_export(disk.size(), export_flags(disk, neg.structured)),
+                );
                 if req.requests.contains(&INFO_NAME) {
                     out.extend(reply(REP_INFO, &info_name(disk.name())));
                 }
@@ -243,7 +260,8 @@ where
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 if !neg.structured {
-                    wr.write_all(&err(REP_ERR_INVALID, "negotiate structured replies first")).await?;
+                    wr.write_all(&err(REP_ERR_INVALID, "negotiate structured replies first"))
+                        .await?;
                     continue;
                 }
                 let req = match MetaContextRequest::parse(&data) {
@@ -254,13 +272,15 @@ where
                     }
                 };
                 if !name_matches(disk, &req.name) {
-                    wr.write_all(&err(REP_ERR_UNKNOWN, "unknown export")).await?;
+                    wr.write_all(&err(REP_ERR_UNKNOWN, "unknown export"))
+                        .await?;
                     continue;
                 }
                 let listing = opt == OPT_LIST_META_CONTEXT;
-                let matched = req.queries.iter().any(|q| {
-                    q == BASE_ALLOCATION || (listing && (q == "base:" || q.is_empty()))
-                }) || (listing && req.queries.is_empty());
+                let matched =
+                    req.queries.iter().any(|q| {
+                        q == BASE_ALLOCATION || (listing && (q == "base:" || q.is_empty()))
+                    }) || (listing && req.queries.is_empty());
                 let mut out = Vec::new();
                 if matched {
                     let mut v = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
@@ -274,16 +294,26 @@ where
                 wr.write_all(&out).await?;
             }
             OPT_STARTTLS => {
-                wr.write_all(&err(REP_ERR_UNSUP, "TLS is not offered on the NBD socket; keep it local")).await?;
+                wr.write_all(&err(
+                    REP_ERR_UNSUP,
+                    "TLS is not offered on the NBD socket; keep it local",
+                ))
+                .await?;
             }
             _ => {
-                wr.write_all(&err(REP_ERR_UNSUP, "option not supported")).await?;
+                wr.write_all(&err(REP_ERR_UNSUP, "option not supported"))
+                    .await?;
             }
         }
     }
 }
 
-async fn transmission<R, W>(mut rd: R, wr: W, disk: Arc<Disk>, neg: Negotiated) -> Result<(), NbdError>
+async fn transmission<R, W>(
+    mut rd: R,
+    wr: W,
+    disk: Arc<Disk>,
+    neg: Negotiated,
+) -> Result<(), NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -302,7 +332,12 @@ where
         }
         let req = match Request::parse(&h) {
             Ok(r) => r,
-            Err(e) => break Err(NbdError::Wire { what: "request", source: e }),
+            Err(e) => {
+                break Err(NbdError::Wire {
+                    what: "request",
+                    source: e,
+                })
+            }
         };
         let payload = if req.kind == CMD_WRITE {
             let mut p = vec![0u8; req.len as usize];
@@ -424,15 +459,27 @@ async fn execute(disk: &Disk, neg: &Negotiated, req: Request, payload: Option<Ve
         }
         CMD_BLOCK_STATUS => {
             if !neg.structured || !neg.base_allocation {
-                return error_reply(neg, cookie, ErrorCode::Inval, "no metadata context negotiated");
+                return error_reply(
+                    neg,
+                    cookie,
+                    ErrorCode::Inval,
+                    "no metadata context negotiated",
+                );
             }
             match disk.extents(req.offset, req.len as u64).await {
-                Ok(extents) => block_status_reply(cookie, &extents, req.flags & CMD_FLAG_REQ_ONE != 0),
+                Ok(extents) => {
+                    block_status_reply(cookie, &extents, req.flags & CMD_FLAG_REQ_ONE != 0)
+                }
                 Err(e) => fail(e, false),
             }
         }
         CMD_CACHE => error_reply(neg, cookie, ErrorCode::Inval, "NBD_CMD_CACHE not offered"),
-        other => error_reply(neg, cookie, ErrorCode::Inval, &format!("unknown command {other}")),
+        other => error_reply(
+            neg,
+            cookie,
+            ErrorCode::Inval,
+            &format!("unknown command {other}"),
+        ),
     }
 }
 
@@ -453,7 +500,13 @@ fn block_status_reply(cookie: u64, extents: &[crate::image::Extent], one: bool) 
             }
         }
     }
-    let mut v = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, body.len() as u32).to_vec();
+    let mut v = structured_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        body.len() as u32,
+    )
+    .to_vec();
     v.extend_from_slice(&body);
     v
 }

@@ -351,8 +351,8 @@ mod tests {
     fn request_roundtrip_fixture() {
         // NBD_CMD_READ, cookie 7, offset 4096, 512 bytes.
         let bytes: [u8; REQUEST_LEN] = [
-            0x25, 0x60, 0x95, 0x13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0x10,
-            0, 0, 0, 2, 0,
+            0x25, 0x60, 0x95, 0x13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0x10, 0,
+            0, 0, 2, 0,
         ];
         let r = Request::parse(&bytes).expect("valid request");
         assert_eq!(r.kind, CMD_READ);

@@ -154,9 +154,7 @@ impl Engine {
         match &self.phase {
             Phase::Bulk { ranges, idx, next } => match ranges.get(*idx) {
                 None => 0,
-                Some(r) => {
-                    r.0 + r.1 - next + ranges[idx + 1..].iter().map(|r| r.1).sum::<u64>()
-                }
+                Some(r) => r.0 + r.1 - next + ranges[idx + 1..].iter().map(|r| r.1).sum::<u64>(),
             },
             _ => 0,
         }
@@ -225,7 +223,9 @@ impl Engine {
         let by_rate = self
             .drain
             .rate()
-            .map(|r| (r * self.cfg.downtime_target.as_secs_f64()) as u64 / self.cfg.block_size as u64)
+            .map(|r| {
+                (r * self.cfg.downtime_target.as_secs_f64()) as u64 / self.cfg.block_size as u64
+            })
             .unwrap_or(0);
         by_rate.max(self.cfg.min_final_blocks)
     }
@@ -248,7 +248,10 @@ impl Engine {
                             self.dirty.clear(b);
                         }
                         self.stats.bulk_blocks += n;
-                        return Some(Transmit::Blocks { start: from, count: n });
+                        return Some(Transmit::Blocks {
+                            start: from,
+                            count: n,
+                        });
                     }
                     if let Some(t) = self.end_of_round() {
                         return Some(t);

@@ -161,7 +161,10 @@ fn fast_writer_converges_with_throttling() {
     assert!(out.final_dirty <= 60, "{out:?}");
     assert_eq!(sim.dest, sim.source);
     // Every write's delay is capped.
-    assert!(out.stats.delay_total <= ThrottleConfig::default().max_delay * out.stats.writes_delayed as u32);
+    assert!(
+        out.stats.delay_total
+            <= ThrottleConfig::default().max_delay * out.stats.writes_delayed as u32
+    );
 }
 
 #[test]
@@ -172,7 +175,10 @@ fn writes_ahead_of_the_bulk_cursor_are_not_marked() {
     assert_eq!(e.dirty_blocks(), 0);
     assert_eq!(
         e.poll_transmit(now),
-        Some(Transmit::Blocks { start: 0, count: 16 })
+        Some(Transmit::Blocks {
+            start: 0,
+            count: 16
+        })
     );
     e.handle_write(3 * BS, 10, now);
     assert_eq!(e.dirty_blocks(), 1);

@@ -36,9 +36,14 @@ pub enum Frame {
         payload: Vec<u8>,
     },
     /// `[offset, offset+len)` is all zeros.
-    Zero { offset: u64, len: u64 },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
     /// Source is frozen; these blocks will follow after commit.
-    Prepare { blocks: Vec<u64> },
+    Prepare {
+        blocks: Vec<u64>,
+    },
     /// Destination has everything but `Prepare`'s blocks on stable storage.
     Ready,
     /// The commit point: the destination is now the authority.
@@ -47,9 +52,13 @@ pub enum Frame {
     Done,
     DoneAck,
     /// Destination → source: send this block next (a read is waiting for it).
-    Fetch { block: u64 },
+    Fetch {
+        block: u64,
+    },
     /// Either side: a fatal error, said once before closing.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -343,9 +352,7 @@ mod tests {
         let b = f.emit();
         assert_eq!(
             b,
-            [
-                0, 0, 0, 18, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 1, 0, 0, 0, 2, b'v', b'm'
-            ]
+            [0, 0, 0, 18, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 1, 0, 0, 0, 2, b'v', b'm']
         );
         assert_eq!(roundtrip(&f), f);
     }
@@ -378,16 +385,34 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            (any::<u16>(), "[a-z0-9._-]{0,40}", any::<u64>(), any::<u32>()).prop_map(
-                |(version, name, size, block_size)| Frame::Hello { version, name, size, block_size }
-            ),
-            proptest::collection::vec((any::<u64>(), any::<[u8; 16]>()), 0..20).prop_map(Frame::Hashes),
+            (
+                any::<u16>(),
+                "[a-z0-9._-]{0,40}",
+                any::<u64>(),
+                any::<u32>()
+            )
+                .prop_map(|(version, name, size, block_size)| Frame::Hello {
+                    version,
+                    name,
+                    size,
+                    block_size
+                }),
+            proptest::collection::vec((any::<u64>(), any::<[u8; 16]>()), 0..20)
+                .prop_map(Frame::Hashes),
             Just(Frame::Welcome),
-            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(offset, payload)| {
-                Frame::Data { offset, compressed: false, raw_len: payload.len() as u32, payload }
-            }),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(
+                |(offset, payload)| {
+                    Frame::Data {
+                        offset,
+                        compressed: false,
+                        raw_len: payload.len() as u32,
+                        payload,
+                    }
+                }
+            ),
             (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Frame::Zero { offset, len }),
-            proptest::collection::vec(any::<u64>(), 0..50).prop_map(|blocks| Frame::Prepare { blocks }),
+            proptest::collection::vec(any::<u64>(), 0..50)
+                .prop_map(|blocks| Frame::Prepare { blocks }),
             Just(Frame::Ready),
             Just(Frame::Commit),
             Just(Frame::Done),

@@ -47,16 +47,22 @@ pub async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Frame
     while got < h.len() {
         let n = rd.read(&mut h[got..]).await?;
         if n == 0 {
-            return if got == 0 { Ok(None) } else { Err(LinkError::Truncated) };
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(LinkError::Truncated)
+            };
         }
         got += n;
     }
     let (kind, len) = Frame::header(&h)?;
     let mut payload = vec![0u8; len as usize];
-    rd.read_exact(&mut payload).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => LinkError::Truncated,
-        _ => LinkError::Io(e),
-    })?;
+    rd.read_exact(&mut payload)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => LinkError::Truncated,
+            _ => LinkError::Io(e),
+        })?;
     Ok(Some(Frame::parse(kind, &payload)?))
 }
 
@@ -101,14 +107,20 @@ impl Compressor {
 }
 
 /// Decode a Data frame's payload to the block's bytes.
-pub fn unpack(offset: u64, compressed: bool, raw_len: u32, payload: Vec<u8>) -> Result<Vec<u8>, LinkError> {
+pub fn unpack(
+    offset: u64,
+    compressed: bool,
+    raw_len: u32,
+    payload: Vec<u8>,
+) -> Result<Vec<u8>, LinkError> {
     if !compressed {
         return Ok(payload);
     }
-    let out = zstd::bulk::decompress(&payload, raw_len as usize).map_err(|e| LinkError::Decompress {
-        offset,
-        reason: e.to_string(),
-    })?;
+    let out =
+        zstd::bulk::decompress(&payload, raw_len as usize).map_err(|e| LinkError::Decompress {
+            offset,
+            reason: e.to_string(),
+        })?;
     if out.len() != raw_len as usize {
         return Err(LinkError::Decompress {
             offset,

@@ -48,7 +48,8 @@ pub fn fingerprint(cert: &[u8]) -> Fingerprint {
 pub fn parse_fingerprint(s: &str) -> Result<Fingerprint, TlsError> {
     let clean: String = s.chars().filter(|c| *c != ':').collect();
     let v = hex::decode(&clean).map_err(|_| TlsError::BadFingerprint(s.to_string()))?;
-    v.try_into().map_err(|_| TlsError::BadFingerprint(s.to_string()))
+    v.try_into()
+        .map_err(|_| TlsError::BadFingerprint(s.to_string()))
 }
 
 /// This host's certificate and key.
@@ -140,11 +141,18 @@ impl Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -157,7 +165,8 @@ impl ServerCertVerifier for Pinned {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity).map(|_| ServerCertVerified::assertion())
+        self.check(end_entity)
+            .map(|_| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -194,7 +203,8 @@ impl ClientCertVerifier for Pinned {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity).map(|_| ClientCertVerified::assertion())
+        self.check(end_entity)
+            .map(|_| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -220,7 +230,10 @@ impl ClientCertVerifier for Pinned {
     }
 }
 
-pub fn server_config(id: &Identity, peers: Vec<Fingerprint>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(
+    id: &Identity,
+    peers: Vec<Fingerprint>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let p = provider();
     let verifier = Arc::new(Pinned {
         allowed: peers,
@@ -233,7 +246,10 @@ pub fn server_config(id: &Identity, peers: Vec<Fingerprint>) -> Result<Arc<rustl
     Ok(Arc::new(cfg))
 }
 
-pub fn client_config(id: &Identity, peers: Vec<Fingerprint>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+pub fn client_config(
+    id: &Identity,
+    peers: Vec<Fingerprint>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let p = provider();
     let verifier = Arc::new(Pinned {
         allowed: peers,

@@ -63,7 +63,11 @@ pub async fn serve(image: &Path, name: &str, sock: PathBuf) -> Served {
     tokio::spawn(serve_unix(l, disk.clone(), async {
         let _ = rx.await;
     }));
-    Served { disk, sock, _stop: tx }
+    Served {
+        disk,
+        sock,
+        _stop: tx,
+    }
 }
 
 pub async fn client(sock: &Path) -> Client<UnixStream> {

@@ -10,7 +10,11 @@ use crate::common::*;
 const MIB: u64 = 1024 * 1024;
 
 fn regions() -> Vec<(u64, u64)> {
-    vec![(0, 64 * 1024), (3 * MIB, 2 * MIB + 4096), (11 * MIB, 512 * 1024)]
+    vec![
+        (0, 64 * 1024),
+        (3 * MIB, 2 * MIB + 4096),
+        (11 * MIB, 512 * 1024),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -30,7 +34,11 @@ async fn qemu_img_info_and_convert_read_every_byte() {
     let out = dir.path().join("copy.raw");
     tokio::task::spawn_blocking({
         let (q, u, o) = (qemu_img, uri(&s.sock), out.clone());
-        move || run(Command::new(q).args(["convert", "-f", "raw", "-O", "raw", &u]).arg(&o))
+        move || {
+            run(Command::new(q)
+                .args(["convert", "-f", "raw", "-O", "raw", &u])
+                .arg(&o))
+        }
     })
     .await
     .expect("join");
@@ -48,15 +56,24 @@ async fn qemu_io_writes_zeroes_discards_and_reads_back() {
         let u = uri(&s.sock);
         move || {
             run(Command::new(qemu_io).args([
-                "-f", "raw",
-                "-c", "write -P 0xab 1M 64k",
-                "-c", "write -P 0xcd -f 1048577 511",
-                "-c", "write -z 2M 128k",
-                "-c", "discard 4M 64k",
-                "-c", "flush",
-                "-c", "read -P 0xab 1M 1",
-                "-c", "read -P 0xcd 1048577 511",
-                "-c", "read -P 0 2M 128k",
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0xab 1M 64k",
+                "-c",
+                "write -P 0xcd -f 1048577 511",
+                "-c",
+                "write -z 2M 128k",
+                "-c",
+                "discard 4M 64k",
+                "-c",
+                "flush",
+                "-c",
+                "read -P 0xab 1M 1",
+                "-c",
+                "read -P 0xcd 1048577 511",
+                "-c",
+                "read -P 0 2M 128k",
                 &u,
             ]))
         }
@@ -94,14 +111,21 @@ async fn nbdinfo_reports_size_list_and_allocation_map() {
     .await
     .expect("join");
     assert_eq!(size.trim(), (16 * MIB).to_string());
-    assert!(list.contains("export=\"c\"") || list.contains("export: c") || list.contains("\"c\""), "{list}");
+    assert!(
+        list.contains("export=\"c\"") || list.contains("export: c") || list.contains("\"c\""),
+        "{list}"
+    );
     let map: serde_json::Value = serde_json::from_str(&map).expect("map json");
     let extents = map.as_array().expect("array");
     // Every byte is covered, and the data regions are reported as data.
     let mut pos = 0u64;
     let mut data = Vec::new();
     for e in extents {
-        let (off, len, ty) = (e["offset"].as_u64().expect("o"), e["length"].as_u64().expect("l"), e["type"].as_u64().expect("t"));
+        let (off, len, ty) = (
+            e["offset"].as_u64().expect("o"),
+            e["length"].as_u64().expect("l"),
+            e["type"].as_u64().expect("t"),
+        );
         assert_eq!(off, pos);
         pos += len;
         if ty == 0 {
@@ -110,10 +134,16 @@ async fn nbdinfo_reports_size_list_and_allocation_map() {
     }
     assert_eq!(pos, 16 * MIB);
     for (ro, rl) in regions() {
-        assert!(data.iter().any(|&(o, l)| o <= ro && o + l >= ro + rl), "region {ro}+{rl} not data in {data:?}");
+        assert!(
+            data.iter().any(|&(o, l)| o <= ro && o + l >= ro + rl),
+            "region {ro}+{rl} not data in {data:?}"
+        );
     }
     let data_bytes: u64 = data.iter().map(|d| d.1).sum();
-    assert!(data_bytes < 8 * MIB, "holes must be reported as holes: {data_bytes} data bytes");
+    assert!(
+        data_bytes < 8 * MIB,
+        "holes must be reported as holes: {data_bytes} data bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -151,7 +181,10 @@ async fn out_of_range_requests_get_errors_and_the_connection_survives() {
     let mut buf = vec![0u8; 4096];
     let e = c.read(MIB - 10, &mut buf).await.expect_err("read past end");
     assert!(e.to_string().contains("error 22"), "{e}");
-    let e = c.write(MIB, &[1, 2, 3], false).await.expect_err("write past end");
+    let e = c
+        .write(MIB, &[1, 2, 3], false)
+        .await
+        .expect_err("write past end");
     assert!(e.to_string().contains("error 28"), "{e}");
     c.read(0, &mut buf).await.expect("connection still usable");
     let before = hash(&std::fs::read(&path).expect("read"));
@@ -166,7 +199,7 @@ async fn malformed_handshakes_are_closed_and_the_server_keeps_serving() {
     make_image(&path, MIB, &[(0, 4096)], 7);
     let s = serve(&path, "g", dir.path().join("g.sock")).await;
     for garbage in [
-        vec![0u8, 0, 0, 0],                                  // not fixed newstyle
+        vec![0u8, 0, 0, 0], // not fixed newstyle
         vec![0, 0, 0, 3, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 7, 0, 0, 0, 0], // bad option magic
         {
             // IHAVEOPT with a 1 GiB option length.
@@ -199,7 +232,10 @@ async fn malformed_handshakes_are_closed_and_the_server_keeps_serving() {
     st.write_all(&v).await.expect("send");
     let mut reply = [0u8; 20];
     st.read_exact(&mut reply).await.expect("reply");
-    assert_eq!(u32::from_be_bytes([reply[12], reply[13], reply[14], reply[15]]), (1 << 31) + 1);
+    assert_eq!(
+        u32::from_be_bytes([reply[12], reply[13], reply[14], reply[15]]),
+        (1 << 31) + 1
+    );
     let mut c = client(&s.sock).await;
     let mut buf = [0u8; 16];
     c.read(0, &mut buf).await.expect("server still serves");

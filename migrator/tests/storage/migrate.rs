@@ -34,7 +34,12 @@ fn opts(k: &Keys, to: &str, max_rate: Option<u64>) -> MigrateOptions {
 
 /// Random writes through NBD until the source refuses them (it has moved) or
 /// `stop` is set; every acknowledged write is applied to `model`.
-async fn writer(sock: std::path::PathBuf, model: Arc<Mutex<Vec<u8>>>, seed: u64, stop: Arc<std::sync::atomic::AtomicBool>) -> u64 {
+async fn writer(
+    sock: std::path::PathBuf,
+    model: Arc<Mutex<Vec<u8>>>,
+    seed: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
     let mut c = client(&sock).await;
     let size = c.size();
     let mut rng = StdRng::seed_from_u64(seed ^ 0xfeed);
@@ -78,7 +83,9 @@ async fn no_acknowledged_write_is_lost_across_migration_many_seeds() {
         let dir = tempfile::tempdir().expect("tmp");
         let src = dir.path().join("vm.img");
         let mut rng = StdRng::seed_from_u64(seed);
-        let regions: Vec<(u64, u64)> = (0..6).map(|i| (i * 2 * MIB + rng.gen_range(0..MIB), rng.gen_range(1..MIB))).collect();
+        let regions: Vec<(u64, u64)> = (0..6)
+            .map(|i| (i * 2 * MIB + rng.gen_range(0..MIB), rng.gen_range(1..MIB)))
+            .collect();
         let model = Arc::new(Mutex::new(make_image(&src, 16 * MIB, &regions, seed)));
         let served = serve(&src, "vm", dir.path().join("vm.sock")).await;
         let k = keys();
@@ -86,26 +93,54 @@ async fn no_acknowledged_write_is_lost_across_migration_many_seeds() {
         std::fs::create_dir_all(&dst_dir).expect("mkdir");
         let a = agent(&dst_dir, k.dst.clone(), vec![k.src.fingerprint()]).await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let w = tokio::spawn(writer(served.sock.clone(), model.clone(), seed, stop.clone()));
+        let w = tokio::spawn(writer(
+            served.sock.clone(),
+            model.clone(),
+            seed,
+            stop.clone(),
+        ));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let summary = source::migrate(served.disk.clone(), opts(&k, &a.addr, Some(40 * MIB)), EventSink::none())
-            .await
-            .unwrap_or_else(|e| panic!("seed {seed}: migrate failed: {e}"));
+        let summary = source::migrate(
+            served.disk.clone(),
+            opts(&k, &a.addr, Some(40 * MIB)),
+            EventSink::none(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: migrate failed: {e}"));
         let acked = w.await.expect("writer");
-        assert!(acked > 10, "seed {seed}: writer must have run during the migration ({acked} writes)");
-        assert!(summary.writes > 0, "seed {seed}: the migration saw no writes");
+        assert!(
+            acked > 10,
+            "seed {seed}: writer must have run during the migration ({acked} writes)"
+        );
+        assert!(
+            summary.writes > 0,
+            "seed {seed}: the migration saw no writes"
+        );
         let want = hash(&model.lock().await);
         let dest = read_all(&a.agent.socket_path("vm")).await;
-        assert_eq!(hash(&dest), want, "seed {seed}: destination differs from the writer's view; {summary:?}");
-        assert_eq!(hash(&std::fs::read(a.agent.image_path("vm")).expect("img")), want, "seed {seed}");
+        assert_eq!(
+            hash(&dest),
+            want,
+            "seed {seed}: destination differs from the writer's view; {summary:?}"
+        );
+        assert_eq!(
+            hash(&std::fs::read(a.agent.image_path("vm")).expect("img")),
+            want,
+            "seed {seed}"
+        );
         // The source refuses writes after the commit point.
         let mut c = client(&served.sock).await;
-        assert!(matches!(c.write(0, &[1], false).await, Err(ClientError::Server { code: 1, .. })));
+        assert!(matches!(
+            c.write(0, &[1], false).await,
+            Err(ClientError::Server { code: 1, .. })
+        ));
     }
 }
 
 fn allocated(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 struct AgentProc {
@@ -136,9 +171,18 @@ fn spawn_agent(dir: &Path, keydir: &Path, peer: &str) -> AgentProc {
         .spawn()
         .expect("spawn migrator receive");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read addr");
-    let addr = line.trim().strip_prefix("listening on ").expect("address line").to_string();
-    AgentProc { child: tests_guard::Child(child), addr }
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read addr");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_string();
+    AgentProc {
+        child: tests_guard::Child(child),
+        addr,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -157,16 +201,26 @@ async fn kill_9_of_destination_halfway_leaves_source_intact_and_rerun_resumes() 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let w = tokio::spawn(writer(served.sock.clone(), model.clone(), 11, stop.clone()));
     // 24 MiB of random data at 8 MiB/s: kill the destination once a quarter landed.
-    let m = tokio::spawn(source::migrate(served.disk.clone(), opts(&k, &a.addr, Some(8 * MIB)), EventSink::none()));
+    let m = tokio::spawn(source::migrate(
+        served.disk.clone(),
+        opts(&k, &a.addr, Some(8 * MIB)),
+        EventSink::none(),
+    ));
     let img = dst_dir.join("disk1.img");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while allocated(&img) < 6 * MIB {
-        assert!(std::time::Instant::now() < deadline, "destination never received data");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "destination never received data"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let partial = allocated(&img);
     a.child.0.kill().expect("kill -9");
-    let err = m.await.expect("join").expect_err("migration must fail when the destination dies");
+    let err = m
+        .await
+        .expect("join")
+        .expect_err("migration must fail when the destination dies");
     assert!(!matches!(err, MigrateError::AfterCommit(_)), "{err}");
     // The source still serves, writes included, and holds every acked write.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -174,18 +228,34 @@ async fn kill_9_of_destination_halfway_leaves_source_intact_and_rerun_resumes() 
     let acked = w.await.expect("writer");
     assert!(acked > 0);
     let mut c = client(&served.sock).await;
-    c.write(5 * MIB, &[0x5a; 4096], true).await.expect("source accepts writes after the failed migration");
+    c.write(5 * MIB, &[0x5a; 4096], true)
+        .await
+        .expect("source accepts writes after the failed migration");
     model.lock().await[5 * MIB as usize..5 * MIB as usize + 4096].fill(0x5a);
-    assert_eq!(hash(&read_all(&served.sock).await), hash(&model.lock().await));
+    assert_eq!(
+        hash(&read_all(&served.sock).await),
+        hash(&model.lock().await)
+    );
 
     // Re-run against a restarted agent: it resumes from the partial copy.
     let a2 = spawn_agent(&dst_dir, &kd, &k.src.fingerprint_hex());
-    let summary = source::migrate(served.disk.clone(), opts(&k, &a2.addr, None), EventSink::none())
-        .await
-        .expect("second migration");
-    assert!(summary.resumed_bytes >= partial / 2, "resumed only {} of {partial} bytes: {summary:?}", summary.resumed_bytes);
+    let summary = source::migrate(
+        served.disk.clone(),
+        opts(&k, &a2.addr, None),
+        EventSink::none(),
+    )
+    .await
+    .expect("second migration");
+    assert!(
+        summary.resumed_bytes >= partial / 2,
+        "resumed only {} of {partial} bytes: {summary:?}",
+        summary.resumed_bytes
+    );
     assert!(summary.data_bytes + summary.resumed_bytes >= 24 * MIB);
-    assert!(summary.data_bytes < 24 * MIB, "a resume must not resend everything: {summary:?}");
+    assert!(
+        summary.data_bytes < 24 * MIB,
+        "a resume must not resend everything: {summary:?}"
+    );
     let dest = read_all(&dst_dir.join("disk1.sock")).await;
     assert_eq!(hash(&dest), hash(&model.lock().await));
 }
@@ -202,19 +272,38 @@ async fn a_peer_without_the_pinned_key_cannot_move_a_block() {
     std::fs::create_dir_all(&dst_dir).expect("mkdir");
     // The agent pins someone else's key.
     let a = agent(&dst_dir, k.dst.clone(), vec![stranger.src.fingerprint()]).await;
-    let err = source::migrate(served.disk.clone(), opts(&k, &a.addr, None), EventSink::none())
-        .await
-        .expect_err("must be refused");
-    assert!(matches!(err, MigrateError::Handshake { .. } | MigrateError::LinkClosed | MigrateError::Link(_)), "{err}");
-    assert!(!dst_dir.join("p.img").exists(), "no block may reach the destination");
+    let err = source::migrate(
+        served.disk.clone(),
+        opts(&k, &a.addr, None),
+        EventSink::none(),
+    )
+    .await
+    .expect_err("must be refused");
+    assert!(
+        matches!(
+            err,
+            MigrateError::Handshake { .. } | MigrateError::LinkClosed | MigrateError::Link(_)
+        ),
+        "{err}"
+    );
+    assert!(
+        !dst_dir.join("p.img").exists(),
+        "no block may reach the destination"
+    );
     // And the source pins the destination's key: a rogue destination is refused.
     let rogue = agent(&dst_dir, stranger.dst.clone(), vec![k.src.fingerprint()]).await;
-    let err = source::migrate(served.disk.clone(), opts(&k, &rogue.addr, None), EventSink::none())
-        .await
-        .expect_err("rogue destination");
+    let err = source::migrate(
+        served.disk.clone(),
+        opts(&k, &rogue.addr, None),
+        EventSink::none(),
+    )
+    .await
+    .expect_err("rogue destination");
     assert!(matches!(err, MigrateError::Handshake { .. }), "{err}");
     let mut c = client(&served.sock).await;
-    c.write(0, &[1; 512], false).await.expect("source still writable");
+    c.write(0, &[1; 512], false)
+        .await
+        .expect("source still writable");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -235,14 +324,24 @@ async fn a_migration_that_cannot_converge_rolls_back() {
     o.precopy.max_rounds = 2;
     o.precopy.min_final_blocks = 1;
     o.precopy.downtime_target = Duration::from_millis(1);
-    let err = source::migrate(served.disk.clone(), o, EventSink::none()).await.expect_err("cannot converge");
-    assert!(matches!(err, MigrateError::NotConverged { rounds: 2, .. }), "{err}");
+    let err = source::migrate(served.disk.clone(), o, EventSink::none())
+        .await
+        .expect_err("cannot converge");
+    assert!(
+        matches!(err, MigrateError::NotConverged { rounds: 2, .. }),
+        "{err}"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     w.await.expect("writer");
     let mut c = client(&served.sock).await;
-    c.write(0, &[3; 512], false).await.expect("rolled back: source writable");
+    c.write(0, &[3; 512], false)
+        .await
+        .expect("rolled back: source writable");
     model.lock().await[..512].fill(3);
-    assert_eq!(hash(&read_all(&served.sock).await), hash(&model.lock().await));
+    assert_eq!(
+        hash(&read_all(&served.sock).await),
+        hash(&model.lock().await)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -252,8 +351,12 @@ async fn cli_serve_receive_migrate_with_json_events() {
     let src = dir.path().join("web1.img");
     let model = make_image(&src, 8 * MIB, &[(MIB, 3 * MIB)], 14);
     let (ks, kd) = (dir.path().join("ks"), dir.path().join("kd"));
-    let fp_s = run(Command::new(bin).args(["keygen", "--dir"]).arg(&ks)).trim().to_string();
-    let fp_d = run(Command::new(bin).args(["keygen", "--dir"]).arg(&kd)).trim().to_string();
+    let fp_s = run(Command::new(bin).args(["keygen", "--dir"]).arg(&ks))
+        .trim()
+        .to_string();
+    let fp_d = run(Command::new(bin).args(["keygen", "--dir"]).arg(&kd))
+        .trim()
+        .to_string();
     let (sock, ctl) = (dir.path().join("web1.sock"), dir.path().join("web1.ctl"));
     let _server = tests_guard::Child(
         Command::new(bin)
@@ -288,15 +391,39 @@ async fn cli_serve_receive_migrate_with_json_events() {
     })
     .await
     .expect("join");
-    let events: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
-    let summary = events.iter().find(|e| e["event"] == "summary").expect("summary event");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let summary = events
+        .iter()
+        .find(|e| e["event"] == "summary")
+        .expect("summary event");
     assert_eq!(summary["size_bytes"], 8 * MIB);
-    assert!(events.iter().any(|e| e["event"] == "phase" && e["phase"] == "bulk"));
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "phase" && e["phase"] == "bulk"));
     // Holes stay holes: far fewer bytes on the wire than the disk's size.
-    assert!(summary["wire_bytes"].as_u64().expect("wire") < 4 * MIB, "{summary}");
-    assert_eq!(hash(&std::fs::read(dst_dir.join("web1.img")).expect("dest")), hash(&model));
+    assert!(
+        summary["wire_bytes"].as_u64().expect("wire") < 4 * MIB,
+        "{summary}"
+    );
+    assert_eq!(
+        hash(&std::fs::read(dst_dir.join("web1.img")).expect("dest")),
+        hash(&model)
+    );
     // The moved image is not served writable again.
-    let out = Command::new(bin).args(["disk", "serve", "--image"]).arg(&src).arg("--socket").arg(dir.path().join("x.sock")).output().expect("spawn");
+    let out = Command::new(bin)
+        .args(["disk", "serve", "--image"])
+        .arg(&src)
+        .arg("--socket")
+        .arg(dir.path().join("x.sock"))
+        .output()
+        .expect("spawn");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("was migrated to"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was migrated to"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

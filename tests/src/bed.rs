@@ -1,0 +1,194 @@
+//! The storage test bed: two sites (network namespaces) joined by a veth link
+//! rate-limited with `tc tbf`, a source disk server in site A, a destination
+//! agent in site B, and a guest-like writer over NBD. Used by the demo and the
+//! benchmark; everything is torn down by Drop guards.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+
+use crate::netns::{run, unique, veth, Netns};
+use crate::proc::ChildGuard;
+
+pub const A_IP: &str = "10.77.0.1";
+pub const B_IP: &str = "10.77.0.2";
+
+pub struct Sites {
+    pub a: Netns,
+    pub b: Netns,
+    pub a_dev: String,
+    pub b_dev: String,
+}
+
+impl Sites {
+    /// Two namespaces with a veth pair; `rate_mbit` shapes both directions.
+    pub fn new(rate_mbit: Option<u32>) -> Result<Self> {
+        let a = Netns::new(unique("sa"))?;
+        let b = Netns::new(unique("sb"))?;
+        let (a_dev, b_dev) = veth(&a, &format!("{A_IP}/24"), &b, &format!("{B_IP}/24"))?;
+        if let Some(r) = rate_mbit {
+            for (ns, dev) in [(&a, &a_dev), (&b, &b_dev)] {
+                ns.exec(&["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", &format!("{r}mbit"), "burst", "64kb", "latency", "50ms"])?;
+            }
+        }
+        Ok(Self { a, b, a_dev, b_dev })
+    }
+
+    /// Bytes sent from site A into the link (everything: TCP, TLS, frames).
+    pub fn a_tx_bytes(&self) -> Result<u64> {
+        let out = self.a.command("cat").arg(format!("/sys/class/net/{}/statistics/tx_bytes", self.a_dev)).output()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().context("tx_bytes")
+    }
+}
+
+/// A sparse image with `data` bytes of random content in `pieces` extents spread
+/// over the disk; the rest are holes.
+pub fn make_image(path: &Path, size: u64, data: u64, pieces: u64, seed: u64) -> Result<()> {
+    let f = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    f.set_len(size)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let piece = data / pieces;
+    let stride = size / pieces;
+    let mut buf = vec![0u8; 1 << 20];
+    use std::os::unix::fs::FileExt;
+    for i in 0..pieces {
+        let mut off = i * stride;
+        let end = off + piece;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            rng.fill_bytes(&mut buf[..n]);
+            f.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+        }
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+pub fn hash_file(path: &Path) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap(path).with_context(|| format!("hash {}", path.display()))?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+pub fn migrator_bin() -> PathBuf {
+    // Next to this binary (target/<profile>/), as cargo builds the workspace.
+    let me = std::env::current_exe().unwrap_or_default();
+    me.parent().map(|d| d.join("migrator")).unwrap_or_else(|| PathBuf::from("migrator"))
+}
+
+pub struct Keys {
+    pub src_dir: PathBuf,
+    pub dst_dir: PathBuf,
+    pub src_fp: String,
+    pub dst_fp: String,
+}
+
+pub fn keys(dir: &Path) -> Result<Keys> {
+    let gen = |d: &Path| -> Result<String> {
+        let out = Command::new(migrator_bin()).args(["keygen", "--dir"]).arg(d).output()?;
+        if !out.status.success() {
+            bail!("keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let (src_dir, dst_dir) = (dir.join("keys-src"), dir.join("keys-dst"));
+    Ok(Keys { src_fp: gen(&src_dir)?, dst_fp: gen(&dst_dir)?, src_dir, dst_dir })
+}
+
+/// `migrator receive` in site B; returns once it listens.
+pub fn start_agent(sites: &Sites, dir: &Path, k: &Keys) -> Result<(ChildGuard, String)> {
+    std::fs::create_dir_all(dir)?;
+    let mut c = sites.b.command(migrator_bin().to_str().unwrap_or("migrator"));
+    c.args(["receive", "--listen", &format!("{B_IP}:7800"), "--dir"])
+        .arg(dir)
+        .arg("--identity")
+        .arg(&k.dst_dir)
+        .args(["--peer", &k.src_fp])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut g = ChildGuard::spawn(&mut c)?;
+    let out = g.0.as_mut().and_then(|c| c.stdout.take()).context("agent stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    let addr = line.trim().strip_prefix("listening on ").context("agent did not start")?.to_string();
+    Ok((g, addr))
+}
+
+/// `migrator disk serve` in site A with NBD and control sockets.
+pub fn start_source(sites: &Sites, image: &Path, sock: &Path, ctl: &Path) -> Result<ChildGuard> {
+    let mut c = sites.a.command(migrator_bin().to_str().unwrap_or("migrator"));
+    c.args(["disk", "serve", "--image"]).arg(image).arg("--socket").arg(sock).arg("--control").arg(ctl).stderr(Stdio::null());
+    let g = ChildGuard::spawn(&mut c)?;
+    let t = Instant::now();
+    while !(sock.exists() && ctl.exists()) {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("disk server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(g)
+}
+
+/// A guest-like writer: 64 KiB random writes at `bytes_per_s` into the first
+/// `span` bytes, until the source refuses writes (moved) or `stop` is set.
+/// Returns the bytes written.
+pub async fn writer(sock: PathBuf, bytes_per_s: u64, span: u64, seed: u64, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<u64> {
+    use migrator::nbd::client::{Client, ClientError};
+    let s = tokio::net::UnixStream::connect(&sock).await?;
+    let mut c = Client::connect(s, "").await?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; 64 * 1024];
+    let interval = Duration::from_secs_f64(data.len() as f64 / bytes_per_s as f64);
+    let mut next = tokio::time::Instant::now();
+    let mut written = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        rng.fill_bytes(&mut data);
+        let off = rng.gen_range(0..span / 4096 - 16) * 4096;
+        match c.write(off, &data, false).await {
+            Ok(()) => written += data.len() as u64,
+            Err(ClientError::Server { code: 1, .. }) => break,
+            Err(e) => return Err(e.into()),
+        }
+        next += interval;
+        tokio::time::sleep_until(next).await;
+    }
+    Ok(written)
+}
+
+/// Run `migrator disk migrate --control` and return its summary (JSON).
+pub fn migrate(ctl: &Path, addr: &str, k: &Keys, json: bool, extra: &[&str]) -> Result<Option<serde_json::Value>> {
+    let mut c = Command::new(migrator_bin());
+    c.args(["disk", "migrate", "--control"]).arg(ctl).args(["--to", addr, "--identity"]).arg(&k.src_dir).args(["--peer", &k.dst_fp]).args(extra);
+    if !json {
+        let st = c.status()?;
+        if !st.success() {
+            bail!("migration failed");
+        }
+        return Ok(None);
+    }
+    let out = c.arg("--json").stderr(Stdio::inherit()).output()?;
+    if !out.status.success() {
+        bail!("migration failed: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(l)?;
+        if v["event"] == "summary" {
+            return Ok(Some(v));
+        }
+    }
+    bail!("no summary in the migration's output")
+}
+
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("this needs root (network namespaces and tc): run it with sudo");
+    }
+    run(&["ip", "netns", "list"]).context("iproute2 is missing: apt-get install iproute2")
+}
