@@ -33,7 +33,21 @@ impl Sites {
         let (a_dev, b_dev) = veth(&a, &format!("{A_IP}/24"), &b, &format!("{B_IP}/24"))?;
         if let Some(r) = rate_mbit {
             for (ns, dev) in [(&a, &a_dev), (&b, &b_dev)] {
-                ns.exec(&["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", &format!("{r}mbit"), "burst", "64kb", "latency", "50ms"])?;
+                ns.exec(&[
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    &format!("{r}mbit"),
+                    "burst",
+                    "64kb",
+                    "latency",
+                    "50ms",
+                ])?;
             }
         }
         Ok(Self { a, b, a_dev, b_dev })
@@ -41,8 +55,15 @@ impl Sites {
 
     /// Bytes sent from site A into the link (everything: TCP, TLS, frames).
     pub fn a_tx_bytes(&self) -> Result<u64> {
-        let out = self.a.command("cat").arg(format!("/sys/class/net/{}/statistics/tx_bytes", self.a_dev)).output()?;
-        String::from_utf8_lossy(&out.stdout).trim().parse().context("tx_bytes")
+        let out = self
+            .a
+            .command("cat")
+            .arg(format!("/sys/class/net/{}/statistics/tx_bytes", self.a_dev))
+            .output()?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .context("tx_bytes")
     }
 }
 
@@ -72,14 +93,17 @@ pub fn make_image(path: &Path, size: u64, data: u64, pieces: u64, seed: u64) -> 
 
 pub fn hash_file(path: &Path) -> Result<String> {
     let mut h = blake3::Hasher::new();
-    h.update_mmap(path).with_context(|| format!("hash {}", path.display()))?;
+    h.update_mmap(path)
+        .with_context(|| format!("hash {}", path.display()))?;
     Ok(h.finalize().to_hex().to_string())
 }
 
 pub fn migrator_bin() -> PathBuf {
     // Next to this binary (target/<profile>/), as cargo builds the workspace.
     let me = std::env::current_exe().unwrap_or_default();
-    me.parent().map(|d| d.join("migrator")).unwrap_or_else(|| PathBuf::from("migrator"))
+    me.parent()
+        .map(|d| d.join("migrator"))
+        .unwrap_or_else(|| PathBuf::from("migrator"))
 }
 
 pub struct Keys {
@@ -91,20 +115,30 @@ pub struct Keys {
 
 pub fn keys(dir: &Path) -> Result<Keys> {
     let gen = |d: &Path| -> Result<String> {
-        let out = Command::new(migrator_bin()).args(["keygen", "--dir"]).arg(d).output()?;
+        let out = Command::new(migrator_bin())
+            .args(["keygen", "--dir"])
+            .arg(d)
+            .output()?;
         if !out.status.success() {
             bail!("keygen failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
     let (src_dir, dst_dir) = (dir.join("keys-src"), dir.join("keys-dst"));
-    Ok(Keys { src_fp: gen(&src_dir)?, dst_fp: gen(&dst_dir)?, src_dir, dst_dir })
+    Ok(Keys {
+        src_fp: gen(&src_dir)?,
+        dst_fp: gen(&dst_dir)?,
+        src_dir,
+        dst_dir,
+    })
 }
 
 /// `migrator receive` in site B; returns once it listens.
 pub fn start_agent(sites: &Sites, dir: &Path, k: &Keys) -> Result<(ChildGuard, String)> {
     std::fs::create_dir_all(dir)?;
-    let mut c = sites.b.command(migrator_bin().to_str().unwrap_or("migrator"));
+    let mut c = sites
+        .b
+        .command(migrator_bin().to_str().unwrap_or("migrator"));
     c.args(["receive", "--listen", &format!("{B_IP}:7800"), "--dir"])
         .arg(dir)
         .arg("--identity")
@@ -113,17 +147,32 @@ pub fn start_agent(sites: &Sites, dir: &Path, k: &Keys) -> Result<(ChildGuard, S
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut g = ChildGuard::spawn(&mut c)?;
-    let out = g.0.as_mut().and_then(|c| c.stdout.take()).context("agent stdout")?;
+    let out =
+        g.0.as_mut()
+            .and_then(|c| c.stdout.take())
+            .context("agent stdout")?;
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line)?;
-    let addr = line.trim().strip_prefix("listening on ").context("agent did not start")?.to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .context("agent did not start")?
+        .to_string();
     Ok((g, addr))
 }
 
 /// `migrator disk serve` in site A with NBD and control sockets.
 pub fn start_source(sites: &Sites, image: &Path, sock: &Path, ctl: &Path) -> Result<ChildGuard> {
-    let mut c = sites.a.command(migrator_bin().to_str().unwrap_or("migrator"));
-    c.args(["disk", "serve", "--image"]).arg(image).arg("--socket").arg(sock).arg("--control").arg(ctl).stderr(Stdio::null());
+    let mut c = sites
+        .a
+        .command(migrator_bin().to_str().unwrap_or("migrator"));
+    c.args(["disk", "serve", "--image"])
+        .arg(image)
+        .arg("--socket")
+        .arg(sock)
+        .arg("--control")
+        .arg(ctl)
+        .stderr(Stdio::null());
     let g = ChildGuard::spawn(&mut c)?;
     let t = Instant::now();
     while !(sock.exists() && ctl.exists()) {
@@ -138,7 +187,13 @@ pub fn start_source(sites: &Sites, image: &Path, sock: &Path, ctl: &Path) -> Res
 /// A guest-like writer: 64 KiB random writes at `bytes_per_s` into the first
 /// `span` bytes, until the source refuses writes (moved) or `stop` is set.
 /// Returns the bytes written.
-pub async fn writer(sock: PathBuf, bytes_per_s: u64, span: u64, seed: u64, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<u64> {
+pub async fn writer(
+    sock: PathBuf,
+    bytes_per_s: u64,
+    span: u64,
+    seed: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<u64> {
     use migrator::nbd::client::{Client, ClientError};
     let s = tokio::net::UnixStream::connect(&sock).await?;
     let mut c = Client::connect(s, "").await?;
@@ -162,9 +217,20 @@ pub async fn writer(sock: PathBuf, bytes_per_s: u64, span: u64, seed: u64, stop:
 }
 
 /// Run `migrator disk migrate --control` and return its summary (JSON).
-pub fn migrate(ctl: &Path, addr: &str, k: &Keys, json: bool, extra: &[&str]) -> Result<Option<serde_json::Value>> {
+pub fn migrate(
+    ctl: &Path,
+    addr: &str,
+    k: &Keys,
+    json: bool,
+    extra: &[&str],
+) -> Result<Option<serde_json::Value>> {
     let mut c = Command::new(migrator_bin());
-    c.args(["disk", "migrate", "--control"]).arg(ctl).args(["--to", addr, "--identity"]).arg(&k.src_dir).args(["--peer", &k.dst_fp]).args(extra);
+    c.args(["disk", "migrate", "--control"])
+        .arg(ctl)
+        .args(["--to", addr, "--identity"])
+        .arg(&k.src_dir)
+        .args(["--peer", &k.dst_fp])
+        .args(extra);
     if !json {
         let st = c.status()?;
         if !st.success() {

@@ -54,13 +54,21 @@ async fn main() -> Result<()> {
     let mut rows = Vec::new();
 
     for with_writer in [false, true] {
-        let name = if with_writer { format!("migrator, writer {} MB/s", args.writer_mbps) } else { "migrator, idle disk".to_string() };
+        let name = if with_writer {
+            format!("migrator, writer {} MB/s", args.writer_mbps)
+        } else {
+            "migrator, idle disk".to_string()
+        };
         eprintln!("== {name}");
         let sites = Sites::new(Some(args.rate_mbit))?;
         let run_dir = tmp.path().join(if with_writer { "w" } else { "i" });
         std::fs::create_dir_all(&run_dir)?;
         let img = run_dir.join("vm.img");
-        let st = std::process::Command::new("cp").args(["--sparse=always"]).arg(&base).arg(&img).status()?;
+        let st = std::process::Command::new("cp")
+            .args(["--sparse=always"])
+            .arg(&base)
+            .arg(&img)
+            .status()?;
         if !st.success() {
             bail!("cp failed");
         }
@@ -68,12 +76,25 @@ async fn main() -> Result<()> {
         let _src = start_source(&sites, &img, &sock, &ctl)?;
         let (_agent, addr) = start_agent(&sites, &run_dir.join("dst"), &k)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let w = with_writer.then(|| tokio::spawn(writer(sock.clone(), (args.writer_mbps * 1e6) as u64, args.size_mib * MIB, 7, stop.clone())));
+        let w = with_writer.then(|| {
+            tokio::spawn(writer(
+                sock.clone(),
+                (args.writer_mbps * 1e6) as u64,
+                args.size_mib * MIB,
+                7,
+                stop.clone(),
+            ))
+        });
         let tx0 = sites.a_tx_bytes()?;
         let t = Instant::now();
         let summary = tokio::task::spawn_blocking({
             let (ctl, addr) = (ctl.clone(), addr.clone());
-            let k = Keys { src_dir: k.src_dir.clone(), dst_dir: k.dst_dir.clone(), src_fp: k.src_fp.clone(), dst_fp: k.dst_fp.clone() };
+            let k = Keys {
+                src_dir: k.src_dir.clone(),
+                dst_dir: k.dst_dir.clone(),
+                src_fp: k.src_fp.clone(),
+                dst_fp: k.dst_fp.clone(),
+            };
             move || migrate(&ctl, &addr, &k, true, &[])
         })
         .await??
@@ -85,15 +106,25 @@ async fn main() -> Result<()> {
             None => 0,
         };
         let verified = hash_file(&img)? == hash_file(&run_dir.join("dst/vm.img"))?;
-        let to_move = args.data_mib * MIB + summary["resent_blocks"].as_u64().unwrap_or(0) * 65536 + summary["final_blocks"].as_u64().unwrap_or(0) * 65536;
-        eprintln!("   {total:.1} s, {:.1} MiB on the wire, writer wrote {:.1} MiB, verified {verified}", wire as f64 / MIB as f64, written as f64 / MIB as f64);
+        let to_move = args.data_mib * MIB
+            + summary["resent_blocks"].as_u64().unwrap_or(0) * 65536
+            + summary["final_blocks"].as_u64().unwrap_or(0) * 65536;
+        eprintln!(
+            "   {total:.1} s, {:.1} MiB on the wire, writer wrote {:.1} MiB, verified {verified}",
+            wire as f64 / MIB as f64,
+            written as f64 / MIB as f64
+        );
         rows.push(Row {
             name,
             total_s: total,
             wire,
             to_move,
             rounds: summary["rounds"].to_string(),
-            throttled: format!("{} ({:.0} ms)", summary["writes_delayed"], summary["write_delay_total_ms"].as_f64().unwrap_or(0.0)),
+            throttled: format!(
+                "{} ({:.0} ms)",
+                summary["writes_delayed"],
+                summary["write_delay_total_ms"].as_f64().unwrap_or(0.0)
+            ),
             verified,
         });
     }
@@ -105,22 +136,46 @@ async fn main() -> Result<()> {
         let dst = tmp.path().join("peer.img");
         std::fs::File::create(&dst)?.set_len(args.size_mib * MIB)?;
         let mut c = sites.b.command("qemu-nbd");
-        c.args(["-f", "raw", "-x", "", "-b", B_IP, "-p", "10809", "-t", "-e", "8"]).arg(&dst).stderr(Stdio::null());
+        c.args([
+            "-f", "raw", "-x", "", "-b", B_IP, "-p", "10809", "-t", "-e", "8",
+        ])
+        .arg(&dst)
+        .stderr(Stdio::null());
         let _q = ChildGuard::spawn(&mut c)?;
         std::thread::sleep(std::time::Duration::from_millis(500));
         let tx0 = sites.a_tx_bytes()?;
         let t = Instant::now();
-        let st = sites.a.command("nbdcopy").arg(&base).arg(format!("nbd://{B_IP}:10809")).status()?;
+        let st = sites
+            .a
+            .command("nbdcopy")
+            .arg(&base)
+            .arg(format!("nbd://{B_IP}:10809"))
+            .status()?;
         if !st.success() {
             bail!("nbdcopy failed");
         }
         let total = t.elapsed().as_secs_f64();
         let wire = sites.a_tx_bytes()? - tx0;
         let verified = hash_file(&base)? == hash_file(&dst)?;
-        rows.push(Row { name: "nbdcopy → qemu-nbd (peer)".into(), total_s: total, wire, to_move: args.data_mib * MIB, rounds: "-".into(), throttled: "-".into(), verified });
+        rows.push(Row {
+            name: "nbdcopy → qemu-nbd (peer)".into(),
+            total_s: total,
+            wire,
+            to_move: args.data_mib * MIB,
+            rounds: "-".into(),
+            throttled: "-".into(),
+            verified,
+        });
     }
 
-    let host = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
     let mut md = format!(
         "# Storage migration benchmark\n\nImage {} MiB with {} MiB of random data in 30 extents (rest holes), link {} Mbit/s (`tc tbf` on a veth pair between two namespaces, both directions), no added delay. \
         Machine: {} cores, {host}. Command: `sudo target/release/bench-storage --size-mib {} --data-mib {} --rate-mbit {} --writer-mbps {}`.\n\n\
@@ -131,7 +186,15 @@ async fn main() -> Result<()> {
     for r in &rows {
         md += &format!(
             "| {} | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} | {} | {} | {} |\n",
-            r.name, r.total_s, r.wire as f64 / MIB as f64, r.to_move as f64 / MIB as f64, r.wire as f64 / r.to_move as f64, r.total_s / (r.to_move as f64 / link), r.rounds, r.throttled, if r.verified { "yes" } else { "NO" }
+            r.name,
+            r.total_s,
+            r.wire as f64 / MIB as f64,
+            r.to_move as f64 / MIB as f64,
+            r.wire as f64 / r.to_move as f64,
+            r.total_s / (r.to_move as f64 / link),
+            r.rounds,
+            r.throttled,
+            if r.verified { "yes" } else { "NO" }
         );
     }
     if let Some(d) = args.out.parent() {
