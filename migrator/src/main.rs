@@ -292,24 +292,37 @@ async fn control_loop(l: UnixListener, disk: Arc<Disk>, image: PathBuf) {
                 }
             };
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let job = source::migrate(disk, opts, EventSink::new(tx));
-            tokio::pin!(job);
+            let mut job = tokio::spawn(source::migrate(disk.clone(), opts, EventSink::new(tx)));
+            let mut client_gone = false;
             let result = loop {
                 tokio::select! {
-                    r = &mut job => break r,
-                    Some(e) = rx.recv() => {
+                    r = &mut job => break r.map_err(|e| source::MigrateError::Disk(format!("migration task failed: {e}"))).and_then(|r| r),
+                    Some(e) = rx.recv(), if !client_gone => {
                         if let Ok(s) = send(&e) {
-                            if wr.write_all(s.as_bytes()).await.is_err() { return; } // client gone: drop = rollback
+                            client_gone |= wr.write_all(s.as_bytes()).await.is_err();
                         }
                     }
-                    l = lines.next_line() => {
-                        if !matches!(l, Ok(Some(_))) {
-                            warn!("migration client went away; rolling back");
-                            return;
-                        }
+                    l = lines.next_line(), if !client_gone => {
+                        client_gone = !matches!(l, Ok(Some(_)));
                     }
                 }
+                if client_gone {
+                    if !disk.is_read_only() {
+                        // Before the commit point: cancel, the guard rolls back.
+                        warn!("migration client went away; rolling back");
+                        job.abort();
+                        return;
+                    }
+                    // After it, the final blocks must still reach the destination.
+                    warn!("migration client went away after the commit point; finishing");
+                }
             };
+            if client_gone {
+                if let Err(e) = result {
+                    warn!("migration failed after the commit point: {e}");
+                }
+                return;
+            }
             while let Ok(e) = rx.try_recv() {
                 if let Ok(s) = send(&e) {
                     let _ = wr.write_all(s.as_bytes()).await;
@@ -369,9 +382,24 @@ async fn migrate_cli(args: MigrateArgs) -> Result<()> {
             .context("--image or --control is required")?;
         let disk = open_source(&image, None)?;
         let opts = args.options(Some(marker_path(&image)))?;
-        tokio::select! {
-            r = source::migrate(disk, opts, EventSink::new(tx.clone())) => r.map(|_| ()).map_err(Into::into),
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted: migration rolled back, the source keeps serving")),
+        let mut job = tokio::spawn(source::migrate(
+            disk.clone(),
+            opts,
+            EventSink::new(tx.clone()),
+        ));
+        loop {
+            tokio::select! {
+                r = &mut job => break r.context("migration task failed")?.map(|_| ()).map_err(Into::into),
+                _ = tokio::signal::ctrl_c() => {
+                    if disk.is_read_only() {
+                        eprintln!("interrupted after the commit point: finishing the final blocks first");
+                        continue;
+                    }
+                    job.abort();
+                    let _ = job.await; // the rollback guard has run once this returns
+                    break Err(anyhow::anyhow!("interrupted: migration rolled back, the source keeps serving"));
+                }
+            }
         }
     };
     drop(tx);
