@@ -21,7 +21,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, Notify, OwnedRwLockWriteGuard, RwLock};
 
 use crate::image::{Extent, Image, ImageError};
-use crate::precopy::Engine;
+use crate::precopy::{Delta, Engine, Mode};
 
 #[derive(Debug, Error)]
 pub enum DiskError {
@@ -60,6 +60,9 @@ pub struct Disk {
     frozen: Mutex<Option<OwnedRwLockWriteGuard<()>>>,
     role: Mutex<Role>,
     arrived: Notify,
+    /// Deltas mode: held across write + enqueue so deltas queue in the order
+    /// their writes reached the image.
+    order: tokio::sync::Mutex<()>,
 }
 
 /// What a write must do about blocks still in flight at the destination.
@@ -77,6 +80,7 @@ impl Disk {
             frozen: Mutex::new(None),
             role: Mutex::new(Role::Serving),
             arrived: Notify::new(),
+            order: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -215,14 +219,22 @@ impl Disk {
         PendingCheck::Go
     }
 
+    fn tracking_engine(&self) -> Option<Arc<Mutex<Engine>>> {
+        match &*self.lock_role() {
+            Role::Tracking(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
     /// Common path of every modifying command: permit, role checks, the I/O, dirty
-    /// marking, then the throttle delay (after releasing the permit).
+    /// marking (or the delta), then the throttle delay (after releasing the permit).
     async fn modify(
         &self,
         offset: u64,
         len: u64,
         fua: bool,
-        op: impl FnOnce(&Image) -> Result<(), ImageError> + Send + 'static,
+        change: Delta,
+        punch: bool,
     ) -> Result<(), DiskError> {
         self.check_range(offset, len)?;
         let permit = self.gate.read().await;
@@ -232,21 +244,39 @@ impl Disk {
         while let PendingCheck::Wait = self.check_pending_for_write(offset, len) {
             self.wait_arrived(offset, len).await;
         }
+        let engine = self.tracking_engine();
+        let deltas = engine.as_ref().is_some_and(|e| {
+            e.lock().unwrap_or_else(|p| p.into_inner()).config().mode == Mode::Deltas
+        });
+        let _order = if deltas {
+            Some(self.order.lock().await)
+        } else {
+            None
+        };
+        let op = change.clone();
         self.blocking(move |img| {
-            op(img)?;
+            match &op {
+                Delta::Data { offset, data } => img.write_at(data, *offset)?,
+                Delta::Zero { offset, len } => img.zero(*offset, *len, punch)?,
+            }
             if fua {
                 img.sync()?;
             }
             Ok(())
         })
         .await?;
-        let delay = match &*self.lock_role() {
-            Role::Tracking(engine) => engine
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .handle_write(offset, len, Instant::now()),
-            _ => Duration::ZERO,
+        let delay = match engine {
+            Some(e) => {
+                let mut e = e.lock().unwrap_or_else(|p| p.into_inner());
+                if deltas {
+                    e.handle_delta(change, Instant::now())
+                } else {
+                    e.handle_write(offset, len, Instant::now())
+                }
+            }
+            None => Duration::ZERO,
         };
+        drop(_order);
         drop(permit);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -256,8 +286,17 @@ impl Disk {
 
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DiskError> {
         let len = data.len() as u64;
-        self.modify(offset, len, fua, move |img| img.write_at(&data, offset))
-            .await
+        self.modify(
+            offset,
+            len,
+            fua,
+            Delta::Data {
+                offset,
+                data: Arc::new(data),
+            },
+            false,
+        )
+        .await
     }
 
     /// WRITE_ZEROES (`punch` unless NO_HOLE) and TRIM: the range reads as zeros after.
@@ -268,7 +307,7 @@ impl Disk {
         punch: bool,
         fua: bool,
     ) -> Result<(), DiskError> {
-        self.modify(offset, len, fua, move |img| img.zero(offset, len, punch))
+        self.modify(offset, len, fua, Delta::Zero { offset, len }, punch)
             .await
     }
 

@@ -79,6 +79,8 @@ pub struct Summary {
     pub round_dirty_blocks: Vec<u64>,
     pub final_blocks: u64,
     pub fetched_blocks: u64,
+    /// Deltas mode: writes forwarded as they happened.
+    pub deltas: u64,
     pub writes: u64,
     pub writes_delayed: u64,
     pub write_delay_total_ms: f64,

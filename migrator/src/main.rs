@@ -103,6 +103,11 @@ struct MigrateArgs {
     to: String,
     #[command(flatten)]
     keys: Keys,
+    /// How writes during the migration travel: `dirty` (resend dirty blocks in
+    /// rounds) or `deltas` (forward every write, as the research prototype did).
+    #[arg(long, value_enum, default_value = "dirty")]
+    #[serde(default)]
+    mode: ModeArg,
     /// Disable write throttling.
     #[arg(long)]
     no_throttle: bool,
@@ -131,6 +136,14 @@ struct MigrateArgs {
     json: bool,
 }
 
+#[derive(Clone, Copy, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ModeArg {
+    #[default]
+    Dirty,
+    Deltas,
+}
+
 impl MigrateArgs {
     fn options(&self, marker: Option<PathBuf>) -> Result<MigrateOptions> {
         let identity = Identity::load(&self.keys.identity)?;
@@ -151,6 +164,10 @@ impl MigrateArgs {
             identity,
             peers,
             precopy: precopy::Config {
+                mode: match self.mode {
+                    ModeArg::Dirty => precopy::Mode::Dirty,
+                    ModeArg::Deltas => precopy::Mode::Deltas,
+                },
                 max_rounds: self.max_rounds,
                 downtime_target: Duration::from_millis(self.downtime_ms),
                 throttle: (!self.no_throttle).then_some(ThrottleConfig {

@@ -20,7 +20,8 @@ use tracing::{info, warn};
 use crate::disk::Disk;
 use crate::events::{Event, EventSink, Phase, Summary};
 use crate::image::is_zero;
-use crate::precopy::{self, Engine, Transmit};
+use crate::precopy::{self, Delta, Engine, Transmit};
+use crate::transport::frame::MAX_BLOCK;
 use crate::transport::frame::{BlockHash, HASH_LEN, VERSION};
 use crate::transport::tls::{self, Fingerprint, Identity};
 use crate::transport::{read_frame, write_frame, Compressor, Frame, LinkError};
@@ -192,6 +193,30 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
             self.send_zero(o, l).await?;
         }
         Ok(())
+    }
+
+    /// Send one forwarded write (deltas mode), split to the frame limit.
+    async fn send_delta(&mut self, d: Delta) -> Result<(), LinkError> {
+        match d {
+            Delta::Zero { offset, len } => self.send_zero(offset, len).await,
+            Delta::Data { offset, data } => {
+                for (i, chunk) in data.chunks(MAX_BLOCK as usize).enumerate() {
+                    let (compressed, payload) = match &mut self.comp {
+                        Some(c) => c.pack(chunk.to_vec()),
+                        None => (false, chunk.to_vec()),
+                    };
+                    self.summary.data_bytes += chunk.len() as u64;
+                    self.send(&Frame::Data {
+                        offset: offset + (i * MAX_BLOCK as usize) as u64,
+                        compressed,
+                        raw_len: chunk.len() as u32,
+                        payload,
+                    })
+                    .await?;
+                }
+                Ok(())
+            }
+        }
     }
 
     async fn send_zero(&mut self, offset: u64, len: u64) -> Result<(), LinkError> {
@@ -370,6 +395,12 @@ pub async fn migrate(
             Some(Transmit::Blocks { start, count }) => {
                 s.send_blocks(start, count).await?;
             }
+            Some(Transmit::Delta) => {
+                let d = s.engine().pop_delta();
+                if let Some(d) = d {
+                    s.send_delta(d).await?;
+                }
+            }
             Some(Transmit::Switchover) => break,
             Some(Transmit::NotConverged {
                 rounds,
@@ -404,6 +435,14 @@ pub async fn migrate(
     let t_freeze = Instant::now();
     disk.freeze().await;
     let final_blocks = s.engine().handle_frozen();
+    // Deltas queued before the freeze travel before Prepare, in order.
+    loop {
+        let d = s.engine().pop_delta();
+        match d {
+            Some(d) => s.send_delta(d).await?,
+            None => break,
+        }
+    }
     s.send(&Frame::Prepare {
         blocks: final_blocks.clone(),
     })
@@ -471,6 +510,7 @@ pub async fn migrate(
     s.summary.rounds = st.rounds;
     s.summary.round_dirty_blocks = st.round_dirty;
     s.summary.final_blocks = st.final_blocks;
+    s.summary.deltas = st.deltas;
     s.summary.writes = st.writes;
     s.summary.writes_delayed = st.writes_delayed;
     s.summary.write_delay_total_ms = st.delay_total.as_secs_f64() * 1e3;

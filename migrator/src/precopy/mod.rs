@@ -16,6 +16,8 @@
 pub mod dirty;
 pub mod throttle;
 
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dirty::Bitmap;
@@ -24,8 +26,48 @@ use throttle::{RateMeter, Throttle, ThrottleConfig};
 /// Tracking granularity (QEMU's drive-mirror uses the same default).
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 
+/// How writes during the migration reach the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Mark blocks dirty and resend them in rounds (default).
+    #[default]
+    Dirty,
+    /// Forward every write as a delta, in order, as the research prototype did.
+    Deltas,
+}
+
+/// One forwarded write (deltas mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    Data { offset: u64, data: Arc<Vec<u8>> },
+    Zero { offset: u64, len: u64 },
+}
+
+impl Delta {
+    pub fn len(&self) -> u64 {
+        match self {
+            Delta::Data { data, .. } => data.len() as u64,
+            Delta::Zero { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn offset(&self) -> u64 {
+        match self {
+            Delta::Data { offset, .. } | Delta::Zero { offset, .. } => *offset,
+        }
+    }
+}
+
+/// Queued deltas beyond this mean the guest outruns the link: give up.
+pub const MAX_DELTA_BYTES: u64 = 1 << 30;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    pub mode: Mode,
     pub block_size: u32,
     /// Give up (and roll back) after this many iterative rounds without converging.
     pub max_rounds: u32,
@@ -42,6 +84,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            mode: Mode::Dirty,
             block_size: DEFAULT_BLOCK_SIZE,
             max_rounds: 30,
             downtime_target: Duration::from_millis(300),
@@ -57,6 +100,8 @@ impl Default for Config {
 pub enum Transmit {
     /// Read and send blocks `[start, start + count)`; their dirty bits are cleared.
     Blocks { start: u64, count: u64 },
+    /// Deltas mode: send [`Engine::pop_delta`] next.
+    Delta,
     /// The dirty set fits the downtime budget: hold new writes, wait for writes in
     /// flight, then call [`Engine::handle_frozen`].
     Switchover,
@@ -91,6 +136,8 @@ pub struct Stats {
     pub writes_delayed: u64,
     pub delay_total: Duration,
     pub final_blocks: u64,
+    pub deltas: u64,
+    pub delta_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -103,6 +150,8 @@ pub struct Engine {
     dirtying: RateMeter,
     throttle: Option<Throttle>,
     stats: Stats,
+    deltas: VecDeque<Delta>,
+    queued_bytes: u64,
 }
 
 impl Engine {
@@ -125,6 +174,8 @@ impl Engine {
             drain: RateMeter::new(Duration::from_millis(250)),
             dirtying: RateMeter::new(Duration::from_millis(250)),
             stats: Stats::default(),
+            deltas: VecDeque::new(),
+            queued_bytes: 0,
             cfg,
         }
     }
@@ -213,6 +264,42 @@ impl Engine {
         delay
     }
 
+    /// Deltas mode: a write reached the image; queue it for the destination
+    /// unless the bulk pass will read its range later anyway. Returns the delay.
+    pub fn handle_delta(&mut self, delta: Delta, now: Instant) -> Duration {
+        self.stats.writes += 1;
+        if delta.is_empty() {
+            return Duration::ZERO;
+        }
+        let bs = self.cfg.block_size as u64;
+        let (first, last) = (delta.offset() / bs, (delta.offset() + delta.len() - 1) / bs);
+        if (first..=last).all(|b| self.ahead_of_bulk(b)) {
+            return Duration::ZERO;
+        }
+        let n = delta.len();
+        self.queued_bytes += n;
+        self.deltas.push_back(delta);
+        self.dirtying.record(n, now);
+        let delay = match &mut self.throttle {
+            Some(t) => t.charge(n, self.drain.rate(), now),
+            None => Duration::ZERO,
+        };
+        if !delay.is_zero() {
+            self.stats.writes_delayed += 1;
+            self.stats.delay_total += delay;
+        }
+        delay
+    }
+
+    /// The next queued delta (deltas mode), in write order.
+    pub fn pop_delta(&mut self) -> Option<Delta> {
+        let d = self.deltas.pop_front()?;
+        self.queued_bytes -= d.len();
+        self.stats.deltas += 1;
+        self.stats.delta_bytes += d.len();
+        Some(d)
+    }
+
     /// The link drained `bytes` (payload and framing) at `now`.
     pub fn handle_sent(&mut self, bytes: u64, now: Instant) {
         self.stats.bytes_sent += bytes;
@@ -232,6 +319,17 @@ impl Engine {
 
     /// The next thing to send.
     pub fn poll_transmit(&mut self, _now: Instant) -> Option<Transmit> {
+        if matches!(self.phase, Phase::Bulk { .. } | Phase::Round { .. }) {
+            if self.queued_bytes > MAX_DELTA_BYTES {
+                return Some(Transmit::NotConverged {
+                    rounds: 0,
+                    dirty_blocks: self.queued_bytes / self.cfg.block_size as u64,
+                });
+            }
+            if !self.deltas.is_empty() {
+                return Some(Transmit::Delta);
+            }
+        }
         loop {
             match &mut self.phase {
                 Phase::Bulk { ranges, idx, next } => {

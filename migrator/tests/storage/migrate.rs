@@ -79,7 +79,16 @@ async fn read_all(sock: &Path) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_acknowledged_write_is_lost_across_migration_many_seeds() {
-    for seed in 0..6u64 {
+    integrity(0..6, precopy::Mode::Dirty).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_acknowledged_write_is_lost_in_deltas_mode() {
+    integrity(100..104, precopy::Mode::Deltas).await;
+}
+
+async fn integrity(seeds: std::ops::Range<u64>, mode: precopy::Mode) {
+    for seed in seeds {
         let dir = tempfile::tempdir().expect("tmp");
         let src = dir.path().join("vm.img");
         let mut rng = StdRng::seed_from_u64(seed);
@@ -100,13 +109,11 @@ async fn no_acknowledged_write_is_lost_across_migration_many_seeds() {
             stop.clone(),
         ));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let summary = source::migrate(
-            served.disk.clone(),
-            opts(&k, &a.addr, Some(40 * MIB)),
-            EventSink::none(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("seed {seed}: migrate failed: {e}"));
+        let mut o = opts(&k, &a.addr, Some(40 * MIB));
+        o.precopy.mode = mode;
+        let summary = source::migrate(served.disk.clone(), o, EventSink::none())
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: migrate failed: {e}"));
         let acked = w.await.expect("writer");
         assert!(
             acked > 10,
@@ -116,6 +123,12 @@ async fn no_acknowledged_write_is_lost_across_migration_many_seeds() {
             summary.writes > 0,
             "seed {seed}: the migration saw no writes"
         );
+        if mode == precopy::Mode::Deltas {
+            assert!(
+                summary.deltas > 0 && summary.rounds == 0,
+                "seed {seed}: {summary:?}"
+            );
+        }
         let want = hash(&model.lock().await);
         let dest = read_all(&a.agent.socket_path("vm")).await;
         assert_eq!(

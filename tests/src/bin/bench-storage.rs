@@ -53,15 +53,15 @@ async fn main() -> Result<()> {
     let link = args.rate_mbit as f64 * 1e6 / 8.0;
     let mut rows = Vec::new();
 
-    for with_writer in [false, true] {
-        let name = if with_writer {
-            format!("migrator, writer {} MB/s", args.writer_mbps)
-        } else {
-            "migrator, idle disk".to_string()
+    for (with_writer, deltas) in [(false, false), (true, false), (true, true)] {
+        let name = match (with_writer, deltas) {
+            (false, _) => "migrator, idle disk".to_string(),
+            (true, false) => format!("migrator, writer {} MB/s", args.writer_mbps),
+            (true, true) => format!("migrator --mode deltas, writer {} MB/s", args.writer_mbps),
         };
         eprintln!("== {name}");
         let sites = Sites::new(Some(args.rate_mbit))?;
-        let run_dir = tmp.path().join(if with_writer { "w" } else { "i" });
+        let run_dir = tmp.path().join(format!("run-{with_writer}-{deltas}"));
         std::fs::create_dir_all(&run_dir)?;
         let img = run_dir.join("vm.img");
         let st = std::process::Command::new("cp")
@@ -95,7 +95,15 @@ async fn main() -> Result<()> {
                 src_fp: k.src_fp.clone(),
                 dst_fp: k.dst_fp.clone(),
             };
-            move || migrate(&ctl, &addr, &k, true, &[])
+            move || {
+                migrate(
+                    &ctl,
+                    &addr,
+                    &k,
+                    true,
+                    if deltas { &["--mode", "deltas"] } else { &[] },
+                )
+            }
         })
         .await??
         .context("summary")?;
@@ -106,9 +114,18 @@ async fn main() -> Result<()> {
             None => 0,
         };
         let verified = hash_file(&img)? == hash_file(&run_dir.join("dst/vm.img"))?;
+        // Deltas travel as written; blocks as whole 64 KiB blocks.
         let to_move = args.data_mib * MIB
             + summary["resent_blocks"].as_u64().unwrap_or(0) * 65536
-            + summary["final_blocks"].as_u64().unwrap_or(0) * 65536;
+            + summary["final_blocks"].as_u64().unwrap_or(0) * 65536
+            + if deltas {
+                summary["data_bytes"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(args.data_mib * MIB)
+            } else {
+                0
+            };
         eprintln!(
             "   {total:.1} s, {:.1} MiB on the wire, writer wrote {:.1} MiB, verified {verified}",
             wire as f64 / MIB as f64,
