@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::disk::Disk;
 use crate::image::Image;
 use crate::nbd::server::serve_unix;
-use crate::transport::frame::{BlockHash, HASH_LEN, VERSION};
+use crate::transport::frame::{block_hash, BlockHash, VERSION};
 use crate::transport::tls::{self, Fingerprint, Identity};
 use crate::transport::{read_frame, unpack, write_frame, Frame, LinkError};
 
@@ -586,9 +586,7 @@ fn block_hashes(img: &Image, bs: u64) -> Result<Vec<(u64, BlockHash)>, crate::im
             let off = b * bs;
             let n = bs.min(img.size() - off) as usize;
             img.read_at(&mut buf[..n], off)?;
-            let mut h = [0u8; HASH_LEN];
-            h.copy_from_slice(&blake3::hash(&buf[..n]).as_bytes()[..HASH_LEN]);
-            out.push((b, h));
+            out.push((b, block_hash(&buf[..n])));
         }
     }
     Ok(out)

@@ -336,19 +336,35 @@ impl Disk {
 
     // ---- source side of a migration ----
 
-    /// Start tracking writes into `engine`. Fails if the disk has moved or is
-    /// already being migrated.
-    pub fn start_tracking(&self, engine: Arc<Mutex<Engine>>) -> Result<(), String> {
-        let mut role = self.lock_role();
-        match &*role {
-            Role::Serving => {
-                *role = Role::Tracking(engine);
-                Ok(())
+    /// Start tracking writes into the engine `make` builds from the image (it
+    /// scans extents). Runs with the write gate held exclusively, so every write
+    /// either finished before the scan (the bulk pass sees its data) or runs
+    /// entirely under tracking (it is marked or forwarded). Fails if the disk has
+    /// moved or is already being migrated.
+    pub async fn start_tracking<F>(&self, make: F) -> Result<Arc<Mutex<Engine>>, String>
+    where
+        F: FnOnce(&Image) -> Result<Engine, String> + Send + 'static,
+    {
+        let _quiesce = self.gate.write().await;
+        match &*self.lock_role() {
+            Role::Serving => {}
+            Role::Tracking(_) => {
+                return Err(format!("disk {} is already being migrated", self.name))
             }
-            Role::Tracking(_) => Err(format!("disk {} is already being migrated", self.name)),
-            Role::Moved { to } => Err(format!("disk {} has already moved to {to}", self.name)),
-            Role::Receiving(_) => Err(format!("disk {} is still receiving blocks", self.name)),
+            Role::Moved { to } => {
+                return Err(format!("disk {} has already moved to {to}", self.name))
+            }
+            Role::Receiving(_) => {
+                return Err(format!("disk {} is still receiving blocks", self.name))
+            }
         }
+        let img = self.image.clone();
+        let engine = tokio::task::spawn_blocking(move || make(&img))
+            .await
+            .map_err(|e| e.to_string())??;
+        let engine = Arc::new(Mutex::new(engine));
+        *self.lock_role() = Role::Tracking(engine.clone());
+        Ok(engine)
     }
 
     /// Rollback: stop tracking and release held writes. The image was never

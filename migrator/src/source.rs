@@ -22,7 +22,7 @@ use crate::events::{Event, EventSink, Phase, Summary};
 use crate::image::is_zero;
 use crate::precopy::{self, Delta, Engine, Transmit};
 use crate::transport::frame::MAX_BLOCK;
-use crate::transport::frame::{BlockHash, HASH_LEN, VERSION};
+use crate::transport::frame::{block_hash, BlockHash, VERSION};
 use crate::transport::tls::{self, Fingerprint, Identity};
 use crate::transport::{read_frame, write_frame, Compressor, Frame, LinkError};
 
@@ -101,12 +101,6 @@ impl Drop for RollbackGuard<'_> {
     }
 }
 
-fn hash_block(data: &[u8]) -> BlockHash {
-    let mut h = [0u8; HASH_LEN];
-    h.copy_from_slice(&blake3::hash(data).as_bytes()[..HASH_LEN]);
-    h
-}
-
 /// Sender-side state shared by the pre- and post-commit loops.
 struct Sender<W> {
     wr: W,
@@ -159,7 +153,7 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
             let b = start + i as u64;
             let boff = b * self.bs;
             if let Some(h) = self.peer_hashes.remove(&b) {
-                if h == hash_block(chunk) {
+                if h == block_hash(chunk) {
                     self.summary.resumed_bytes += chunk.len() as u64;
                     continue;
                 }
@@ -318,22 +312,23 @@ pub async fn migrate(
 
     // Bulk ranges: allocated data here, plus what the destination holds (it may
     // need zeroing where this copy has a hole now).
-    let img = disk.image().clone();
     let size = disk.size();
-    let extents = tokio::task::spawn_blocking(move || img.extents(0, size))
+    let (cfg, dest_blocks): (_, Vec<u64>) =
+        (opts.precopy.clone(), peer_hashes.keys().copied().collect());
+    let engine = disk
+        .start_tracking(move |img| {
+            let extents = img.extents(0, size).map_err(|e| e.to_string())?;
+            let ranges = block_ranges(
+                bs,
+                extents
+                    .iter()
+                    .filter(|e| !e.hole)
+                    .map(|e| (e.offset, e.len)),
+                dest_blocks,
+            );
+            Ok(Engine::new(cfg, size, ranges))
+        })
         .await
-        .map_err(|e| MigrateError::Disk(e.to_string()))?
-        .map_err(|e| MigrateError::Disk(e.to_string()))?;
-    let ranges = block_ranges(
-        bs,
-        extents
-            .iter()
-            .filter(|e| !e.hole)
-            .map(|e| (e.offset, e.len)),
-        peer_hashes.keys().copied(),
-    );
-    let engine = Arc::new(Mutex::new(Engine::new(opts.precopy.clone(), size, ranges)));
-    disk.start_tracking(engine.clone())
         .map_err(MigrateError::Disk)?;
     let mut guard = RollbackGuard {
         disk: &disk,

@@ -106,6 +106,7 @@ pub fn migrator_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("migrator"))
 }
 
+#[derive(Clone)]
 pub struct Keys {
     pub src_dir: PathBuf,
     pub dst_dir: PathBuf,

@@ -15,6 +15,13 @@ pub const HASH_LEN: usize = 16;
 
 pub type BlockHash = [u8; HASH_LEN];
 
+/// The hash both ends compare to decide whether a block must travel (resume).
+pub fn block_hash(data: &[u8]) -> BlockHash {
+    let mut h = [0u8; HASH_LEN];
+    h.copy_from_slice(&blake3::hash(data).as_bytes()[..HASH_LEN]);
+    h
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// Source → destination, first frame.

@@ -89,12 +89,7 @@ async fn main() -> Result<()> {
         let t = Instant::now();
         let summary = tokio::task::spawn_blocking({
             let (ctl, addr) = (ctl.clone(), addr.clone());
-            let k = Keys {
-                src_dir: k.src_dir.clone(),
-                dst_dir: k.dst_dir.clone(),
-                src_fp: k.src_fp.clone(),
-                dst_fp: k.dst_fp.clone(),
-            };
+            let k = k.clone();
             move || {
                 migrate(
                     &ctl,

@@ -64,12 +64,7 @@ async fn main() -> Result<()> {
     ));
     println!("4. migrate (bulk copy, dirty rounds, throttling, switchover):");
     let (c2, a2) = (ctl.clone(), addr.clone());
-    let k2 = Keys {
-        src_dir: k.src_dir.clone(),
-        dst_dir: k.dst_dir.clone(),
-        src_fp: k.src_fp.clone(),
-        dst_fp: k.dst_fp.clone(),
-    };
+    let k2 = k.clone();
     tokio::task::spawn_blocking(move || migrate(&c2, &a2, &k2, false, &[])).await??;
     let written = w.await??;
     println!("5. checks");
