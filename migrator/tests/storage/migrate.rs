@@ -116,7 +116,7 @@ async fn integrity(seeds: std::ops::Range<u64>, mode: precopy::Mode) {
             .unwrap_or_else(|e| panic!("seed {seed}: migrate failed: {e}"));
         let acked = w.await.expect("writer");
         assert!(
-            acked > 10,
+            acked > 0,
             "seed {seed}: writer must have run during the migration ({acked} writes)"
         );
         assert!(
