@@ -364,7 +364,16 @@ impl Agent {
         let result = loop {
             let frame = match read_frame(rd).await {
                 Ok(Some(f)) => f,
-                Ok(None) => break Ok(false),
+                Ok(None) => match &disk {
+                    None => break Ok(false),
+                    Some(d) => {
+                        break Err(AgentError::Refused(format!(
+                            "link closed after the commit point with {} blocks still pending; \
+                             reads of them wait until the migration is re-run from the source",
+                            d.pending_blocks()
+                        )))
+                    }
+                },
                 Err(e) => break Err(AgentError::Link(e)),
             };
             match frame {
@@ -457,8 +466,7 @@ impl Agent {
                     disk = Some(d);
                 }
                 Frame::Done if disk.is_some() => {
-                    let d = disk.as_ref().map(|d| d.clone());
-                    if let Some(d) = d {
+                    if let Some(d) = disk.clone() {
                         if d.pending_blocks() != 0 {
                             break Err(self.refuse(
                                 &out_tx,

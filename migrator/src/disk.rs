@@ -516,7 +516,8 @@ mod tests {
         disk.freeze().await;
         let d = disk.clone();
         let held = tokio::spawn(async move { d.write(0, vec![1u8; 512], false).await });
-        tokio::task::yield_now().await;
+        // Long enough for an unheld write to reach the image and return.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!held.is_finished(), "write must be held while frozen");
         disk.commit_moved("b:7800".into());
         let r = held.await.expect("join");

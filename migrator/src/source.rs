@@ -140,10 +140,10 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
         let size = self.disk.size();
         let off = start * self.bs;
         let len = (count * self.bs).min(size - off);
-        let data = self.disk.image().clone();
+        let img = self.disk.image().clone();
         let buf = tokio::task::spawn_blocking(move || {
             let mut b = vec![0u8; len as usize];
-            data.read_at(&mut b, off).map(|_| b)
+            img.read_at(&mut b, off).map(|_| b)
         })
         .await
         .map_err(|e| MigrateError::Disk(e.to_string()))?
@@ -408,13 +408,9 @@ pub async fn migrate(
             }
             None => return Err(MigrateError::Disk("pre-copy engine stopped early".into())),
         }
-        let e = s.engine();
-        if phase == Phase::Bulk && !e.is_bulk() {
+        if phase == Phase::Bulk && !s.engine().is_bulk() {
             phase = Phase::Dirty;
-            drop(e);
             events.send(Event::Phase { phase });
-        } else {
-            drop(e);
         }
         if last_progress.elapsed() >= Duration::from_millis(200) {
             last_progress = Instant::now();

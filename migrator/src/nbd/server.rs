@@ -190,12 +190,12 @@ where
                     return Err(NbdError::UnknownExport(name));
                 }
                 let mut v = disk.size().to_be_bytes().to_vec();
-                v.extend_from_slice(&export_flags(disk, false).to_be_bytes());
+                // Structured replies negotiated before EXPORT_NAME stay in effect.
+                v.extend_from_slice(&export_flags(disk, neg.structured).to_be_bytes());
                 if !no_zeroes {
                     v.extend_from_slice(&[0u8; 124]);
                 }
                 wr.write_all(&v).await?;
-                neg.structured = false; // EXPORT_NAME predates structured replies being mandatory
                 return Ok(Some(neg));
             }
             OPT_ABORT => {

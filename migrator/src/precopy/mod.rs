@@ -249,7 +249,12 @@ impl Engine {
             }
             fresh += self.dirty.set(b) as u64;
         }
-        let new_bytes = fresh * bs;
+        self.charge(fresh * bs, now)
+    }
+
+    /// Record `new_bytes` of new work from the guest and return the throttle
+    /// delay for the write that caused it (none once switchover is decided).
+    fn charge(&mut self, new_bytes: u64, now: Instant) -> Duration {
         self.dirtying.record(new_bytes, now);
         let delay = match (&mut self.throttle, &self.phase) {
             (Some(t), Phase::Bulk { .. } | Phase::Round { .. }) => {
@@ -279,16 +284,7 @@ impl Engine {
         let n = delta.len();
         self.queued_bytes += n;
         self.deltas.push_back(delta);
-        self.dirtying.record(n, now);
-        let delay = match &mut self.throttle {
-            Some(t) => t.charge(n, self.drain.rate(), now),
-            None => Duration::ZERO,
-        };
-        if !delay.is_zero() {
-            self.stats.writes_delayed += 1;
-            self.stats.delay_total += delay;
-        }
-        delay
+        self.charge(n, now)
     }
 
     /// The next queued delta (deltas mode), in write order.
