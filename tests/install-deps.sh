@@ -3,7 +3,7 @@
 # qemu-system-x86 and qemu-utils come from the same release on purpose: mixing
 # versions makes apt remove one of them.
 set -euo pipefail
-pkgs=(qemu-utils libnbd-bin iproute2 e2fsprogs)
+pkgs=(qemu-utils libnbd-bin iproute2 e2fsprogs bind9 bind9-dnsutils dnsperf)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
