@@ -72,6 +72,8 @@ pub struct Journal {
     path: PathBuf,
     file: File,
     entries: usize,
+    /// Length of the intact journal: a failed append is cut back to it.
+    len: u64,
 }
 
 /// What [`Journal::open`] found.
@@ -121,6 +123,7 @@ impl Journal {
                 path: path.to_path_buf(),
                 file,
                 entries: count,
+                len: good as u64,
             },
             entries,
             torn_bytes,
@@ -135,17 +138,30 @@ impl Journal {
         self.entries
     }
 
-    /// Appends one accepted update and makes it durable.
+    /// Appends one accepted update and makes it durable. On failure (disk
+    /// full, I/O error) the file is cut back to its last intact entry, so a
+    /// half-written entry never sits in front of later ones.
     pub fn append(&mut self, change: &ChangeSet) -> Result<(), JournalError> {
         let bytes = encode_entry(Kind::Delta, change)?;
-        self.file
+        let written = self
+            .file
             .write_all(&bytes)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|source| JournalError::Io {
+            .and_then(|()| self.file.sync_data());
+        if let Err(source) = written {
+            if let Err(e) = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data())
+            {
+                tracing::error!(journal = %self.path.display(), error = %e, "cannot cut back a failed journal append");
+            }
+            return Err(JournalError::Io {
                 what: "append to",
                 path: self.path.clone(),
                 source,
-            })?;
+            });
+        }
+        self.len += bytes.len() as u64;
         self.entries += 1;
         Ok(())
     }
@@ -176,6 +192,7 @@ impl Journal {
             .open(&self.path)
             .map_err(io("reopen", &self.path))?;
         self.entries = 1;
+        self.len = bytes.len() as u64;
         Ok(())
     }
 }

@@ -138,7 +138,7 @@ pub struct DynZone {
     /// No wildcards, delegations, ANAME or DNAME: negative answers can be
     /// decided from the ordered record map alone (see `negative`).
     plain: std::sync::atomic::AtomicBool,
-    stats: ZoneStats,
+    stats: Arc<ZoneStats>,
 }
 
 /// A zone whose negative answers need no wildcard, referral or alias logic.
@@ -237,7 +237,9 @@ impl DynZone {
         let mut mem =
             InMemoryZoneHandler::empty(name, ZoneType::Primary, AxfrPolicy::AllowAll, None);
         *mem.records_get_mut() = records;
-        let notify = (!notify.is_empty()).then(|| spawn_notifier(lower.clone(), notify));
+        let stats = Arc::new(ZoneStats::default());
+        let notify =
+            (!notify.is_empty()).then(|| spawn_notifier(lower.clone(), notify, stats.clone()));
         Ok(Self {
             origin: lower,
             mem,
@@ -248,7 +250,7 @@ impl DynZone {
             notify,
             cache,
             plain: std::sync::atomic::AtomicBool::new(plain),
-            stats: ZoneStats::default(),
+            stats,
         })
     }
 
@@ -583,14 +585,22 @@ impl ZoneHandler for DynZone {
 }
 
 /// Sends NOTIFY (RFC 1996) to the secondaries after changes, coalescing bursts.
-fn spawn_notifier(origin: LowerName, targets: Vec<SocketAddr>) -> mpsc::Sender<()> {
+fn spawn_notifier(
+    origin: LowerName,
+    targets: Vec<SocketAddr>,
+    stats: Arc<ZoneStats>,
+) -> mpsc::Sender<()> {
     let (tx, mut rx) = mpsc::channel::<()>(1);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             for target in &targets {
-                if let Err(e) = send_notify(&origin, *target).await {
-                    tracing::warn!(zone = %origin, %target, error = %e, "NOTIFY not acknowledged");
-                }
+                match send_notify(&origin, *target).await {
+                    Ok(()) => stats.notify_sent.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        tracing::warn!(zone = %origin, %target, error = %e, "NOTIFY not acknowledged");
+                        stats.notify_failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
             }
         }
     });
@@ -657,8 +667,7 @@ impl Handler {
             false,
         );
         let build = || {
-            MessageResponseBuilder::new(&request.queries, None)
-                .error_msg(&request.metadata, rcode)
+            MessageResponseBuilder::new(&request.queries, None).error_msg(&request.metadata, rcode)
         };
         let mut response = build();
         if let Some(ctx) = o.response {
@@ -704,7 +713,9 @@ impl RequestHandler for Handler {
                 let zone = info.query.name();
                 if !self.zones.iter().any(|z| z.origin() == zone) {
                     tracing::info!(%zone, src = %request.src(), "update for a zone not served here: NOTAUTH");
-                    return self.error_answer(request, ResponseCode::NotAuth, response_handle).await;
+                    return self
+                        .error_answer(request, ResponseCode::NotAuth, response_handle)
+                        .await;
                 }
             }
         }
@@ -716,7 +727,9 @@ impl RequestHandler for Handler {
                 .request_info()
                 .is_ok_and(|i| i.query.query_type() == RecordType::IXFR)
         {
-            return self.error_answer(request, ResponseCode::NotImp, response_handle).await;
+            return self
+                .error_answer(request, ResponseCode::NotImp, response_handle)
+                .await;
         }
         self.catalog
             .handle_request::<R, T>(request, response_handle)

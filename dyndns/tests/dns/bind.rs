@@ -118,12 +118,19 @@ fn bind9_follows_our_zone_as_a_secondary_through_notify_and_signed_axfr() {
     assert_eq!(serial(named.addr), 2);
 
     // a second change: BIND now asks for IXFR, is told NOTIMP, and falls back to AXFR
-    let (ok, err) = nsupdate(ours.addr, Some(&key.spec()), "update add new.example.test. 5 A 10.2.0.11");
+    let (ok, err) = nsupdate(
+        ours.addr,
+        Some(&key.spec()),
+        "update add new.example.test. 5 A 10.2.0.11",
+    );
     assert!(ok, "{err}");
     let followed = eventually(Duration::from_secs(10), || {
         dig_short(named.addr, "new.example.test.", "A") == vec!["10.2.0.11"]
     });
     let log = std::fs::read_to_string(bind_dir.join("named.log")).unwrap_or_default();
-    assert!(followed, "BIND did not pick up the second change; its log:\n{log}");
+    assert!(
+        followed,
+        "BIND did not pick up the second change; its log:\n{log}"
+    );
     assert_eq!(serial(named.addr), 3);
 }

@@ -99,7 +99,10 @@ impl Ours {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dyndns"))
             .args(["serve", "--config"])
             .arg(dir.join("dyndns.toml"))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,hickory_server=error".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,hickory_server=error".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
