@@ -157,10 +157,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 // tests and scripts wait for this line
                 println!("listening on {a}");
             }
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 r = running.wait() => r.map_err(|e| anyhow::anyhow!("server stopped: {e}"))?,
                 _ = tokio::signal::ctrl_c() => {
                     tracing::info!("Ctrl-C: shutting down");
+                    running.shutdown().await;
+                }
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: shutting down");
                     running.shutdown().await;
                 }
             }

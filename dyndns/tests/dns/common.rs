@@ -94,17 +94,25 @@ impl Ours {
         Self::restart(dir)
     }
 
-    /// Starts the server on the config already in `dir`.
+    /// Starts the server on the config already in `dir`; its log goes to
+    /// `dir/server.log` (shown if it does not start).
     pub fn restart(dir: &Path) -> Self {
+        let log_path = dir.join("server.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("server log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_dyndns"))
             .args(["serve", "--config"])
             .arg(dir.join("dyndns.toml"))
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,hickory_server=error".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,hickory_server=error".into()),
             )
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("spawn dyndns serve");
         let stdout = child.stdout.take().expect("stdout");
@@ -113,13 +121,14 @@ impl Ours {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read stdout");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("dyndns serve did not start: {line:?}"))
-            .parse()
-            .expect("addr");
-        Self { addr, child: guard }
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            panic!("dyndns serve did not start (stdout {line:?}); its log:\n{log}");
+        };
+        Self {
+            addr: addr.parse().expect("addr"),
+            child: guard,
+        }
     }
 
     /// `kill -9`.
