@@ -1,4 +1,27 @@
-//! Packet encapsulation (IPIP, 6in4, 4in6/6in6, FOU), TUN and raw-socket I/O, a
-//! flow table with TCP state, MSS clamping and PMTU signalling.
+//! The tunnel's data plane as pure functions and state machines (no I/O):
+//! what the gateways do to each packet.
 //!
-//! Not implemented yet: tracked by the network-continuity issue. See ARCHITECTURE.md.
+//! - [`packet`]: parse and validate an inner IP packet; its flow key
+//! - [`encap`]: the encapsulations (IPIP, 6in4, 4in6/6in6, FOU) and the
+//!   decapsulation checks (known peer, protocol matches, inner well-formed)
+//! - [`flow`]: the flow table: TCP state, idle timeouts, per-flow counters
+//! - [`mss`]: TCP MSS clamping on SYNs that cross the tunnel
+//! - [`icmp`]: "fragmentation needed" / "packet too big" for oversize packets
+//! - [`checksum`]: completing the transport checksum of offloaded packets
+//!
+//! Outer headers and outer fragmentation belong to the kernel: the gateway
+//! sends the encapsulated payload through a raw socket (protocol 4 or 41) or
+//! a UDP socket (FOU) with path-MTU discovery off, so an oversize outer packet
+//! is fragmented and the far kernel reassembles it (RFC 4459 §3.1: connections
+//! opened before the switch keep their full-size segments). Not yet built: the
+//! TUN and socket I/O shell, and the gateway's use of it (network-continuity
+//! issue; see ARCHITECTURE.md).
+
+pub mod checksum;
+pub mod encap;
+pub mod flow;
+pub mod icmp;
+pub mod mss;
+pub mod packet;
+
+pub use packet::{Drop, Inner};

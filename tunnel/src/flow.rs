@@ -1,0 +1,376 @@
+//! The flow table: which connections are using the tunnel, in which state,
+//! how much they carried; when the last one has ended, the old address is
+//! drained. Time is passed in (milliseconds on any monotonic clock).
+//!
+//! Connections that were open before the switch are first seen mid-stream:
+//! any TCP packet without SYN opens the flow as established. A flow ends on
+//! RST, or after FINs from both sides (then a short linger for the last
+//! ACKs and retransmissions), or when idle past its protocol's timeout.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::packet::{Inner, Transport};
+
+/// Both directions of a connection map to one key: the lower endpoint first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FlowKey {
+    pub proto: u8,
+    pub lo: (IpAddr, u16),
+    pub hi: (IpAddr, u16),
+}
+
+impl FlowKey {
+    /// The key and whether the packet goes lo → hi.
+    pub fn of(p: &Inner<'_>) -> (Self, bool) {
+        let (sp, dp) = match p.transport {
+            Transport::Tcp { sport, dport, .. } | Transport::Udp { sport, dport } => (sport, dport),
+            Transport::Echo { id } => (id, id),
+            Transport::Other => (0, 0),
+        };
+        let a = (p.src, sp);
+        let b = (p.dst, dp);
+        if a <= b {
+            (
+                Self {
+                    proto: p.proto,
+                    lo: a,
+                    hi: b,
+                },
+                true,
+            )
+        } else {
+            (
+                Self {
+                    proto: p.proto,
+                    lo: b,
+                    hi: a,
+                },
+                false,
+            )
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TcpState {
+    /// SYN seen, no reply yet.
+    Opening,
+    Established,
+    /// FIN from one side.
+    HalfClosed,
+    /// FIN from both sides, or RST: lingering before removal.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    /// TCP only.
+    pub tcp: Option<TcpState>,
+    fin_lo: bool,
+    fin_hi: bool,
+    pub first_ms: u64,
+    pub last_ms: u64,
+    /// lo → hi, hi → lo.
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// Idle timeouts, milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    pub tcp_established_ms: u64,
+    /// Opening and half-closed TCP.
+    pub tcp_transitory_ms: u64,
+    /// After both FINs or a RST.
+    pub tcp_linger_ms: u64,
+    pub udp_ms: u64,
+    pub icmp_ms: u64,
+    pub other_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_established_ms: 2 * 3600 * 1000,
+            tcp_transitory_ms: 120 * 1000,
+            tcp_linger_ms: 10 * 1000,
+            udp_ms: 60 * 1000,
+            icmp_ms: 30 * 1000,
+            other_ms: 60 * 1000,
+        }
+    }
+}
+
+/// What the table did with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub key: FlowKey,
+    /// The packet started a flow the table did not know.
+    pub new: bool,
+    /// A TCP SYN without ACK: a connection being opened now.
+    pub opening: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct FlowTable {
+    flows: HashMap<FlowKey, Flow>,
+    pub timeouts: Timeouts,
+}
+
+impl FlowTable {
+    pub fn new(timeouts: Timeouts) -> Self {
+        Self {
+            flows: HashMap::new(),
+            timeouts,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Option<&Flow> {
+        self.flows.get(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &Flow)> {
+        self.flows.iter()
+    }
+
+    /// Whether `p` belongs to a known flow (without recording it).
+    pub fn knows(&self, p: &Inner<'_>) -> bool {
+        self.flows.contains_key(&FlowKey::of(p).0)
+    }
+
+    /// Records a packet.
+    pub fn observe(&mut self, p: &Inner<'_>, now_ms: u64) -> Seen {
+        let (key, forward) = FlowKey::of(p);
+        let dir = usize::from(!forward);
+        let flags = match p.transport {
+            Transport::Tcp { flags, .. } => Some(flags),
+            _ => None,
+        };
+        let opening = flags.is_some_and(|f| f.syn && !f.ack);
+        let new = !self.flows.contains_key(&key);
+        let flow = self.flows.entry(key).or_insert_with(|| Flow {
+            tcp: flags.map(|f| {
+                if f.syn && !f.ack {
+                    TcpState::Opening
+                } else {
+                    TcpState::Established
+                }
+            }),
+            fin_lo: false,
+            fin_hi: false,
+            first_ms: now_ms,
+            last_ms: now_ms,
+            packets: [0; 2],
+            bytes: [0; 2],
+        });
+        flow.last_ms = now_ms;
+        flow.packets[dir] += 1;
+        flow.bytes[dir] += p.bytes.len() as u64;
+        if let (Some(f), Some(state)) = (flags, flow.tcp) {
+            let next = if f.rst {
+                TcpState::Closed
+            } else {
+                if f.fin {
+                    if forward {
+                        flow.fin_lo = true;
+                    } else {
+                        flow.fin_hi = true;
+                    }
+                }
+                match state {
+                    TcpState::Closed if f.syn && !f.ack => TcpState::Opening, // port reused
+                    TcpState::Closed => TcpState::Closed,
+                    _ if flow.fin_lo && flow.fin_hi => TcpState::Closed,
+                    _ if flow.fin_lo || flow.fin_hi => TcpState::HalfClosed,
+                    TcpState::Opening if f.ack => TcpState::Established,
+                    s => s,
+                }
+            };
+            if next == TcpState::Opening {
+                flow.fin_lo = false;
+                flow.fin_hi = false;
+            }
+            flow.tcp = Some(next);
+        }
+        Seen { key, new, opening }
+    }
+
+    fn timeout(&self, key: &FlowKey, flow: &Flow) -> u64 {
+        let t = &self.timeouts;
+        match flow.tcp {
+            Some(TcpState::Established) => t.tcp_established_ms,
+            Some(TcpState::Opening | TcpState::HalfClosed) => t.tcp_transitory_ms,
+            Some(TcpState::Closed) => t.tcp_linger_ms,
+            None if key.proto == 17 => t.udp_ms,
+            None if key.proto == 1 || key.proto == 58 => t.icmp_ms,
+            None => t.other_ms,
+        }
+    }
+
+    /// Removes flows that ended or idled out; returns them.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<(FlowKey, Flow)> {
+        let dead: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(k, f)| now_ms.saturating_sub(f.last_ms) >= self.timeout(k, f))
+            .map(|(k, _)| *k)
+            .collect();
+        dead.into_iter()
+            .filter_map(|k| self.flows.remove(&k).map(|f| (k, f)))
+            .collect()
+    }
+
+    /// Flows still carrying traffic: everything not yet closed.
+    pub fn live(&self) -> usize {
+        self.flows
+            .values()
+            .filter(|f| f.tcp != Some(TcpState::Closed))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use etherparse::PacketBuilder;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::packet::tests::tcp_v4;
+
+    const C: [u8; 4] = [203, 0, 113, 9];
+    const S: [u8; 4] = [10, 1, 0, 10];
+
+    fn tcp(from_client: bool, flags: &str, len: usize) -> Vec<u8> {
+        let (src, dst, sp, dp) = if from_client {
+            (C, S, 40000, 80)
+        } else {
+            (S, C, 80, 40000)
+        };
+        let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sp, dp, 1, 65535);
+        for f in flags.chars() {
+            b = match f {
+                'S' => b.syn(),
+                'A' => b.ack(1),
+                'F' => b.fin(),
+                'R' => b.rst(),
+                _ => b,
+            };
+        }
+        let mut out = Vec::new();
+        b.write(&mut out, &vec![0u8; len]).expect("build");
+        out
+    }
+
+    fn feed(t: &mut FlowTable, pkt: &[u8], now: u64) -> Seen {
+        t.observe(&Inner::parse(pkt).expect("parse"), now)
+    }
+
+    #[test]
+    fn both_directions_are_one_flow_with_counters() {
+        let mut t = FlowTable::default();
+        let a = feed(&mut t, &tcp(true, "S", 0), 0);
+        assert!(a.new && a.opening);
+        let b = feed(&mut t, &tcp(false, "SA", 0), 1);
+        assert!(!b.new && !b.opening);
+        assert_eq!(a.key, b.key);
+        feed(&mut t, &tcp(true, "A", 100), 2);
+        let f = t.get(&a.key).expect("flow");
+        assert_eq!(f.tcp, Some(TcpState::Established));
+        assert_eq!(f.packets.iter().sum::<u64>(), 3);
+        assert_eq!(f.bytes.iter().sum::<u64>(), 40 + 40 + 140);
+    }
+
+    #[test]
+    fn a_mid_stream_connection_is_established_and_fins_close_it() {
+        let mut t = FlowTable::default();
+        let s = feed(&mut t, &tcp(true, "A", 1000), 0);
+        assert!(
+            s.new && !s.opening,
+            "connections open before the switch arrive mid-stream"
+        );
+        assert_eq!(
+            t.get(&s.key).expect("flow").tcp,
+            Some(TcpState::Established)
+        );
+        feed(&mut t, &tcp(true, "FA", 0), 10);
+        assert_eq!(t.get(&s.key).expect("flow").tcp, Some(TcpState::HalfClosed));
+        assert_eq!(t.live(), 1);
+        feed(&mut t, &tcp(false, "FA", 0), 20);
+        assert_eq!(t.get(&s.key).expect("flow").tcp, Some(TcpState::Closed));
+        assert_eq!(t.live(), 0);
+        // lingers for late ACKs, then goes
+        assert!(t.expire(20 + 5_000).is_empty());
+        assert_eq!(t.expire(20 + 10_000).len(), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn rst_closes_and_idle_flows_time_out_by_protocol() {
+        let mut t = FlowTable::default();
+        let s = feed(&mut t, &tcp(true, "A", 10), 0);
+        feed(&mut t, &tcp(false, "R", 0), 5);
+        assert_eq!(t.get(&s.key).expect("flow").tcp, Some(TcpState::Closed));
+
+        let mut t = FlowTable::default();
+        let mut udp = Vec::new();
+        PacketBuilder::ipv4(C, S, 64)
+            .udp(5000, 53)
+            .write(&mut udp, b"q")
+            .expect("udp");
+        feed(&mut t, &udp, 0);
+        feed(&mut t, &tcp(true, "A", 10), 0);
+        assert_eq!(t.expire(59_999).len(), 0);
+        let gone = t.expire(60_000);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].0.proto, 17);
+        assert_eq!(
+            t.len(),
+            1,
+            "an established TCP flow outlives an idle minute"
+        );
+        assert_eq!(t.expire(2 * 3600 * 1000).len(), 1);
+    }
+
+    proptest! {
+        /// Any packet sequence: counters add up, keys are direction-free,
+        /// and every flow eventually expires.
+        #[test]
+        fn any_sequence_keeps_counts_and_expires(
+            seq in prop::collection::vec((any::<bool>(), prop::sample::select(vec!["S", "SA", "A", "FA", "R", "PA"]), 0usize..300), 1..40)
+        ) {
+            let mut t = FlowTable::default();
+            let mut total = 0u64;
+            for (i, (dir, flags, len)) in seq.iter().enumerate() {
+                let p = tcp(*dir, flags, *len);
+                total += p.len() as u64;
+                feed(&mut t, &p, i as u64);
+            }
+            prop_assert_eq!(t.len(), 1);
+            let (_, f) = t.iter().next().expect("one flow");
+            prop_assert_eq!(f.bytes[0] + f.bytes[1], total);
+            prop_assert_eq!(f.packets[0] + f.packets[1], seq.len() as u64);
+            prop_assert_eq!(t.expire(u64::MAX / 2).len(), 1);
+        }
+    }
+
+    #[test]
+    fn keys_ignore_direction_for_any_addresses() {
+        let a = tcp_v4([1, 2, 3, 4], [5, 6, 7, 8], 10, 20, false, b"");
+        let b = tcp_v4([5, 6, 7, 8], [1, 2, 3, 4], 20, 10, false, b"");
+        let (ka, fa) = FlowKey::of(&Inner::parse(&a).expect("a"));
+        let (kb, fb) = FlowKey::of(&Inner::parse(&b).expect("b"));
+        assert_eq!(ka, kb);
+        assert_ne!(fa, fb);
+    }
+}
