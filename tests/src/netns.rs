@@ -100,3 +100,21 @@ pub fn available() -> bool {
         Err(_) => false,
     }
 }
+
+/// Runs `f` on a thread that has entered namespace `ns`: the sockets it
+/// creates belong to that namespace, also when used from other threads.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    use std::os::fd::AsRawFd as _;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || -> Result<T> {
+        let file = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+        // SAFETY: a valid fd of a network namespace; setns changes only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            bail!("setns({path}) failed: {}", std::io::Error::last_os_error());
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
+}

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use etherparse::{IpNumber, Ipv4Header, Ipv4Slice, Ipv6FlowLabel, Ipv6Header, PacketBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::packet::{Drop, Inner};
+use crate::packet::{DropReason, Inner};
 
 /// IP protocol of an IPv4 inner packet (RFC 2003).
 pub const PROTO_IPV4: u8 = 4;
@@ -122,9 +122,9 @@ pub fn decapsulate<'a>(
     outer_src: IpAddr,
     via: Via,
     payload: &'a [u8],
-) -> Result<Inner<'a>, Drop> {
+) -> Result<Inner<'a>, DropReason> {
     if !peers.contains(&outer_src) {
-        return Err(Drop::UnknownPeer);
+        return Err(DropReason::UnknownPeer);
     }
     let inner = Inner::parse(payload)?;
     let proto = ip_proto_for(&inner);
@@ -133,25 +133,28 @@ pub fn decapsulate<'a>(
         Via::Fou { ipproto } => ipproto,
     };
     if expected.is_some_and(|p| p != proto) {
-        return Err(Drop::ProtocolMismatch);
+        return Err(DropReason::ProtocolMismatch);
     }
     if inner.ttl == 0 {
-        return Err(Drop::TtlExpired);
+        return Err(DropReason::TtlExpired);
     }
     Ok(inner)
 }
 
 /// As [`decapsulate`], for a whole outer IPv4 packet (what an IPv4 raw
 /// socket delivers: the header included).
-pub fn decapsulate_ipv4_packet<'a>(peers: &[IpAddr], packet: &'a [u8]) -> Result<Inner<'a>, Drop> {
-    let outer = Ipv4Slice::from_slice(packet).map_err(|_| Drop::OuterMalformed)?;
+pub fn decapsulate_ipv4_packet<'a>(
+    peers: &[IpAddr],
+    packet: &'a [u8],
+) -> Result<Inner<'a>, DropReason> {
+    let outer = Ipv4Slice::from_slice(packet).map_err(|_| DropReason::OuterMalformed)?;
     if outer.is_payload_fragmented() {
         // the kernel reassembles before a raw socket sees it; a fragment here is malformed input
-        return Err(Drop::OuterMalformed);
+        return Err(DropReason::OuterMalformed);
     }
     let proto = outer.payload().ip_number.0;
     if proto != PROTO_IPV4 && proto != PROTO_IPV6 {
-        return Err(Drop::OuterMalformed);
+        return Err(DropReason::OuterMalformed);
     }
     let src = IpAddr::V4(outer.header().source_addr());
     decapsulate(peers, src, Via::IpProto(proto), outer.payload().payload)
@@ -237,36 +240,36 @@ mod tests {
         let peer = IpAddr::from(A4);
         assert_eq!(
             decapsulate(&[peer], B4.into(), Via::IpProto(4), &v4).err(),
-            Some(Drop::UnknownPeer)
+            Some(DropReason::UnknownPeer)
         );
         assert_eq!(
             decapsulate(&[peer], peer, Via::IpProto(41), &v4).err(),
-            Some(Drop::ProtocolMismatch)
+            Some(DropReason::ProtocolMismatch)
         );
         assert_eq!(
             decapsulate(&[peer], peer, Via::IpProto(4), &v6).err(),
-            Some(Drop::ProtocolMismatch)
+            Some(DropReason::ProtocolMismatch)
         );
         assert_eq!(
             decapsulate(&[peer], peer, Via::Fou { ipproto: Some(4) }, &v6).err(),
-            Some(Drop::ProtocolMismatch)
+            Some(DropReason::ProtocolMismatch)
         );
         assert_eq!(
             decapsulate(&[peer], peer, Via::IpProto(4), &v4[..25]).err(),
-            Some(Drop::InnerMalformed)
+            Some(DropReason::InnerMalformed)
         );
         let mut dead = v4.clone();
         dead[8] = 0; // TTL 0
         dead[10..12].copy_from_slice(&[0, 0]);
         assert_eq!(
             decapsulate(&[peer], peer, Via::IpProto(4), &dead).err(),
-            Some(Drop::TtlExpired)
+            Some(DropReason::TtlExpired)
         );
         let inner = Inner::parse(&v4).expect("inner");
         let outer = encapsulate(&inner, peer, B4.into(), Kind::Ipip, 64).expect("encap");
         assert_eq!(
             decapsulate_ipv4_packet(&[peer], &outer[..10]).err(),
-            Some(Drop::OuterMalformed)
+            Some(DropReason::OuterMalformed)
         );
     }
 

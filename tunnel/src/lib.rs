@@ -21,7 +21,8 @@ pub mod checksum;
 pub mod encap;
 pub mod flow;
 pub mod icmp;
+pub mod io;
 pub mod mss;
 pub mod packet;
 
-pub use packet::{Drop, Inner};
+pub use packet::{DropReason, Inner};

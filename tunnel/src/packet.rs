@@ -1,6 +1,6 @@
 //! An inner IP packet, parsed and validated once: addresses, protocol, ports
 //! and the facts the data plane decides on. Every malformed packet is a
-//! [`Drop`] with a reason (counted by the gateway), never a panic.
+//! [`DropReason`] with a reason (counted by the gateway), never a panic.
 
 use std::net::IpAddr;
 
@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
     Deserialize,
     thiserror::Error,
 )]
-pub enum Drop {
+pub enum DropReason {
     #[error("outer source is not a configured peer gateway")]
     UnknownPeer,
     #[error("outer packet malformed or truncated")]
@@ -36,29 +36,33 @@ pub enum Drop {
     Drained,
     #[error("inner TTL or hop limit exhausted")]
     TtlExpired,
+    #[error("link-local inner packet (routers do not forward it)")]
+    LinkLocal,
 }
 
-impl Drop {
-    pub const ALL: [Drop; 7] = [
-        Drop::UnknownPeer,
-        Drop::OuterMalformed,
-        Drop::InnerMalformed,
-        Drop::ProtocolMismatch,
-        Drop::UnregisteredDestination,
-        Drop::Drained,
-        Drop::TtlExpired,
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        DropReason::UnknownPeer,
+        DropReason::OuterMalformed,
+        DropReason::InnerMalformed,
+        DropReason::ProtocolMismatch,
+        DropReason::UnregisteredDestination,
+        DropReason::Drained,
+        DropReason::TtlExpired,
+        DropReason::LinkLocal,
     ];
 
     /// The metrics label.
     pub fn as_str(self) -> &'static str {
         match self {
-            Drop::UnknownPeer => "unknown_peer",
-            Drop::OuterMalformed => "outer_malformed",
-            Drop::InnerMalformed => "inner_malformed",
-            Drop::ProtocolMismatch => "protocol_mismatch",
-            Drop::UnregisteredDestination => "unregistered_destination",
-            Drop::Drained => "drained",
-            Drop::TtlExpired => "ttl_expired",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::OuterMalformed => "outer_malformed",
+            DropReason::InnerMalformed => "inner_malformed",
+            DropReason::ProtocolMismatch => "protocol_mismatch",
+            DropReason::UnregisteredDestination => "unregistered_destination",
+            DropReason::Drained => "drained",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::LinkLocal => "link_local",
         }
     }
 }
@@ -111,10 +115,26 @@ impl<'a> Inner<'a> {
         self.src.is_ipv4()
     }
 
+    /// Whether a router may forward it: not link-local in either address,
+    /// not to link-scoped multicast or broadcast. (Kernels send router
+    /// solicitations and the like on any interface, the TUN device included.)
+    pub fn forwardable(&self) -> bool {
+        let link_local = |a: IpAddr| match a {
+            IpAddr::V4(v4) => {
+                v4.is_link_local() || v4.is_broadcast() || (v4.octets()[..3] == [224, 0, 0])
+            }
+            IpAddr::V6(v6) => {
+                let s = v6.segments()[0];
+                (s & 0xffc0) == 0xfe80 || (s & 0xff00 == 0xff00 && (s & 0x000f) <= 2)
+            }
+        };
+        !link_local(self.src) && !link_local(self.dst)
+    }
+
     /// Parses an IPv4 or IPv6 packet; the transport header is checked when
     /// present (first fragment or unfragmented).
-    pub fn parse(bytes: &'a [u8]) -> Result<Self, Drop> {
-        let ip = IpSlice::from_slice(bytes).map_err(|_| Drop::InnerMalformed)?;
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, DropReason> {
+        let ip = IpSlice::from_slice(bytes).map_err(|_| DropReason::InnerMalformed)?;
         let (src, dst, dont_fragment, ttl, total, first_fragment) = match &ip {
             IpSlice::Ipv4(v4) => {
                 let h = v4.header();
@@ -142,7 +162,7 @@ impl<'a> Inner<'a> {
             }
         };
         if total > bytes.len() {
-            return Err(Drop::InnerMalformed);
+            return Err(DropReason::InnerMalformed);
         }
         let payload = ip.payload();
         let proto = payload.ip_number.0;
@@ -171,7 +191,11 @@ fn fragment_offset_zero_v6(v6: &etherparse::Ipv6Slice<'_>) -> bool {
     })
 }
 
-fn transport_of(ip_number: IpNumber, payload: &[u8], fragmented: bool) -> Result<Transport, Drop> {
+fn transport_of(
+    ip_number: IpNumber,
+    payload: &[u8],
+    fragmented: bool,
+) -> Result<Transport, DropReason> {
     Ok(match ip_number {
         IpNumber::TCP => {
             // a first fragment may legally cut the header short; treat as portless
@@ -179,7 +203,7 @@ fn transport_of(ip_number: IpNumber, payload: &[u8], fragmented: bool) -> Result
                 return if fragmented {
                     Ok(Transport::Other)
                 } else {
-                    Err(Drop::InnerMalformed)
+                    Err(DropReason::InnerMalformed)
                 };
             };
             Transport::Tcp {
@@ -198,7 +222,7 @@ fn transport_of(ip_number: IpNumber, payload: &[u8], fragmented: bool) -> Result
                 return if fragmented {
                     Ok(Transport::Other)
                 } else {
-                    Err(Drop::InnerMalformed)
+                    Err(DropReason::InnerMalformed)
                 };
             };
             Transport::Udp {
@@ -284,20 +308,46 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn link_local_traffic_is_not_forwardable() {
+        let fe80 = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let ff02 = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let global = [0x20, 0x01, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert!(!Inner::parse(&udp_v6(fe80, global, 1, 2, b""))
+            .expect("p")
+            .forwardable());
+        assert!(!Inner::parse(&udp_v6(global, ff02, 1, 2, b""))
+            .expect("p")
+            .forwardable());
+        assert!(Inner::parse(&udp_v6(global, global, 1, 2, b""))
+            .expect("p")
+            .forwardable());
+        assert!(
+            !Inner::parse(&tcp_v4([169, 254, 1, 1], [10, 0, 0, 1], 1, 2, false, b""))
+                .expect("p")
+                .forwardable()
+        );
+        assert!(
+            Inner::parse(&tcp_v4([10, 0, 0, 2], [10, 0, 0, 1], 1, 2, false, b""))
+                .expect("p")
+                .forwardable()
+        );
+    }
+
+    #[test]
     fn truncated_or_lying_packets_are_drops() {
         let p = tcp_v4([10, 0, 0, 1], [10, 0, 0, 2], 1, 2, false, b"data");
         for cut in 0..p.len() {
             assert_eq!(
                 Inner::parse(&p[..cut]),
-                Err(Drop::InnerMalformed),
+                Err(DropReason::InnerMalformed),
                 "cut {cut}"
             );
         }
         let mut lying = p.clone();
         lying[2..4].copy_from_slice(&2000u16.to_be_bytes()); // total length beyond the data
-        assert_eq!(Inner::parse(&lying), Err(Drop::InnerMalformed));
-        assert_eq!(Inner::parse(&[0x45]), Err(Drop::InnerMalformed));
-        assert_eq!(Inner::parse(&[0x70; 40]), Err(Drop::InnerMalformed)); // version 7
+        assert_eq!(Inner::parse(&lying), Err(DropReason::InnerMalformed));
+        assert_eq!(Inner::parse(&[0x45]), Err(DropReason::InnerMalformed));
+        assert_eq!(Inner::parse(&[0x70; 40]), Err(DropReason::InnerMalformed)); // version 7
     }
 
     proptest! {

@@ -1,0 +1,137 @@
+//! `tunnel-pipe`: a userspace IP-in-IP (or FOU) tunnel endpoint between a
+//! TUN device and a peer gateway, the way the gateway's data plane runs it.
+//! An operator's tool for checking a path, and the tests' tunnel.
+//!
+//! ```text
+//! tunnel-pipe --tun tun0 --local 192.0.2.1 --peer 192.0.2.2 [--kind fou --fou-port 5555]
+//!             [--path-mtu 1500] [--clamp-mss] [--signal-pmtu] [--deliver 10.9.0.0/24]
+//!             [--stats FILE]
+//! ```
+//! Route what should enter the tunnel into the TUN device (`ip route add
+//! 10.9.0.0/24 dev tun0`). Prints `ready` once the device and sockets exist;
+//! with `--stats` rewrites FILE with JSON counters every 200 ms.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use tunnel::encap::Kind;
+use tunnel::io::{Pipe, PipeConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "tunnel-pipe",
+    about = "Userspace IP-in-IP / FOU tunnel endpoint on a TUN device"
+)]
+struct Args {
+    #[arg(long)]
+    tun: String,
+    #[arg(long)]
+    local: Ipv4Addr,
+    #[arg(long)]
+    peer: Ipv4Addr,
+    /// ipip (protocols 4 and 41) or fou (UDP).
+    #[arg(long, default_value = "ipip")]
+    kind: String,
+    #[arg(long, default_value_t = 5555)]
+    fou_port: u16,
+    #[arg(long, default_value_t = 1500)]
+    path_mtu: u16,
+    #[arg(long)]
+    clamp_mss: bool,
+    #[arg(long)]
+    signal_pmtu: bool,
+    /// Inner destinations allowed out of the tunnel, CIDR; repeatable.
+    #[arg(long)]
+    deliver: Vec<String>,
+    #[arg(long)]
+    stats: Option<PathBuf>,
+}
+
+fn cidr(s: &str) -> anyhow::Result<(IpAddr, u8)> {
+    let (a, l) = s
+        .split_once('/')
+        .unwrap_or((s, if s.contains(':') { "128" } else { "32" }));
+    let addr: IpAddr = a.parse().with_context(|| format!("bad address in {s:?}"))?;
+    let len: u8 = l
+        .parse()
+        .with_context(|| format!("bad prefix length in {s:?}"))?;
+    if len > if addr.is_ipv4() { 32 } else { 128 } {
+        bail!("prefix length {len} too long in {s:?}");
+    }
+    Ok((addr, len))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let kind = match args.kind.as_str() {
+        "ipip" => Kind::Ipip,
+        "fou" => Kind::Fou {
+            port: args.fou_port,
+        },
+        k => bail!("unknown --kind {k:?}: use ipip or fou"),
+    };
+    let deliver = args
+        .deliver
+        .iter()
+        .map(|s| cidr(s))
+        .collect::<anyhow::Result<_>>()?;
+    let pipe = Pipe::open(PipeConfig {
+        tun: args.tun,
+        local: args.local,
+        peer: args.peer,
+        extra_peers: vec![],
+        kind,
+        path_mtu: args.path_mtu,
+        clamp_mss: args.clamp_mss,
+        signal_pmtu: args.signal_pmtu,
+        deliver,
+    })?;
+    println!("ready");
+    let stats = async {
+        let Some(path) = &args.stats else {
+            return std::future::pending::<anyhow::Result<()>>().await;
+        };
+        loop {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_string(&pipe.snapshot())?)?;
+            std::fs::rename(&tmp, path)?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = pipe.run() => r.context("tunnel I/O failed")?,
+        r = stats => r?,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("{}", serde_json::to_string(&pipe.snapshot())?);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The I/O shell around the data plane: a TUN device on the inside, raw
+//! sockets (IP protocols 4 and 41) or a FOU UDP socket on the outside.
+//! Everything decided per packet is in the sans-I/O modules; this file only
+//! moves bytes and counts.
+//!
+//! Outer sockets have path-MTU discovery off (`IP_PMTUDISC_DONT`): an outer
+//! packet larger than the path is fragmented by the kernel and reassembled
+//! by the far kernel before our raw/UDP socket sees it. So full-size segments
+//! of connections opened before the switch cross the tunnel whole, with no
+//! ICMP needed (RFC 4459 §3.1). Outer IPv6 is built in the sans-I/O layer but
+//! not yet wired here: the shell takes IPv4 outer addresses.
+
+use std::io::Read as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::net::UdpSocket;
+
+use crate::encap::{self, Kind, Via};
+use crate::flow::FlowTable;
+use crate::packet::{DropReason, Inner};
+use crate::{icmp, mss};
+
+/// Outer IPv4 + IP-in-IP header bytes; FOU adds a UDP header.
+pub fn overhead(kind: Kind) -> u16 {
+    match kind {
+        Kind::Ipip => 20,
+        Kind::Fou { .. } => 28,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PipeConfig {
+    /// TUN device to create (its MTU is `path_mtu`).
+    pub tun: String,
+    pub local: Ipv4Addr,
+    /// Where encapsulated packets go.
+    pub peer: Ipv4Addr,
+    /// Outer sources accepted (the peer is always accepted).
+    pub extra_peers: Vec<Ipv4Addr>,
+    pub kind: Kind,
+    /// MTU of the path between the gateways.
+    pub path_mtu: u16,
+    /// Lower the MSS of SYNs entering the tunnel to fit it.
+    pub clamp_mss: bool,
+    /// For DF packets that do not fit: send ICMP "fragmentation needed"
+    /// instead of relying on outer fragmentation.
+    pub signal_pmtu: bool,
+    /// Inner destinations allowed out of the tunnel (address, prefix);
+    /// empty: any.
+    pub deliver: Vec<(IpAddr, u8)>,
+}
+
+/// Counters, readable while the pipe runs.
+#[derive(Default)]
+pub struct Counters {
+    pub encapsulated_packets: AtomicU64,
+    pub encapsulated_bytes: AtomicU64,
+    pub decapsulated_packets: AtomicU64,
+    pub decapsulated_bytes: AtomicU64,
+    pub mss_clamped: AtomicU64,
+    pub icmp_too_big: AtomicU64,
+    /// The largest inner packet sent into the tunnel.
+    pub largest_encapsulated: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    pub encapsulated_packets: u64,
+    pub encapsulated_bytes: u64,
+    pub decapsulated_packets: u64,
+    pub decapsulated_bytes: u64,
+    pub mss_clamped: u64,
+    pub icmp_too_big: u64,
+    pub largest_encapsulated: u64,
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+    pub flows: usize,
+    pub live_flows: usize,
+}
+
+impl Counters {
+    pub fn dropped(&self, why: DropReason) {
+        if let Some(i) = DropReason::ALL.iter().position(|d| *d == why) {
+            self.drops[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn in_prefix(addr: IpAddr, (net, len): (IpAddr, u8)) -> bool {
+    match (addr, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let len = u32::from(len.min(32));
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let len = u32::from(len.min(128));
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Sets `IP_MTU_DISCOVER` to `IP_PMTUDISC_DONT`: the kernel may fragment.
+fn allow_fragmentation(fd: &impl AsRawFd) -> std::io::Result<()> {
+    let value: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: a valid socket fd, a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn raw_socket(proto: u8, local: Ipv4Addr) -> std::io::Result<AsyncFd<Socket>> {
+    let s = Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(i32::from(proto))),
+    )?;
+    s.bind(&SocketAddr::V4(SocketAddrV4::new(local, 0)).into())?;
+    allow_fragmentation(&s)?;
+    s.set_nonblocking(true)?;
+    // SAFETY: the socket owns its fd, which stays open and the same until the
+    // AsyncFd (which owns the socket) is dropped.
+    unsafe { AsyncFd::register(s) }.map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+enum Outer {
+    Raw {
+        v4: AsyncFd<Socket>,
+        v6: AsyncFd<Socket>,
+    },
+    Fou {
+        sock: UdpSocket,
+        port: u16,
+    },
+}
+
+/// A running userspace tunnel endpoint.
+pub struct Pipe {
+    pub config: PipeConfig,
+    pub counters: Arc<Counters>,
+    pub flows: Arc<Mutex<FlowTable>>,
+    tun: tun::AsyncDevice,
+    outer: Outer,
+    started: Instant,
+}
+
+impl Pipe {
+    /// Creates the TUN device and the outer sockets (needs CAP_NET_ADMIN and
+    /// CAP_NET_RAW). Routes into the TUN device are the caller's.
+    pub fn open(config: PipeConfig) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let mut tc = tun::Configuration::default();
+        tc.tun_name(&config.tun).mtu(config.path_mtu).up();
+        let tun = tun::create_as_async(&tc).with_context(|| {
+            format!(
+                "cannot create TUN device {} (run as root; is /dev/net/tun there?)",
+                config.tun
+            )
+        })?;
+        // packets written to the TUN device come from anywhere: loose
+        // reverse-path filtering, or the kernel drops what we deliver
+        let rp = format!("/proc/sys/net/ipv4/conf/{}/rp_filter", config.tun);
+        std::fs::write(&rp, "2").with_context(|| format!("cannot write {rp}"))?;
+        let outer = match config.kind {
+            Kind::Ipip => Outer::Raw {
+                v4: raw_socket(encap::PROTO_IPV4, config.local)
+                    .context("cannot open a raw socket for protocol 4 (needs CAP_NET_RAW)")?,
+                v6: raw_socket(encap::PROTO_IPV6, config.local)
+                    .context("cannot open a raw socket for protocol 41 (needs CAP_NET_RAW)")?,
+            },
+            Kind::Fou { port } => {
+                let std = std::net::UdpSocket::bind(SocketAddrV4::new(config.local, port))
+                    .with_context(|| format!("cannot bind FOU port {}:{port}", config.local))?;
+                allow_fragmentation(&std)?;
+                std.set_nonblocking(true)?;
+                Outer::Fou {
+                    sock: UdpSocket::from_std(std)?,
+                    port,
+                }
+            }
+        };
+        Ok(Self {
+            config,
+            counters: Arc::new(Counters::default()),
+            flows: Arc::new(Mutex::new(FlowTable::default())),
+            tun,
+            outer,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn snapshot(&self) -> CountersSnapshot {
+        snapshot(&self.counters, &self.flows)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Moves packets both ways until an I/O error.
+    pub async fn run(&self) -> std::io::Result<()> {
+        tokio::try_join!(self.inbound_loop(), self.outbound_loop()).map(|_| ())
+    }
+
+    /// TUN → tunnel.
+    async fn outbound_loop(&self) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 65_536];
+        let tunnel_mtu = self
+            .config
+            .path_mtu
+            .saturating_sub(overhead(self.config.kind));
+        loop {
+            let n = self.tun.recv(&mut buf).await?;
+            let pkt = &mut buf[..n];
+            if self.config.clamp_mss {
+                let ipv6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+                if mss::clamp(pkt, mss::mss_for(tunnel_mtu, ipv6)).is_some() {
+                    self.counters.mss_clamped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let inner = match Inner::parse(pkt) {
+                Ok(i) if !i.forwardable() => {
+                    self.counters.dropped(DropReason::LinkLocal);
+                    continue;
+                }
+                Ok(i) => i,
+                Err(why) => {
+                    self.counters.dropped(why);
+                    continue;
+                }
+            };
+            if self.config.signal_pmtu && inner.bytes.len() > usize::from(tunnel_mtu) {
+                if let Some(err) = icmp::too_big(&inner, tunnel_mtu, IpAddr::V4(self.config.local))
+                {
+                    self.counters.icmp_too_big.fetch_add(1, Ordering::Relaxed);
+                    self.tun.send(&err).await?;
+                    continue;
+                }
+            }
+            if let Ok(mut f) = self.flows.lock() {
+                f.observe(&inner, self.now_ms());
+            }
+            tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "into the tunnel");
+            let sent = match &self.outer {
+                Outer::Raw { v4, v6 } => {
+                    let sock = if inner.is_v4() { v4 } else { v6 };
+                    let to = SocketAddr::V4(SocketAddrV4::new(self.config.peer, 0));
+                    send_raw(sock, inner.bytes, to).await
+                }
+                Outer::Fou { sock, port } => sock
+                    .send_to(inner.bytes, SocketAddrV4::new(self.config.peer, *port))
+                    .await
+                    .map(|_| ()),
+            };
+            match sent {
+                Ok(()) => {
+                    self.counters
+                        .encapsulated_packets
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .encapsulated_bytes
+                        .fetch_add(inner.bytes.len() as u64, Ordering::Relaxed);
+                    self.counters
+                        .largest_encapsulated
+                        .fetch_max(inner.bytes.len() as u64, Ordering::Relaxed);
+                }
+                // a transient send error (no route yet, buffer full) loses
+                // one packet, as a router would; keep the loop alive
+                Err(e) => tracing::debug!(error = %e, "cannot send into the tunnel"),
+            }
+        }
+    }
+
+    /// Tunnel → TUN.
+    async fn inbound_loop(&self) -> std::io::Result<()> {
+        let mut peers: Vec<IpAddr> = vec![IpAddr::V4(self.config.peer)];
+        peers.extend(self.config.extra_peers.iter().map(|p| IpAddr::V4(*p)));
+        match &self.outer {
+            Outer::Raw { v4, v6 } => {
+                tokio::try_join!(self.raw_inbound(v4, &peers), self.raw_inbound(v6, &peers))
+                    .map(|_| ())
+            }
+            Outer::Fou { sock, .. } => {
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    let (n, from) = sock.recv_from(&mut buf).await?;
+                    let res = encap::decapsulate(
+                        &peers,
+                        from.ip(),
+                        Via::Fou { ipproto: None },
+                        &buf[..n],
+                    );
+                    self.deliver(res).await?;
+                }
+            }
+        }
+    }
+
+    async fn raw_inbound(&self, sock: &AsyncFd<Socket>, peers: &[IpAddr]) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let mut guard = sock.readable().await?;
+            let n = match guard.try_io(|s| s.get_ref().read(&mut buf)) {
+                Ok(r) => r?,
+                Err(_would_block) => continue,
+            };
+            let res = encap::decapsulate_ipv4_packet(peers, &buf[..n]);
+            self.deliver(res).await?;
+        }
+    }
+
+    async fn deliver(&self, res: Result<Inner<'_>, DropReason>) -> std::io::Result<()> {
+        let inner = match res {
+            Ok(i) if !i.forwardable() => {
+                self.counters.dropped(DropReason::LinkLocal);
+                return Ok(());
+            }
+            Ok(i) => i,
+            Err(why) => {
+                self.counters.dropped(why);
+                return Ok(());
+            }
+        };
+        if !self.config.deliver.is_empty()
+            && !self.config.deliver.iter().any(|p| in_prefix(inner.dst, *p))
+        {
+            self.counters.dropped(DropReason::UnregisteredDestination);
+            return Ok(());
+        }
+        if let Ok(mut f) = self.flows.lock() {
+            f.observe(&inner, self.now_ms());
+        }
+        tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "out of the tunnel");
+        self.tun.send(inner.bytes).await?;
+        self.counters
+            .decapsulated_packets
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .decapsulated_bytes
+            .fetch_add(inner.bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn send_raw(sock: &AsyncFd<Socket>, bytes: &[u8], to: SocketAddr) -> std::io::Result<()> {
+    let to = socket2::SockAddr::from(to);
+    loop {
+        let mut guard = sock.writable().await?;
+        match guard.try_io(|s| s.get_ref().send_to(bytes, &to)) {
+            Ok(r) => return r.map(|_| ()),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+pub fn snapshot(counters: &Counters, flows: &Mutex<FlowTable>) -> CountersSnapshot {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let (n, live) = flows.lock().map(|f| (f.len(), f.live())).unwrap_or((0, 0));
+    CountersSnapshot {
+        encapsulated_packets: get(&counters.encapsulated_packets),
+        encapsulated_bytes: get(&counters.encapsulated_bytes),
+        decapsulated_packets: get(&counters.decapsulated_packets),
+        decapsulated_bytes: get(&counters.decapsulated_bytes),
+        mss_clamped: get(&counters.mss_clamped),
+        icmp_too_big: get(&counters.icmp_too_big),
+        largest_encapsulated: get(&counters.largest_encapsulated),
+        drops: DropReason::ALL
+            .iter()
+            .zip(counters.drops.iter())
+            .map(|(d, c)| (d.as_str(), get(c)))
+            .collect(),
+        flows: n,
+        live_flows: live,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        let n = (IpAddr::from([10, 1, 0, 0]), 16);
+        assert!(in_prefix(IpAddr::from([10, 1, 200, 3]), n));
+        assert!(!in_prefix(IpAddr::from([10, 2, 0, 3]), n));
+        assert!(in_prefix(
+            IpAddr::from([1, 2, 3, 4]),
+            (IpAddr::from([0, 0, 0, 0]), 0)
+        ));
+        assert!(!in_prefix(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]), n));
+    }
+}

@@ -1,0 +1,328 @@
+//! The userspace tunnel between real namespaces (needs root):
+//!
+//! ```text
+//!  client 10.0.1.2 ── 10.0.1.1 [gwA] 192.0.2.1 ══ 192.0.2.2 [gwB] 10.9.0.1 ── 10.9.0.2 server
+//!                       route 10.9.0.0/24 → tunA    (MTU 1500)   route 10.0.1.0/24 → tunB
+//! ```
+//! The gateways have no route between the two sides except the tunnel.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tests::netns::{available, in_netns, unique, veth, Netns};
+use tests::proc::ChildGuard;
+
+struct Bed {
+    c: Netns,
+    a: Netns,
+    b: Netns,
+    s: Netns,
+    _pipes: Vec<ChildGuard>,
+    stats_a: PathBuf,
+    stats_b: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn pipe(
+    ns: &Netns,
+    tun: &str,
+    local: &str,
+    peer: &str,
+    stats: &Path,
+    extra: &[&str],
+) -> ChildGuard {
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_tunnel-pipe"));
+    cmd.args(["--tun", tun, "--local", local, "--peer", peer, "--stats"])
+        .arg(stats)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = ChildGuard::spawn(&mut cmd).expect("spawn tunnel-pipe");
+    let out = child
+        .0
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .expect("stdout");
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "ready", "tunnel-pipe did not start");
+    child
+}
+
+fn bed(extra: &[&str]) -> Bed {
+    assert!(
+        available(),
+        "these tests need root and iproute2 (network namespaces)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, a, b, s) = (
+        Netns::new(unique("c")).expect("ns"),
+        Netns::new(unique("a")).expect("ns"),
+        Netns::new(unique("b")).expect("ns"),
+        Netns::new(unique("s")).expect("ns"),
+    );
+    veth(&c, "10.0.1.2/24", &a, "10.0.1.1/24").expect("veth");
+    veth(&a, "192.0.2.1/24", &b, "192.0.2.2/24").expect("veth");
+    veth(&b, "10.9.0.1/24", &s, "10.9.0.2/24").expect("veth");
+    c.exec(&["ip", "route", "add", "default", "via", "10.0.1.1"])
+        .expect("route");
+    s.exec(&["ip", "route", "add", "default", "via", "10.9.0.1"])
+        .expect("route");
+    for g in [&a, &b] {
+        g.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .expect("forwarding");
+    }
+    let (stats_a, stats_b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let tun_a = unique("ta");
+    let tun_b = unique("tb");
+    let pa = pipe(&a, &tun_a, "192.0.2.1", "192.0.2.2", &stats_a, extra);
+    let pb = pipe(
+        &b,
+        &tun_b,
+        "192.0.2.2",
+        "192.0.2.1",
+        &stats_b,
+        &[extra, &["--deliver", "10.9.0.0/24"]].concat(),
+    );
+    a.exec(&["ip", "route", "add", "10.9.0.0/24", "dev", &tun_a])
+        .expect("route");
+    b.exec(&["ip", "route", "add", "10.0.1.0/24", "dev", &tun_b])
+        .expect("route");
+    Bed {
+        c,
+        a,
+        b,
+        s,
+        _pipes: vec![pa, pb],
+        stats_a,
+        stats_b,
+        _dir: dir,
+    }
+}
+
+fn stats(path: &Path) -> serde_json::Value {
+    // the pipe rewrites the file every 200 ms
+    std::thread::sleep(Duration::from_millis(450));
+    let text = std::fs::read_to_string(path).expect("stats file");
+    serde_json::from_str(&text).expect("stats JSON")
+}
+
+/// Deterministic bytes for position `i` of stream `k`.
+fn byte(k: u64, i: u64) -> u8 {
+    let x = (i ^ (k << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 56) as u8
+}
+
+/// Sends `len` bytes through an echo server and checks every byte back.
+fn echo_stream(ns: &str, to: SocketAddr, k: u64, len: u64) {
+    let stream = in_netns(ns, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(5))
+    })
+    .expect("netns")
+    .expect("connect through the tunnel");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let w = std::thread::spawn(move || {
+        let mut i = 0u64;
+        while i < len {
+            let n = (len - i).min(65_536);
+            let chunk: Vec<u8> = (i..i + n).map(|j| byte(k, j)).collect();
+            writer.write_all(&chunk).expect("write");
+            i += n;
+        }
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+    });
+    let mut reader = stream;
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let n = reader.read(&mut buf).expect("read the echo");
+        if n == 0 {
+            break;
+        }
+        for (o, b) in buf[..n].iter().enumerate() {
+            assert_eq!(
+                *b,
+                byte(k, got + o as u64),
+                "stream {k}: byte {} corrupted",
+                got + o as u64
+            );
+        }
+        got += n as u64;
+    }
+    w.join().expect("writer");
+    assert_eq!(got, len, "stream {k}: bytes missing");
+}
+
+fn echo_server(ns: &Netns, at: SocketAddr) {
+    let listener = in_netns(&ns.name, move || TcpListener::bind(at))
+        .expect("netns")
+        .expect("bind");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            std::thread::spawn(move || {
+                let mut back = match conn.try_clone() {
+                    Ok(b) => b,
+                    Err(_) => return,
+                };
+                let _ = std::io::copy(&mut conn, &mut back);
+                let _ = back.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+#[test]
+fn tcp_and_udp_cross_the_userspace_tunnel_with_full_size_segments() {
+    let bed = bed(&[]);
+    let server: SocketAddr = "10.9.0.2:7000".parse().expect("addr");
+    echo_server(&bed.s, server);
+    // three connections, 4 MiB each way, segments as large as the client's 1500-byte link allows
+    let conns: Vec<_> = (0..3u64)
+        .map(|k| {
+            let c = bed.c.name.clone();
+            std::thread::spawn(move || echo_stream(&c, server, k, 4 << 20))
+        })
+        .collect();
+    for t in conns {
+        t.join().expect("stream");
+    }
+
+    // UDP: 200 datagrams of 1400 bytes, echoed
+    let udp_at: SocketAddr = "10.9.0.2:7001".parse().expect("addr");
+    let srv = in_netns(&bed.s.name, move || UdpSocket::bind(udp_at))
+        .expect("netns")
+        .expect("bind");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = srv.recv_from(&mut buf) {
+            let _ = srv.send_to(&buf[..n], from);
+        }
+    });
+    let cli = in_netns(&bed.c.name, || UdpSocket::bind("10.0.1.2:0"))
+        .expect("netns")
+        .expect("bind");
+    cli.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut echoed = 0;
+    for i in 0..200u64 {
+        let d: Vec<u8> = (0..1400).map(|j| byte(100 + i, j)).collect();
+        cli.send_to(&d, udp_at).expect("send");
+        let mut buf = [0u8; 2048];
+        if let Ok((n, _)) = cli.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], &d[..], "datagram {i} corrupted");
+            echoed += 1;
+        }
+    }
+    assert!(echoed >= 195, "only {echoed}/200 datagrams came back");
+
+    let a = stats(&bed.stats_a);
+    let b = stats(&bed.stats_b);
+    assert!(a["encapsulated_packets"].as_u64() > Some(1000), "{a}");
+    assert!(b["decapsulated_packets"].as_u64() > Some(1000), "{b}");
+    // full-size segments: 1500-byte inner packets in 1520-byte outer packets
+    // on a 1500-byte path, fragmented and reassembled by the kernels
+    assert_eq!(a["largest_encapsulated"].as_u64(), Some(1500), "{a}");
+    assert!(a["flows"].as_u64() >= Some(4), "{a}");
+    let drops = b["drops"].as_object().expect("drops");
+    let bad: u64 = drops
+        .iter()
+        .filter(|(k, _)| k.as_str() != "link_local") // the kernels' router solicitations
+        .filter_map(|(_, v)| v.as_u64())
+        .sum();
+    assert_eq!(bad, 0, "{b}");
+    let _ = (&bed.a, &bed.b);
+}
+
+#[test]
+fn mss_is_clamped_for_new_connections() {
+    let bed = bed(&["--clamp-mss"]);
+    let server: SocketAddr = "10.9.0.2:7000".parse().expect("addr");
+    echo_server(&bed.s, server);
+    echo_stream(&bed.c.name, server, 7, 1 << 20);
+    let a = stats(&bed.stats_a);
+    assert!(a["mss_clamped"].as_u64() >= Some(1), "{a}");
+    // MSS 1460 → 1440: no inner packet above the tunnel MTU of 1480
+    assert!(a["largest_encapsulated"].as_u64() <= Some(1480), "{a}");
+}
+
+#[test]
+fn foreign_and_malformed_tunnel_packets_are_counted_and_not_delivered() {
+    let bed = bed(&[]);
+    bed.b
+        .exec(&[
+            "ip",
+            "addr",
+            "add",
+            "192.0.2.3/24",
+            "dev",
+            &veth_of(&bed.b, "192.0.2.2"),
+        ])
+        .expect("addr");
+    let inner_to_client = {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ipv4([10, 9, 0, 2], [10, 0, 1, 2], 64)
+            .udp(9, 9)
+            .write(&mut v, b"spoofed")
+            .expect("build");
+        v
+    };
+    // a listener at the client must receive none of it
+    let cli = in_netns(&bed.c.name, || UdpSocket::bind("10.0.1.2:9"))
+        .expect("netns")
+        .expect("bind");
+    cli.set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout");
+    let send = |from: &'static str, payload: Vec<u8>| {
+        in_netns(&bed.b.name, move || {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(4))).expect("raw");
+            let bind: SocketAddr = format!("{from}:0").parse().expect("addr");
+            s.bind(&bind.into()).expect("bind");
+            let to: SocketAddr = "192.0.2.1:0".parse().expect("addr");
+            s.send_to(&payload, &to.into()).expect("send");
+        })
+        .expect("netns");
+    };
+    send("192.0.2.3", inner_to_client.clone()); // not the configured peer
+    send("192.0.2.2", inner_to_client[..15].to_vec()); // truncated inner
+    let mut six = inner_to_client.clone();
+    six[0] = 0x65; // claims IPv6 inside protocol 4
+    send("192.0.2.2", six);
+    let mut buf = [0u8; 64];
+    assert!(
+        cli.recv_from(&mut buf).is_err(),
+        "a bad tunnel packet was delivered"
+    );
+    let a = stats(&bed.stats_a);
+    assert_eq!(a["drops"]["unknown_peer"].as_u64(), Some(1), "{a}");
+    assert_eq!(a["drops"]["inner_malformed"].as_u64(), Some(2), "{a}");
+    assert_eq!(a["decapsulated_packets"].as_u64(), Some(0), "{a}");
+
+    // and the same packet from the real peer is delivered
+    send("192.0.2.2", inner_to_client);
+    let (n, _) = cli.recv_from(&mut buf).expect("delivered from the peer");
+    assert_eq!(&buf[..n], b"spoofed");
+}
+
+/// The name of the interface holding `addr` in `ns`.
+fn veth_of(ns: &Netns, addr: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ip", "-o", "-4", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&format!("{addr}/")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(|s| s.to_string())
+        .expect("interface")
+}
