@@ -6,6 +6,7 @@
 //!   decapsulation checks (known peer, protocol matches, inner well-formed)
 //! - [`flow`]: the flow table: TCP state, idle timeouts, per-flow counters
 //! - [`mss`]: TCP MSS clamping on SYNs that cross the tunnel
+//! - [`nat`]: one-to-one translation between a moved VM's new public address and its own
 //! - [`icmp`]: "fragmentation needed" / "packet too big" for oversize packets
 //! - [`checksum`]: completing the transport checksum of offloaded packets
 //!
@@ -23,6 +24,7 @@ pub mod flow;
 pub mod icmp;
 pub mod io;
 pub mod mss;
+pub mod nat;
 pub mod packet;
 
 pub use packet::{DropReason, Inner};
