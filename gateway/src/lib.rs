@@ -1,18 +1,49 @@
 //! Per-site gateway daemon: tunnels a migrated VM's old address to its new site,
 //! translates its new address, and exposes an authenticated control API.
 //!
-//! Built so far: the daemon, its config file and the embedded authoritative
-//! DNS server (the `[dns]` table, served by the `dyndns` crate). The tunnel,
-//! NAT and control API are the network-continuity issue's. See ARCHITECTURE.md.
+//! - [`control`]: services and migrations, their phases, drain; persisted
+//!   by [`state`]; routes and rules through [`netlink`]
+//! - [`plane`]: the per-packet decisions (tunnel, reverse tunnel, NAT) on
+//!   one TUN device and the raw IP-in-IP sockets
+//! - [`api`]: the bearer-token HTTP/JSON API and Prometheus metrics
+//! - the embedded DNS server (`[dns]`, the `dyndns` crate)
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use serde::Deserialize;
+
+pub mod api;
+pub mod control;
+pub mod netlink;
+pub mod plane;
+pub mod state;
 
 /// `gateway.toml`.
 ///
 /// ```toml
 /// site = "siteA"
+/// wan = "198.51.100.2"        # this gateway's address towards the other sites
+/// state_dir = "/var/lib/gateway"
+///
+/// [api]
+/// unix = "/run/gateway.sock"  # or: listen = "127.0.0.1:7300"
+/// token_file = "/etc/gateway/token"   # or: token = "..."
+///
+/// [tunnel]
+/// device = "gwtun0"           # TUN device name
+/// path_mtu = 1500
+/// clamp_mss = true
+/// drain_deadline_s = 3600
+/// udp_idle_s = 60             # a UDP flow has ended after this much silence
+/// tcp_idle_s = 7200
+///
+/// [[peer]]
+/// site = "siteB"
+/// address = "203.0.113.2"
 ///
 /// [dns]                       # optional: the embedded authoritative DNS server
 /// listen = ["192.0.2.1:53"]
@@ -28,9 +59,83 @@ use serde::Deserialize;
 pub struct Config {
     /// This site's name, as the migrator and the other gateways call it.
     pub site: String,
+    /// This gateway's outer (tunnel) address. Without it, no tunnel.
+    #[serde(default)]
+    pub wan: Option<Ipv4Addr>,
+    /// Where the state file lives; without it nothing survives a restart.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub api: Option<ApiConfig>,
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerConfig>,
     /// The embedded DNS server; same keys as `dyndns.toml`.
     #[serde(default)]
     pub dns: Option<dyndns::Config>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub unix: Option<PathBuf>,
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    pub device: String,
+    pub path_mtu: u16,
+    pub clamp_mss: bool,
+    /// Drain at the latest this long after it starts.
+    pub drain_deadline_s: u64,
+    /// Drained once no flow is live and nothing crossed for this long.
+    pub drain_quiet_ms: u64,
+    /// A UDP or ICMP flow ends after this long without a packet.
+    pub udp_idle_s: u64,
+    /// An established TCP flow ends after this long without a packet.
+    pub tcp_idle_s: u64,
+}
+
+impl TunnelConfig {
+    pub fn timeouts(&self) -> tunnel::flow::Timeouts {
+        tunnel::flow::Timeouts {
+            tcp_established_ms: self.tcp_idle_s.saturating_mul(1000),
+            udp_ms: self.udp_idle_s.saturating_mul(1000),
+            icmp_ms: self.udp_idle_s.saturating_mul(1000),
+            other_ms: self.udp_idle_s.saturating_mul(1000),
+            ..Default::default()
+        }
+    }
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            device: "gwtun0".into(),
+            path_mtu: 1500,
+            clamp_mss: true,
+            drain_deadline_s: 3600,
+            drain_quiet_ms: 2000,
+            udp_idle_s: 60,
+            tcp_idle_s: 7200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub site: String,
+    pub address: Ipv4Addr,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +157,13 @@ impl Config {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let rel = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
         if let Some(dns) = &mut config.dns {
             if dns.listen.is_empty() {
                 return Err(ConfigError::Parse(
@@ -59,7 +171,30 @@ impl Config {
                     "[dns] needs a `listen` address".into(),
                 ));
             }
-            dns.base = base;
+            dns.base = base.clone();
+        }
+        if let Some(api) = &mut config.api {
+            if api.listen.is_none() == api.unix.is_none() {
+                return Err(ConfigError::Parse(
+                    shown,
+                    "[api] needs exactly one of `listen` or `unix`".into(),
+                ));
+            }
+            if api.token.is_none() == api.token_file.is_none() {
+                return Err(ConfigError::Parse(
+                    shown,
+                    "[api] needs exactly one of `token` or `token_file`".into(),
+                ));
+            }
+            api.unix = api.unix.as_deref().map(rel);
+            api.token_file = api.token_file.as_deref().map(rel);
+        }
+        config.state_dir = config.state_dir.as_deref().map(rel);
+        if config.tunnel.device.is_empty() || config.tunnel.device.len() > 15 {
+            return Err(ConfigError::Parse(
+                shown,
+                "[tunnel] device must be 1 to 15 characters".into(),
+            ));
         }
         Ok(config)
     }
@@ -67,8 +202,11 @@ impl Config {
 
 /// A running gateway.
 pub struct Gateway {
-    pub config: Config,
+    pub control: Arc<control::Control>,
     pub dns: Option<dyndns::server::Running>,
+    /// Where the API listens (TCP), if it does.
+    pub api_addr: Option<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -77,10 +215,110 @@ impl Gateway {
             Some(dns) => Some(dyndns::server::start(dns).await?),
             None => None,
         };
-        Ok(Self { config, dns })
+        let state_path = match &config.state_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)
+                    .with_context(|| format!("cannot create state_dir {}", d.display()))?;
+                Some(d.join("state.json"))
+            }
+            None => None,
+        };
+        let state = match &state_path {
+            Some(p) => state::State::load(p)?,
+            None => state::State::default(),
+        };
+        let mut tasks = Vec::new();
+        let (plane, net) = match config.wan {
+            Some(wan) => {
+                let tun = tunnel::io::open_tun(&config.tunnel.device, config.tunnel.path_mtu)?;
+                let raw = tunnel::io::RawTunnel::open(wan)?;
+                let plane = Arc::new(plane::Plane {
+                    tun,
+                    raw,
+                    tables: Default::default(),
+                    counters: Default::default(),
+                    path_mtu: config.tunnel.path_mtu,
+                    clamp_mss: config.tunnel.clamp_mss,
+                    started: Instant::now(),
+                });
+                let p = plane.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = p.run().await {
+                        tracing::error!(error = %e, "data plane stopped");
+                    }
+                }));
+                (Some(plane), Some(netlink::Net::connect()?))
+            }
+            None => (None, None),
+        };
+        let control = Arc::new(control::Control::new(
+            config.clone(),
+            state,
+            state_path,
+            plane,
+            net,
+        ));
+        control.restore().await?;
+        let c = control.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                every.tick().await;
+                if let Err(e) = c.tick().await {
+                    tracing::warn!(error = %e, "drain check failed; retrying");
+                }
+            }
+        }));
+        let mut api_addr = None;
+        if let Some(a) = &config.api {
+            let token: String = match (&a.token, &a.token_file) {
+                (Some(t), _) => t.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read token_file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+                _ => anyhow::bail!("[api] needs a token"),
+            };
+            if token.len() < 16 {
+                anyhow::bail!(
+                    "the API token is too short ({} characters; use at least 16)",
+                    token.len()
+                );
+            }
+            let router = api::router(api::Api {
+                control: control.clone(),
+                token: token.into(),
+                dns: dns.as_ref().map(|d| Arc::new(d.zones.clone())),
+            });
+            if let Some(addr) = a.listen {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                api_addr = Some(l.local_addr()?);
+                tasks.push(tokio::spawn(async move {
+                    let _ = axum::serve(l, router).await;
+                }));
+            } else if let Some(path) = &a.unix {
+                let _ = std::fs::remove_file(path); // a stale socket from a previous run
+                let l = tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen on {}", path.display()))?;
+                tasks.push(tokio::spawn(async move {
+                    let _ = axum::serve(l, router).await;
+                }));
+            }
+        }
+        Ok(Self {
+            control,
+            dns,
+            api_addr,
+            tasks,
+        })
     }
 
     pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
         if let Some(dns) = self.dns {
             dns.shutdown().await;
         }

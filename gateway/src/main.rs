@@ -10,7 +10,7 @@ use gateway::{Config, Gateway};
 #[command(
     name = "gateway",
     version,
-    about = "Per-site gateway: embedded DNS now; tunnels and control API to come"
+    about = "Per-site gateway: tunnels a moved VM's connections, gives it a new address, serves DNS"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,6 +37,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     // tests and scripts wait for this line
                     println!("dns listening on {a}");
                 }
+            }
+            if let Some(a) = gw.api_addr {
+                println!("api listening on {a}");
             }
             println!("gateway {site} running");
             let mut term =

@@ -147,15 +147,69 @@ fn raw_socket(proto: u8, local: Ipv4Addr) -> std::io::Result<AsyncFd<Socket>> {
     unsafe { AsyncFd::register(s) }.map_err(|e| std::io::Error::other(e.to_string()))
 }
 
+/// Creates TUN device `name` (IP packets, no packet-information header)
+/// with `mtu`, brings it up and sets loose reverse-path filtering on it
+/// (packets written to it come from anywhere; strict filtering would drop
+/// what we deliver). Needs CAP_NET_ADMIN.
+pub fn open_tun(name: &str, mtu: u16) -> anyhow::Result<tun::AsyncDevice> {
+    use anyhow::Context as _;
+    let mut tc = tun::Configuration::default();
+    tc.tun_name(name).mtu(mtu).up();
+    let tun = tun::create_as_async(&tc).with_context(|| {
+        format!("cannot create TUN device {name} (run as root; is /dev/net/tun there?)")
+    })?;
+    let rp = format!("/proc/sys/net/ipv4/conf/{name}/rp_filter");
+    std::fs::write(&rp, "2").with_context(|| format!("cannot write {rp}"))?;
+    Ok(tun)
+}
+
+/// Raw IP-in-IP sockets: protocol 4 (IPv4 inside) and 41 (IPv6 inside),
+/// outer IPv4, fragmentation allowed.
+pub struct RawTunnel {
+    v4: AsyncFd<Socket>,
+    v6: AsyncFd<Socket>,
+}
+
+impl RawTunnel {
+    pub fn open(local: Ipv4Addr) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        Ok(Self {
+            v4: raw_socket(encap::PROTO_IPV4, local)
+                .context("cannot open a raw socket for protocol 4 (needs CAP_NET_RAW)")?,
+            v6: raw_socket(encap::PROTO_IPV6, local)
+                .context("cannot open a raw socket for protocol 41 (needs CAP_NET_RAW)")?,
+        })
+    }
+
+    /// Sends `inner` to `peer`; the kernel adds the outer header.
+    pub async fn send(&self, inner: &Inner<'_>, peer: Ipv4Addr) -> std::io::Result<()> {
+        let sock = if inner.is_v4() { &self.v4 } else { &self.v6 };
+        send_raw(
+            sock,
+            inner.bytes,
+            SocketAddr::V4(SocketAddrV4::new(peer, 0)),
+        )
+        .await
+    }
+
+    /// The next outer packet (IPv4 header included) of either protocol.
+    pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let mut guard = tokio::select! {
+                g = self.v4.readable() => g?,
+                g = self.v6.readable() => g?,
+            };
+            match guard.try_io(|s| s.get_ref().read(buf)) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 enum Outer {
-    Raw {
-        v4: AsyncFd<Socket>,
-        v6: AsyncFd<Socket>,
-    },
-    Fou {
-        sock: UdpSocket,
-        port: u16,
-    },
+    Raw(RawTunnel),
+    Fou { sock: UdpSocket, port: u16 },
 }
 
 /// A running userspace tunnel endpoint.
@@ -173,25 +227,9 @@ impl Pipe {
     /// CAP_NET_RAW). Routes into the TUN device are the caller's.
     pub fn open(config: PipeConfig) -> anyhow::Result<Self> {
         use anyhow::Context as _;
-        let mut tc = tun::Configuration::default();
-        tc.tun_name(&config.tun).mtu(config.path_mtu).up();
-        let tun = tun::create_as_async(&tc).with_context(|| {
-            format!(
-                "cannot create TUN device {} (run as root; is /dev/net/tun there?)",
-                config.tun
-            )
-        })?;
-        // packets written to the TUN device come from anywhere: loose
-        // reverse-path filtering, or the kernel drops what we deliver
-        let rp = format!("/proc/sys/net/ipv4/conf/{}/rp_filter", config.tun);
-        std::fs::write(&rp, "2").with_context(|| format!("cannot write {rp}"))?;
+        let tun = open_tun(&config.tun, config.path_mtu)?;
         let outer = match config.kind {
-            Kind::Ipip => Outer::Raw {
-                v4: raw_socket(encap::PROTO_IPV4, config.local)
-                    .context("cannot open a raw socket for protocol 4 (needs CAP_NET_RAW)")?,
-                v6: raw_socket(encap::PROTO_IPV6, config.local)
-                    .context("cannot open a raw socket for protocol 41 (needs CAP_NET_RAW)")?,
-            },
+            Kind::Ipip => Outer::Raw(RawTunnel::open(config.local)?),
             Kind::Fou { port } => {
                 let std = std::net::UdpSocket::bind(SocketAddrV4::new(config.local, port))
                     .with_context(|| format!("cannot bind FOU port {}:{port}", config.local))?;
@@ -266,11 +304,7 @@ impl Pipe {
             }
             tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "into the tunnel");
             let sent = match &self.outer {
-                Outer::Raw { v4, v6 } => {
-                    let sock = if inner.is_v4() { v4 } else { v6 };
-                    let to = SocketAddr::V4(SocketAddrV4::new(self.config.peer, 0));
-                    send_raw(sock, inner.bytes, to).await
-                }
+                Outer::Raw(raw) => raw.send(&inner, self.config.peer).await,
                 Outer::Fou { sock, port } => sock
                     .send_to(inner.bytes, SocketAddrV4::new(self.config.peer, *port))
                     .await
@@ -300,9 +334,13 @@ impl Pipe {
         let mut peers: Vec<IpAddr> = vec![IpAddr::V4(self.config.peer)];
         peers.extend(self.config.extra_peers.iter().map(|p| IpAddr::V4(*p)));
         match &self.outer {
-            Outer::Raw { v4, v6 } => {
-                tokio::try_join!(self.raw_inbound(v4, &peers), self.raw_inbound(v6, &peers))
-                    .map(|_| ())
+            Outer::Raw(raw) => {
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    let n = raw.recv(&mut buf).await?;
+                    let res = encap::decapsulate_ipv4_packet(&peers, &buf[..n]);
+                    self.deliver(res).await?;
+                }
             }
             Outer::Fou { sock, .. } => {
                 let mut buf = vec![0u8; 65_536];
@@ -317,19 +355,6 @@ impl Pipe {
                     self.deliver(res).await?;
                 }
             }
-        }
-    }
-
-    async fn raw_inbound(&self, sock: &AsyncFd<Socket>, peers: &[IpAddr]) -> std::io::Result<()> {
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            let mut guard = sock.readable().await?;
-            let n = match guard.try_io(|s| s.get_ref().read(&mut buf)) {
-                Ok(r) => r?,
-                Err(_would_block) => continue,
-            };
-            let res = encap::decapsulate_ipv4_packet(peers, &buf[..n]);
-            self.deliver(res).await?;
         }
     }
 

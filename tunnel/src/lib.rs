@@ -21,6 +21,7 @@
 pub mod checksum;
 pub mod encap;
 pub mod flow;
+pub use tun::AsyncDevice as TunDevice;
 pub mod icmp;
 pub mod io;
 pub mod mss;

@@ -1,0 +1,246 @@
+//! The HTTP/JSON control API (TCP or unix socket), every route behind a
+//! bearer token: a request without the right token gets 401 and changes
+//! nothing.
+//!
+//! | method | path | body | does |
+//! |---|---|---|---|
+//! | POST | /v1/services | `{name, address, site}` | register a service |
+//! | POST | /v1/migrations/{service}/prepare | `{to}` | prepare a migration |
+//! | POST | /v1/migrations/{service}/switch | `{role: old\|new, peer, public?, lan?}` | switch this site |
+//! | POST | /v1/migrations/{service}/drain | `{deadline_s?}` | old site: drain and tear down |
+//! | GET | /v1/status | | services, migrations, flows, bytes, drops |
+//! | GET | /metrics | | the same as Prometheus text |
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::control::{Control, ControlError, SwitchRequest};
+use crate::state::Service;
+
+#[derive(Clone)]
+pub struct Api {
+    pub control: Arc<Control>,
+    pub token: Arc<str>,
+    pub dns: Option<Arc<Vec<Arc<dyndns::server::DynZone>>>>,
+}
+
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            ControlError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
+            ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (code, Json(serde_json::json!({"error": self.to_string()}))).into_response()
+    }
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if same(t.as_bytes(), api.token.as_bytes()) => Ok(()),
+        _ => Err(Box::new(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(serde_json::json!({"error": "missing or wrong bearer token"})),
+            )
+                .into_response(),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Register {
+    name: String,
+    address: Ipv4Addr,
+    site: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Prepare {
+    to: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Drain {
+    #[serde(default)]
+    deadline_s: Option<u64>,
+}
+
+/// Parses a JSON body; a bad one is a 400 with serde's reason.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Box<Response>> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Box::new(
+            (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({"error": format!("bad request body: {e}")})),
+            )
+                .into_response(),
+        )
+    })
+}
+
+async fn register(State(api): State<Api>, headers: HeaderMap, raw: axum::body::Bytes) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return *r;
+    }
+    let r: Register = match body(&raw) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    match api
+        .control
+        .register(Service {
+            name: r.name,
+            address: r.address,
+            site: r.site,
+        })
+        .await
+    {
+        Ok(s) => (StatusCode::CREATED, Json(s)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn migrate(
+    State(api): State<Api>,
+    Path((service, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return *r;
+    }
+    let result = match action.as_str() {
+        "prepare" => match body::<Prepare>(&raw) {
+            Ok(p) => api.control.prepare(&service, &p.to).await,
+            Err(e) => return *e,
+        },
+        "switch" => match body::<SwitchRequest>(&raw) {
+            Ok(s) => api.control.switch(&service, s).await,
+            Err(e) => return *e,
+        },
+        "drain" => {
+            let d: Drain = if raw.is_empty() {
+                Drain::default()
+            } else {
+                match body(&raw) {
+                    Ok(d) => d,
+                    Err(e) => return *e,
+                }
+            };
+            api.control.drain(&service, d.deadline_s).await
+        }
+        other => Err(ControlError::NotFound(format!(
+            "no action {other:?}: use prepare, switch or drain"
+        ))),
+    };
+    match result {
+        Ok(m) => Json(m).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn status(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return *r;
+    }
+    let (state, migrations) = api.control.status().await;
+    let counters = api
+        .control
+        .plane
+        .as_ref()
+        .map(|p| tunnel::io::snapshot(&p.counters, &std::sync::Mutex::new(Default::default())));
+    Json(serde_json::json!({
+        "site": api.control.config.site,
+        "services": state.services,
+        "migrations": migrations,
+        "data_plane": counters,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return *r;
+    }
+    let mut out = String::new();
+    let site = &api.control.config.site;
+    let (_, migrations) = api.control.status().await;
+    let _ = writeln!(out, "# HELP gateway_flows Flows through the tunnel, by service address.\n# TYPE gateway_flows gauge");
+    for m in &migrations {
+        if let Some(t) = &m.traffic {
+            let _ = writeln!(
+                out,
+                "gateway_flows{{site=\"{site}\",service=\"{}\",address=\"{}\"}} {}",
+                m.migration.service, m.migration.address, t.live_flows
+            );
+            let _ = writeln!(
+                out,
+                "gateway_tunnel_bytes{{site=\"{site}\",service=\"{}\",address=\"{}\"}} {}",
+                m.migration.service, m.migration.address, t.bytes
+            );
+        }
+    }
+    if let Some(p) = &api.control.plane {
+        let s = tunnel::io::snapshot(&p.counters, &std::sync::Mutex::new(Default::default()));
+        let _ = writeln!(out, "# TYPE gateway_encapsulated_packets_total counter\ngateway_encapsulated_packets_total{{site=\"{site}\"}} {}", s.encapsulated_packets);
+        let _ = writeln!(out, "# TYPE gateway_decapsulated_packets_total counter\ngateway_decapsulated_packets_total{{site=\"{site}\"}} {}", s.decapsulated_packets);
+        let _ = writeln!(out, "# TYPE gateway_drops_total counter");
+        for (reason, n) in &s.drops {
+            let _ = writeln!(
+                out,
+                "gateway_drops_total{{site=\"{site}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+    if let Some(zones) = &api.dns {
+        let _ = writeln!(out, "# TYPE dns_updates_applied_total counter");
+        for z in zones.iter() {
+            let st = z.stats().await;
+            let _ = writeln!(
+                out,
+                "dns_updates_applied_total{{zone=\"{}\"}} {}",
+                st.zone, st.applied
+            );
+            for (reason, n) in &st.refused {
+                let _ = writeln!(
+                    out,
+                    "dns_updates_refused_total{{zone=\"{}\",reason=\"{reason}\"}} {n}",
+                    st.zone
+                );
+            }
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/services", post(register))
+        .route("/v1/migrations/{service}/{action}", post(migrate))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(api)
+}

@@ -1,0 +1,374 @@
+//! The control plane: services, migrations and their phases; applies them to
+//! the routing tables and the data plane; persists them; drains.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::netlink::{Net, REVERSE_TABLE};
+use crate::plane::{Plane, Side, SideStats};
+use crate::state::{Migration, Phase, Role, Service, State};
+use crate::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SwitchRequest {
+    /// "old": the VM left this site; "new": the VM arrived here.
+    pub role: String,
+    /// The other site (a configured peer).
+    pub peer: String,
+    /// New site: the VM's public address here.
+    #[serde(default)]
+    pub public: Option<Ipv4Addr>,
+    /// New site: the interface the VM is reached through.
+    #[serde(default)]
+    pub lan: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationStatus {
+    #[serde(flatten)]
+    pub migration: Migration,
+    pub traffic: Option<SideStats>,
+}
+
+pub struct Control {
+    pub config: Config,
+    state: Mutex<State>,
+    state_path: Option<PathBuf>,
+    pub plane: Option<Arc<Plane>>,
+    net: Option<Net>,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Control {
+    pub fn new(
+        config: Config,
+        state: State,
+        state_path: Option<PathBuf>,
+        plane: Option<Arc<Plane>>,
+        net: Option<Net>,
+    ) -> Self {
+        Self {
+            config,
+            state: Mutex::new(state),
+            state_path,
+            plane,
+            net,
+        }
+    }
+
+    async fn save(&self, state: &State) -> Result<(), ControlError> {
+        if let Some(p) = &self.state_path {
+            let (p, s) = (p.clone(), state.clone());
+            tokio::task::spawn_blocking(move || s.save(&p))
+                .await
+                .map_err(|e| {
+                    ControlError::Internal(anyhow::anyhow!("state writer failed: {e}"))
+                })??;
+        }
+        Ok(())
+    }
+
+    fn peer_address(&self, site: &str) -> Result<Ipv4Addr, ControlError> {
+        self.config
+            .peers
+            .iter()
+            .find(|p| p.site == site)
+            .map(|p| p.address)
+            .ok_or_else(|| {
+                ControlError::BadRequest(format!(
+                    "unknown peer site {site:?} (not in this gateway's [[peer]] list)"
+                ))
+            })
+    }
+
+    fn parts(&self) -> Result<(&Arc<Plane>, &Net), ControlError> {
+        match (&self.plane, &self.net) {
+            (Some(p), Some(n)) => Ok((p, n)),
+            _ => Err(ControlError::Conflict(
+                "this gateway has no tunnel (set `wan` and [tunnel] in its config)".into(),
+            )),
+        }
+    }
+
+    pub async fn register(&self, svc: Service) -> Result<Service, ControlError> {
+        if svc.name.is_empty() || svc.name.len() > 253 {
+            return Err(ControlError::BadRequest(
+                "service name must be 1 to 253 characters".into(),
+            ));
+        }
+        let mut st = self.state.lock().await;
+        if st
+            .migrations
+            .get(&svc.name)
+            .is_some_and(|m| !matches!(m.phase, Phase::Drained { .. } | Phase::Prepared { .. }))
+        {
+            return Err(ControlError::Conflict(format!(
+                "service {} is being migrated",
+                svc.name
+            )));
+        }
+        st.services.insert(svc.name.clone(), svc.clone());
+        self.save(&st).await?;
+        Ok(svc)
+    }
+
+    pub async fn prepare(&self, service: &str, to: &str) -> Result<Migration, ControlError> {
+        if to != self.config.site {
+            self.peer_address(to)?;
+        }
+        let mut st = self.state.lock().await;
+        let svc = st.services.get(service).cloned().ok_or_else(|| {
+            ControlError::NotFound(format!("no service {service:?}: register it first"))
+        })?;
+        if let Some(m) = st.migrations.get(service) {
+            if matches!(m.phase, Phase::Switched | Phase::Draining { .. }) {
+                return Err(ControlError::Conflict(format!(
+                    "service {service} is already switched"
+                )));
+            }
+        }
+        let m = Migration {
+            service: service.into(),
+            address: svc.address,
+            role: None,
+            phase: Phase::Prepared { to: to.into() },
+        };
+        st.migrations.insert(service.into(), m.clone());
+        self.save(&st).await?;
+        Ok(m)
+    }
+
+    /// Installs the routes and data-plane entries of a switched migration.
+    async fn apply(&self, address: Ipv4Addr, role: &Role) -> Result<(), ControlError> {
+        let (plane, net) = self.parts()?;
+        let dev = self.config.tunnel.device.clone();
+        match role {
+            Role::Old { peer } => {
+                let peer = self.peer_address(peer)?;
+                plane
+                    .tables
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .sides
+                    .insert(
+                        address,
+                        Side::Old {
+                            peer,
+                            flows: tunnel::flow::FlowTable::new(self.config.tunnel.timeouts()),
+                            last_ms: plane.now_ms(),
+                        },
+                    );
+                net.add_host_route(address, &dev, None).await?;
+            }
+            Role::New { peer, public, lan } => {
+                let peer_addr = self.peer_address(peer)?;
+                plane
+                    .tables
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .sides
+                    .insert(
+                        address,
+                        Side::New {
+                            peer: peer_addr,
+                            public: *public,
+                            tunnelled: tunnel::flow::FlowTable::new(self.config.tunnel.timeouts()),
+                            translated: tunnel::flow::FlowTable::new(self.config.tunnel.timeouts()),
+                        },
+                    );
+                net.add_host_route(*public, &dev, None).await?;
+                net.add_default_route(&dev, REVERSE_TABLE).await?;
+                net.add_rule_from(address, lan, REVERSE_TABLE).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn switch(
+        &self,
+        service: &str,
+        req: SwitchRequest,
+    ) -> Result<Migration, ControlError> {
+        let mut st = self.state.lock().await;
+        let m = st.migrations.get(service).cloned().ok_or_else(|| {
+            ControlError::NotFound(format!("no migration of {service:?}: prepare it first"))
+        })?;
+        if !matches!(m.phase, Phase::Prepared { .. }) {
+            return Err(ControlError::Conflict(format!(
+                "{service} is not in the prepared phase"
+            )));
+        }
+        let role = match req.role.as_str() {
+            "old" => Role::Old { peer: req.peer },
+            "new" => Role::New {
+                peer: req.peer,
+                public: req
+                    .public
+                    .ok_or_else(|| ControlError::BadRequest("role new needs `public`".into()))?,
+                lan: req
+                    .lan
+                    .filter(|l| !l.is_empty() && l.len() < 16)
+                    .ok_or_else(|| {
+                        ControlError::BadRequest("role new needs `lan` (an interface name)".into())
+                    })?,
+            },
+            r => {
+                return Err(ControlError::BadRequest(format!(
+                    "role must be old or new, not {r:?}"
+                )))
+            }
+        };
+        self.apply(m.address, &role).await?;
+        let m = Migration {
+            role: Some(role),
+            phase: Phase::Switched,
+            ..m
+        };
+        st.migrations.insert(service.into(), m.clone());
+        self.save(&st).await?;
+        tracing::info!(%service, address = %m.address, "switched");
+        Ok(m)
+    }
+
+    pub async fn drain(
+        &self,
+        service: &str,
+        deadline_s: Option<u64>,
+    ) -> Result<Migration, ControlError> {
+        let mut st = self.state.lock().await;
+        let m = st
+            .migrations
+            .get_mut(service)
+            .ok_or_else(|| ControlError::NotFound(format!("no migration of {service:?}")))?;
+        if !matches!(m.role, Some(Role::Old { .. })) || m.phase != Phase::Switched {
+            return Err(ControlError::Conflict(format!(
+                "{service}: only a switched migration at its old site drains"
+            )));
+        }
+        let deadline = unix_now() + deadline_s.unwrap_or(self.config.tunnel.drain_deadline_s);
+        m.phase = Phase::Draining {
+            deadline_unix: deadline,
+        };
+        let m = m.clone();
+        self.save(&st).await?;
+        Ok(m)
+    }
+
+    pub async fn status(&self) -> (State, Vec<MigrationStatus>) {
+        let st = self.state.lock().await.clone();
+        let migrations = st
+            .migrations
+            .values()
+            .map(|m| MigrationStatus {
+                migration: m.clone(),
+                traffic: self
+                    .plane
+                    .as_ref()
+                    .and_then(|p| p.tables.lock().ok().and_then(|t| t.stats(m.address))),
+            })
+            .collect();
+        (st, migrations)
+    }
+
+    /// Re-installs switched and draining migrations (after a restart).
+    pub async fn restore(&self) -> anyhow::Result<()> {
+        let st = self.state.lock().await.clone();
+        for m in st.migrations.values() {
+            if let (Some(role), Phase::Switched | Phase::Draining { .. }) = (&m.role, &m.phase) {
+                self.apply(m.address, role)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot restore {}: {e}", m.service))?;
+                tracing::info!(service = %m.service, "restored after restart");
+            }
+        }
+        Ok(())
+    }
+
+    /// Expires idle flows and completes drains. Called periodically.
+    pub async fn tick(&self) -> anyhow::Result<()> {
+        let Some(plane) = &self.plane else {
+            return Ok(());
+        };
+        let now_ms = plane.now_ms();
+        let quiet_ms = self.config.tunnel.drain_quiet_ms;
+        let mut st = self.state.lock().await;
+        let mut done = Vec::new();
+        {
+            let mut t = plane.tables.lock().unwrap_or_else(|p| p.into_inner());
+            for side in t.sides.values_mut() {
+                match side {
+                    Side::Old { flows, .. } => {
+                        flows.expire(now_ms);
+                    }
+                    Side::New {
+                        tunnelled,
+                        translated,
+                        ..
+                    } => {
+                        tunnelled.expire(now_ms);
+                        translated.expire(now_ms);
+                    }
+                }
+            }
+            for m in st.migrations.values() {
+                let Phase::Draining { deadline_unix } = m.phase else {
+                    continue;
+                };
+                let idle = match t.sides.get(&m.address) {
+                    Some(Side::Old { flows, last_ms, .. }) => {
+                        flows.live() == 0 && now_ms.saturating_sub(*last_ms) >= quiet_ms
+                    }
+                    _ => true,
+                };
+                if idle || unix_now() >= deadline_unix {
+                    done.push(m.service.clone());
+                }
+            }
+            for s in &done {
+                if let Some(m) = st.migrations.get(s) {
+                    t.sides.remove(&m.address);
+                }
+            }
+        }
+        if done.is_empty() {
+            return Ok(());
+        }
+        for s in &done {
+            if let Some(m) = st.migrations.get_mut(s) {
+                if let Some(net) = &self.net {
+                    net.del_host_route(m.address, &self.config.tunnel.device, None)
+                        .await?;
+                }
+                m.phase = Phase::Drained {
+                    at_unix: unix_now(),
+                };
+                tracing::info!(service = %s, address = %m.address, "drained: route and tunnel removed");
+            }
+        }
+        self.save(&st).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    }
+}

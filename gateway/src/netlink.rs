@@ -1,0 +1,159 @@
+//! Routes and policy rules through rtnetlink (no `ip` commands).
+//!
+//! All operations are idempotent: adding what exists and deleting what is
+//! gone succeed, so a restarted gateway can simply re-apply its state.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{anyhow, Context as _};
+use futures::TryStreamExt as _;
+use rtnetlink::packet_route::route::RouteMessage;
+use rtnetlink::packet_route::rule::RuleAction;
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+/// The routing table of a site's reverse-tunnel default route.
+pub const REVERSE_TABLE: u32 = 7477;
+const RULE_PRIORITY: u32 = 7477;
+
+pub struct Net {
+    handle: Handle,
+}
+
+fn exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc_eexist())
+}
+
+fn missing(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc_enoent() || m.raw_code() == -libc_esrch())
+}
+
+const fn libc_eexist() -> i32 {
+    17
+}
+const fn libc_enoent() -> i32 {
+    2
+}
+const fn libc_esrch() -> i32 {
+    3
+}
+
+impl Net {
+    /// Opens a netlink connection in the calling thread's namespace.
+    pub fn connect() -> anyhow::Result<Self> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("cannot open a netlink socket")?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    pub async fn ifindex(&self, name: &str) -> anyhow::Result<u32> {
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+            .with_context(|| format!("no interface {name}"))?
+            .ok_or_else(|| anyhow!("no interface {name}"))?;
+        Ok(link.header.index)
+    }
+
+    fn host_route(addr: Ipv4Addr, index: u32, table: Option<u32>) -> RouteMessage {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(addr, 32)
+            .output_interface(index);
+        if let Some(t) = table {
+            b = b.table_id(t);
+        }
+        b.build()
+    }
+
+    /// `ip route replace ADDR/32 dev DEV [table T]`.
+    pub async fn add_host_route(
+        &self,
+        addr: Ipv4Addr,
+        dev: &str,
+        table: Option<u32>,
+    ) -> anyhow::Result<()> {
+        let index = self.ifindex(dev).await?;
+        self.handle
+            .route()
+            .add(Self::host_route(addr, index, table))
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("cannot route {addr}/32 into {dev}"))
+    }
+
+    /// `ip route del ADDR/32 dev DEV [table T]`; absent is fine.
+    pub async fn del_host_route(
+        &self,
+        addr: Ipv4Addr,
+        dev: &str,
+        table: Option<u32>,
+    ) -> anyhow::Result<()> {
+        let Ok(index) = self.ifindex(dev).await else {
+            return Ok(()); // the device is gone, and its routes with it
+        };
+        match self
+            .handle
+            .route()
+            .del(Self::host_route(addr, index, table))
+            .execute()
+            .await
+        {
+            Err(e) if missing(&e) => Ok(()),
+            r => r.with_context(|| format!("cannot remove the route {addr}/32 into {dev}")),
+        }
+    }
+
+    /// `ip route replace default dev DEV table T`.
+    pub async fn add_default_route(&self, dev: &str, table: u32) -> anyhow::Result<()> {
+        let index = self.ifindex(dev).await?;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .output_interface(index)
+            .table_id(table)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("cannot add a default route into {dev} in table {table}"))
+    }
+
+    fn rule(&self, from: Ipv4Addr, iif: &str, table: u32) -> rtnetlink::RuleAddRequest<Ipv4Addr> {
+        self.handle
+            .rule()
+            .add()
+            .v4()
+            .source_prefix(from, 32)
+            .input_interface(iif.to_string())
+            .table_id(table)
+            .priority(RULE_PRIORITY)
+            .action(RuleAction::ToTable)
+    }
+
+    /// `ip rule add from ADDR iif DEV lookup T`.
+    pub async fn add_rule_from(&self, from: Ipv4Addr, iif: &str, table: u32) -> anyhow::Result<()> {
+        match self.rule(from, iif, table).execute().await {
+            Err(e) if exists(&e) => Ok(()),
+            r => r.with_context(|| {
+                format!("cannot add the rule from {from} iif {iif} lookup {table}")
+            }),
+        }
+    }
+
+    /// `ip rule del from ADDR iif DEV lookup T`; absent is fine.
+    pub async fn del_rule_from(&self, from: Ipv4Addr, iif: &str, table: u32) -> anyhow::Result<()> {
+        let mut req = self.rule(from, iif, table);
+        let msg = req.message_mut().clone();
+        match self.handle.rule().del(msg).execute().await {
+            Err(e) if missing(&e) => Ok(()),
+            r => r.with_context(|| format!("cannot remove the rule from {from} iif {iif}")),
+        }
+    }
+}

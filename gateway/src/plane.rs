@@ -1,0 +1,302 @@
+//! The gateway's data plane: one TUN device and the raw IP-in-IP sockets,
+//! and the per-packet decisions for every migration this site takes part in.
+//!
+//! Old site (the VM was here), for guest address G:
+//! - TUN → packets to G (host route G/32 → TUN): tunnel to the new site.
+//! - tunnel → packets from G (the new site's reverse tunnel): into the TUN,
+//!   the kernel routes them to the client.
+//!
+//! New site (the VM is here), guest G, public address P:
+//! - tunnel → packets to G from the old site: into the TUN (the kernel
+//!   delivers to the VM); their flow is remembered as tunnelled.
+//! - TUN → packets from G (policy rule `from G iif LAN`): replies of a
+//!   tunnelled flow go back through the tunnel (the routers filter source
+//!   addresses: G is not routed here); the rest leave translated to P.
+//! - TUN → packets to P (host route P/32 → TUN): translated to G.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use tunnel::encap;
+use tunnel::flow::FlowTable;
+use tunnel::io::{Counters, RawTunnel};
+use tunnel::packet::{DropReason, Inner};
+use tunnel::{mss, nat};
+
+/// One migration as the data plane sees it.
+#[derive(Debug)]
+pub enum Side {
+    Old {
+        peer: Ipv4Addr,
+        flows: FlowTable,
+        /// Last packet in either direction (for the quiet-period drain rule).
+        last_ms: u64,
+    },
+    New {
+        peer: Ipv4Addr,
+        public: Ipv4Addr,
+        tunnelled: FlowTable,
+        translated: FlowTable,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SideStats {
+    pub flows: usize,
+    pub live_flows: usize,
+    pub packets: u64,
+    pub bytes: u64,
+    pub translated_flows: usize,
+}
+
+#[derive(Default)]
+pub struct Tables {
+    /// Keyed by guest address.
+    pub sides: HashMap<Ipv4Addr, Side>,
+}
+
+impl Tables {
+    fn public_to_guest(&self, public: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.sides.iter().find_map(|(g, s)| match s {
+            Side::New { public: p, .. } if *p == public => Some(*g),
+            _ => None,
+        })
+    }
+
+    fn peers(&self) -> Vec<IpAddr> {
+        self.sides
+            .values()
+            .map(|s| match s {
+                Side::Old { peer, .. } | Side::New { peer, .. } => IpAddr::V4(*peer),
+            })
+            .collect()
+    }
+
+    pub fn stats(&self, guest: Ipv4Addr) -> Option<SideStats> {
+        let sum = |t: &FlowTable| {
+            t.iter().fold((0u64, 0u64), |(p, b), (_, f)| {
+                (p + f.packets[0] + f.packets[1], b + f.bytes[0] + f.bytes[1])
+            })
+        };
+        Some(match self.sides.get(&guest)? {
+            Side::Old { flows, .. } => {
+                let (packets, bytes) = sum(flows);
+                SideStats {
+                    flows: flows.len(),
+                    live_flows: flows.live(),
+                    packets,
+                    bytes,
+                    translated_flows: 0,
+                }
+            }
+            Side::New {
+                tunnelled,
+                translated,
+                ..
+            } => {
+                let (packets, bytes) = sum(tunnelled);
+                SideStats {
+                    flows: tunnelled.len(),
+                    live_flows: tunnelled.live(),
+                    packets,
+                    bytes,
+                    translated_flows: translated.len(),
+                }
+            }
+        })
+    }
+}
+
+fn v4(a: IpAddr) -> Option<Ipv4Addr> {
+    match a {
+        IpAddr::V4(v) => Some(v),
+        IpAddr::V6(_) => None,
+    }
+}
+
+pub struct Plane {
+    pub tun: tunnel::TunDevice,
+    pub raw: RawTunnel,
+    pub tables: Arc<Mutex<Tables>>,
+    pub counters: Arc<Counters>,
+    pub path_mtu: u16,
+    pub clamp_mss: bool,
+    pub started: Instant,
+}
+
+/// What to do with a packet read from the TUN device.
+enum Out {
+    Tunnel(Ipv4Addr),
+    /// Rewritten; write it back into the TUN device.
+    Back,
+    Drop(DropReason),
+}
+
+impl Plane {
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub async fn run(&self) -> std::io::Result<()> {
+        tokio::try_join!(self.tun_to_tunnel(), self.tunnel_to_tun()).map(|_| ())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn tun_to_tunnel(&self) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 65_536];
+        let tunnel_mtu = self.path_mtu.saturating_sub(20);
+        loop {
+            let n = self.tun.recv(&mut buf).await?;
+            let pkt = &mut buf[..n];
+            let decision = self.decide_out(pkt);
+            match decision {
+                Out::Drop(why) => self.counters.dropped(why),
+                Out::Back => {
+                    self.tun.send(pkt).await?;
+                }
+                Out::Tunnel(peer) => {
+                    if self.clamp_mss && mss::clamp(pkt, mss::mss_for(tunnel_mtu, false)).is_some()
+                    {
+                        self.counters.mss_clamped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let Ok(inner) = Inner::parse(pkt) else {
+                        self.counters.dropped(DropReason::InnerMalformed);
+                        continue;
+                    };
+                    match self.raw.send(&inner, peer).await {
+                        Ok(()) => {
+                            self.counters
+                                .encapsulated_packets
+                                .fetch_add(1, Ordering::Relaxed);
+                            self.counters
+                                .encapsulated_bytes
+                                .fetch_add(inner.bytes.len() as u64, Ordering::Relaxed);
+                            self.counters
+                                .largest_encapsulated
+                                .fetch_max(inner.bytes.len() as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "cannot send into the tunnel"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn decide_out(&self, pkt: &mut [u8]) -> Out {
+        let now = self.now_ms();
+        let (src, dst) = match Inner::parse(pkt) {
+            Ok(i) if !i.forwardable() => return Out::Drop(DropReason::LinkLocal),
+            Ok(i) => (i.src, i.dst),
+            Err(why) => return Out::Drop(why),
+        };
+        let mut t = self.lock();
+        // old site: traffic for the moved guest
+        if let Some(Side::Old {
+            peer,
+            flows,
+            last_ms,
+        }) = v4(dst).and_then(|d| t.sides.get_mut(&d))
+        {
+            if let Ok(i) = Inner::parse(pkt) {
+                flows.observe(&i, now);
+            }
+            *last_ms = now;
+            return Out::Tunnel(*peer);
+        }
+        // new site: traffic from the guest
+        if let Some(Side::New {
+            peer,
+            public,
+            tunnelled,
+            translated,
+        }) = v4(src).and_then(|s| t.sides.get_mut(&s))
+        {
+            let Ok(i) = Inner::parse(pkt) else {
+                return Out::Drop(DropReason::InnerMalformed);
+            };
+            if tunnelled.knows(&i) {
+                tunnelled.observe(&i, now);
+                return Out::Tunnel(*peer);
+            }
+            translated.observe(&i, now);
+            let public = *public;
+            return match nat::rewrite_src(pkt, IpAddr::V4(public)) {
+                Ok(()) => Out::Back,
+                Err(_) => Out::Drop(DropReason::InnerMalformed),
+            };
+        }
+        // new site: traffic to the guest's public address
+        if let Some(guest) = v4(dst).and_then(|d| t.public_to_guest(d)) {
+            if nat::rewrite_dst(pkt, IpAddr::V4(guest)).is_err() {
+                return Out::Drop(DropReason::InnerMalformed);
+            }
+            if let (Ok(i), Some(Side::New { translated, .. })) =
+                (Inner::parse(pkt), t.sides.get_mut(&guest))
+            {
+                translated.observe(&i, now);
+            }
+            return Out::Back;
+        }
+        Out::Drop(DropReason::UnregisteredDestination)
+    }
+
+    async fn tunnel_to_tun(&self) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let n = self.raw.recv(&mut buf).await?;
+            let peers = self.lock().peers();
+            let inner = match encap::decapsulate_ipv4_packet(&peers, &buf[..n]) {
+                Ok(i) if !i.forwardable() => {
+                    self.counters.dropped(DropReason::LinkLocal);
+                    continue;
+                }
+                Ok(i) => i,
+                Err(why) => {
+                    self.counters.dropped(why);
+                    continue;
+                }
+            };
+            let accepted = {
+                let now = self.now_ms();
+                let mut t = self.lock();
+                match (
+                    v4(inner.dst).and_then(|d| t.sides.get_mut(&d).map(|s| (d, s))),
+                    v4(inner.src),
+                ) {
+                    // new site: from the old site, to the guest
+                    (Some((_, Side::New { tunnelled, .. })), _) => {
+                        tunnelled.observe(&inner, now);
+                        true
+                    }
+                    _ => match v4(inner.src).and_then(|s| t.sides.get_mut(&s)) {
+                        // old site: the guest's replies, reverse-tunnelled
+                        Some(Side::Old { flows, last_ms, .. }) => {
+                            flows.observe(&inner, now);
+                            *last_ms = now;
+                            true
+                        }
+                        _ => false,
+                    },
+                }
+            };
+            if !accepted {
+                self.counters.dropped(DropReason::UnregisteredDestination);
+                continue;
+            }
+            self.tun.send(inner.bytes).await?;
+            self.counters
+                .decapsulated_packets
+                .fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .decapsulated_bytes
+                .fetch_add(inner.bytes.len() as u64, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! What a gateway must remember across a restart: registered services and
+//! migrations in progress (so a restarted old-site gateway keeps tunnelling
+//! while it drains). One JSON file, replaced atomically on every change.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    /// The VM's own (guest) address.
+    pub address: Ipv4Addr,
+    pub site: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "role")]
+pub enum Role {
+    /// This site is where the VM was: capture its address, tunnel to `peer`.
+    Old { peer: String },
+    /// This site is where the VM is now: deliver from `peer`, reverse-tunnel
+    /// replies of tunnelled flows, translate `public` ↔ guest for the rest.
+    /// `lan`: the interface the VM is reached through.
+    New {
+        peer: String,
+        public: Ipv4Addr,
+        lan: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "phase")]
+pub enum Phase {
+    Prepared {
+        to: String,
+    },
+    Switched,
+    /// Old site: tear down once no flow is left or at the deadline.
+    Draining {
+        deadline_unix: u64,
+    },
+    Drained {
+        at_unix: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    pub service: String,
+    pub address: Ipv4Addr,
+    pub role: Option<Role>,
+    #[serde(flatten)]
+    pub phase: Phase,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub services: BTreeMap<String, Service>,
+    pub migrations: BTreeMap<String, Migration>,
+}
+
+impl State {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "state file {} is not valid (move it aside to start empty)",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read state file {}", path.display())),
+        }
+    }
+
+    /// Write to a temporary file, fsync, rename over, fsync the directory.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let tmp: PathBuf = path.with_extension("tmp");
+        let text = serde_json::to_vec_pretty(self)?;
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot replace {}", path.display()))?;
+        if let Some(dir) = path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("state.json");
+        assert_eq!(State::load(&p).expect("empty"), State::default());
+        let mut s = State::default();
+        s.services.insert(
+            "web1".into(),
+            Service {
+                name: "web1".into(),
+                address: Ipv4Addr::new(10, 1, 0, 10),
+                site: "siteA".into(),
+            },
+        );
+        s.migrations.insert(
+            "web1".into(),
+            Migration {
+                service: "web1".into(),
+                address: Ipv4Addr::new(10, 1, 0, 10),
+                role: Some(Role::Old {
+                    peer: "siteB".into(),
+                }),
+                phase: Phase::Draining { deadline_unix: 99 },
+            },
+        );
+        s.save(&p).expect("save");
+        assert_eq!(State::load(&p).expect("load"), s);
+        std::fs::write(&p, "{").expect("corrupt");
+        assert!(State::load(&p).is_err());
+    }
+}

@@ -1,0 +1,163 @@
+//! Network continuity across a move, with real namespaces (needs root).
+//!
+//! ```text
+//!                      ┌─ 198.51.100.2 siteA (gateway A) 10.1.0.1 ── vm 10.1.0.10
+//!  client 10.0.0.2 ── wan
+//!                      └─ 203.0.113.2  siteB (gateway B)
+//! ```
+//! `wan` routes 10.1.0.0/24 to siteA and 10.2.0.0/24 to siteB and drops
+//! packets whose source is not routed via the side they arrive from (strict
+//! rp_filter). The "VM" is a namespace with an echo server; moving its link
+//! from siteA to siteB keeps its sockets and changes only the path.
+
+mod bed;
+
+use std::time::Duration;
+
+use bed::*;
+
+#[test]
+fn open_connections_survive_the_move_new_ones_reach_the_new_address_and_the_tunnel_drains() {
+    let bed = Bed::new();
+    let (ga, gb) = (bed.gateway_a(), bed.gateway_b());
+    bed.register_and_prepare(&ga, &gb);
+
+    let streams = Streams::start(&bed, 20);
+    let udp = UdpFlow::start(&bed);
+    streams.wait_progress(Duration::from_secs(10));
+    let before = streams.verified();
+
+    bed.move_vm_and_switch(&ga, &gb);
+    // every stream keeps going through the tunnel
+    streams.wait_progress_beyond(&before, Duration::from_secs(20));
+    udp.wait_echoes_after_switch(Duration::from_secs(10));
+
+    // a connection opened now, to the new address, lands on the same server
+    bed.echo_once("10.2.0.100:7000", b"hello via the new address");
+
+    // new connections the VM opens leave with its new address
+    bed.vm_connects_out();
+
+    let status = ga.api("GET", "/v1/status", "");
+    assert!(
+        status.1["migrations"][0]["traffic"]["live_flows"].as_u64() >= Some(20),
+        "{}",
+        status.1
+    );
+
+    // close everything cleanly; then gateway A drains and tears down
+    streams.finish();
+    udp.stop();
+    let (code, body) = ga.api("POST", "/v1/migrations/web1/drain", r#"{"deadline_s": 60}"#);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        ga.wait_phase("web1", "drained", Duration::from_secs(20)),
+        "gateway A never drained"
+    );
+    // after the drain, the old address is not tunnelled any more
+    assert!(
+        bed.connect_fails("10.1.0.10:7000"),
+        "a new connection to the old address was tunnelled after the drain"
+    );
+    // but the new address still works
+    bed.echo_once("10.2.0.100:7000", b"still here");
+    bed.assert_no_gateway_errors();
+}
+
+#[test]
+fn gateway_a_restarted_with_kill_9_mid_drain_keeps_the_connections() {
+    let bed = Bed::new();
+    let (mut ga, gb) = (bed.gateway_a(), bed.gateway_b());
+    bed.register_and_prepare(&ga, &gb);
+    let streams = Streams::start(&bed, 5);
+    streams.wait_progress(Duration::from_secs(10));
+    bed.move_vm_and_switch(&ga, &gb);
+    let (code, body) = ga.api(
+        "POST",
+        "/v1/migrations/web1/drain",
+        r#"{"deadline_s": 120}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let before = streams.verified();
+    streams.wait_progress_beyond(&before, Duration::from_secs(20));
+
+    ga.kill9();
+    ga = bed.restart_gateway_a(ga);
+    let (_, st) = ga.api("GET", "/v1/status", "");
+    assert_eq!(st["migrations"][0]["phase"], "draining", "{st}");
+    let before = streams.verified();
+    streams.wait_progress_beyond(&before, Duration::from_secs(20));
+
+    streams.finish();
+    assert!(
+        ga.wait_phase("web1", "drained", Duration::from_secs(20)),
+        "gateway A never drained"
+    );
+}
+
+#[test]
+fn the_api_refuses_requests_without_the_token_and_changes_nothing() {
+    let bed = Bed::new();
+    let ga = bed.gateway_a();
+    let bad = [None, Some("wrong-token-wrong-token")];
+    for token in bad {
+        let (code, body) = ga.api_with(
+            token,
+            "POST",
+            "/v1/services",
+            r#"{"name":"web1","address":"10.1.0.10","site":"siteA"}"#,
+        );
+        assert_eq!(code, 401, "{body}");
+        let (code, _) = ga.api_with(token, "GET", "/v1/status", "");
+        assert_eq!(code, 401);
+        let (code, _) = ga.api_with(token, "GET", "/metrics", "");
+        assert_eq!(code, 401);
+    }
+    let (code, st) = ga.api("GET", "/v1/status", "");
+    assert_eq!(code, 200);
+    assert_eq!(
+        st["services"],
+        serde_json::json!({}),
+        "an unauthorised call changed the state"
+    );
+    // malformed bodies are 400s, not crashes
+    for body in [
+        "{",
+        "[]",
+        r#"{"name":"x","address":"not-an-ip","site":"a"}"#,
+        r#"{"name":"x","address":"10.0.0.1","site":"a","extra":1}"#,
+    ] {
+        let (code, b) = ga.api("POST", "/v1/services", body);
+        assert_eq!(code, 400, "{body} → {b}");
+    }
+    let (code, _) = ga.api(
+        "POST",
+        "/v1/migrations/nope/switch",
+        r#"{"role":"old","peer":"siteB"}"#,
+    );
+    assert_eq!(code, 404);
+    let (code, m) = ga.api("GET", "/metrics", "");
+    assert_eq!(code, 200);
+    assert!(
+        m.as_str()
+            .is_some_and(|t| t.contains("gateway_drops_total")),
+        "{m}"
+    );
+}
+
+#[test]
+fn packets_from_unknown_peers_or_to_unregistered_addresses_are_dropped_and_counted() {
+    let bed = Bed::new();
+    let (ga, gb) = (bed.gateway_a(), bed.gateway_b());
+    bed.register_and_prepare(&ga, &gb);
+    bed.move_vm_and_switch(&ga, &gb);
+    // from the client (not a peer): an IPIP packet aimed at gateway B
+    bed.send_ipip_from_client("203.0.113.2", [10, 1, 0, 10]);
+    // from gateway A's address (a peer) but for an address nobody registered
+    bed.send_ipip_from_site_a("203.0.113.2", [10, 1, 0, 99]);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, st) = gb.api("GET", "/v1/status", "");
+    let drops = &st["data_plane"]["drops"];
+    assert_eq!(drops["unknown_peer"].as_u64(), Some(1), "{st}");
+    assert_eq!(drops["unregistered_destination"].as_u64(), Some(1), "{st}");
+}
