@@ -30,6 +30,8 @@ pub enum ControlError {
 pub struct SwitchRequest {
     /// "old": the VM left this site; "new": the VM arrived here.
     pub role: String,
+    // (`lan`: old site: answer ARP for the VM's address there; new site:
+    // where the VM is reached.)
     /// The other site (a configured peer).
     pub peer: String,
     /// New site: the VM's public address here.
@@ -166,7 +168,7 @@ impl Control {
         let (plane, net) = self.parts()?;
         let dev = self.config.tunnel.device.clone();
         match role {
-            Role::Old { peer } => {
+            Role::Old { peer, lan } => {
                 let peer = self.peer_address(peer)?;
                 plane
                     .tables
@@ -182,6 +184,9 @@ impl Control {
                         },
                     );
                 net.add_host_route(address, &dev, None).await?;
+                if let Some(lan) = lan {
+                    net.add_proxy_arp(address, lan).await?;
+                }
             }
             Role::New { peer, public, lan } => {
                 let peer_addr = self.peer_address(peer)?;
@@ -202,6 +207,13 @@ impl Control {
                 net.add_host_route(*public, &dev, None).await?;
                 net.add_default_route(&dev, REVERSE_TABLE).await?;
                 net.add_rule_from(address, lan, REVERSE_TABLE).await?;
+                // the VM still believes its old LAN is on-link: answer its ARP
+                // for those hosts too (its packets then follow the rule above
+                // into the tunnel, back to the old LAN)
+                let knob = format!("/proc/sys/net/ipv4/conf/{lan}/proxy_arp");
+                std::fs::write(&knob, "1").map_err(|e| {
+                    ControlError::Internal(anyhow::anyhow!("cannot write {knob}: {e}"))
+                })?;
             }
         }
         Ok(())
@@ -221,19 +233,25 @@ impl Control {
                 "{service} is not in the prepared phase"
             )));
         }
+        let lan_ok = |l: &String| !l.is_empty() && l.len() < 16;
+        if req.lan.as_ref().is_some_and(|l| !lan_ok(l)) {
+            return Err(ControlError::BadRequest(
+                "`lan` must be an interface name".into(),
+            ));
+        }
         let role = match req.role.as_str() {
-            "old" => Role::Old { peer: req.peer },
+            "old" => Role::Old {
+                peer: req.peer,
+                lan: req.lan,
+            },
             "new" => Role::New {
                 peer: req.peer,
                 public: req
                     .public
                     .ok_or_else(|| ControlError::BadRequest("role new needs `public`".into()))?,
-                lan: req
-                    .lan
-                    .filter(|l| !l.is_empty() && l.len() < 16)
-                    .ok_or_else(|| {
-                        ControlError::BadRequest("role new needs `lan` (an interface name)".into())
-                    })?,
+                lan: req.lan.ok_or_else(|| {
+                    ControlError::BadRequest("role new needs `lan` (an interface name)".into())
+                })?,
             },
             r => {
                 return Err(ControlError::BadRequest(format!(
@@ -361,6 +379,9 @@ impl Control {
                 if let Some(net) = &self.net {
                     net.del_host_route(m.address, &self.config.tunnel.device, None)
                         .await?;
+                    if let Some(Role::Old { lan: Some(lan), .. }) = &m.role {
+                        net.del_proxy_arp(m.address, lan).await?;
+                    }
                 }
                 m.phase = Phase::Drained {
                     at_unix: unix_now(),

@@ -3,10 +3,11 @@
 //! All operations are idempotent: adding what exists and deleting what is
 //! gone succeed, so a restarted gateway can simply re-apply its state.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{anyhow, Context as _};
 use futures::TryStreamExt as _;
+use rtnetlink::packet_route::neighbour::NeighbourFlags;
 use rtnetlink::packet_route::route::RouteMessage;
 use rtnetlink::packet_route::rule::RuleAction;
 use rtnetlink::{Handle, RouteMessageBuilder};
@@ -154,6 +155,42 @@ impl Net {
         match self.handle.rule().del(msg).execute().await {
             Err(e) if missing(&e) => Ok(()),
             r => r.with_context(|| format!("cannot remove the rule from {from} iif {iif}")),
+        }
+    }
+
+    /// `ip neigh add proxy ADDR dev DEV`: answer ARP for ADDR on DEV (the
+    /// moved VM's old LAN), so hosts there send its traffic to us.
+    pub async fn add_proxy_arp(&self, addr: Ipv4Addr, dev: &str) -> anyhow::Result<()> {
+        let index = self.ifindex(dev).await?;
+        match self
+            .handle
+            .neighbours()
+            .add(index, IpAddr::V4(addr))
+            .flags(NeighbourFlags::Proxy)
+            .execute()
+            .await
+        {
+            Err(e) if exists(&e) => Ok(()),
+            r => r.with_context(|| format!("cannot add a proxy ARP entry for {addr} on {dev}")),
+        }
+    }
+
+    /// `ip neigh del proxy ADDR dev DEV`; absent is fine.
+    pub async fn del_proxy_arp(&self, addr: Ipv4Addr, dev: &str) -> anyhow::Result<()> {
+        let Ok(index) = self.ifindex(dev).await else {
+            return Ok(());
+        };
+        let mut req = self
+            .handle
+            .neighbours()
+            .add(index, IpAddr::V4(addr))
+            .flags(NeighbourFlags::Proxy);
+        let msg = req.message_mut().clone();
+        match self.handle.neighbours().del(msg).execute().await {
+            Err(e) if missing(&e) => Ok(()),
+            r => {
+                r.with_context(|| format!("cannot remove the proxy ARP entry for {addr} on {dev}"))
+            }
         }
     }
 }

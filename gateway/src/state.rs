@@ -21,8 +21,13 @@ pub struct Service {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "role")]
 pub enum Role {
-    /// This site is where the VM was: capture its address, tunnel to `peer`.
-    Old { peer: String },
+    /// This site is where the VM was: capture its address, tunnel to `peer`;
+    /// answer ARP for it on `lan` (its old LAN) when given.
+    Old {
+        peer: String,
+        #[serde(default)]
+        lan: Option<String>,
+    },
     /// This site is where the VM is now: deliver from `peer`, reverse-tunnel
     /// replies of tunnelled flows, translate `public` ↔ guest for the rest.
     /// `lan`: the interface the VM is reached through.
@@ -125,6 +130,7 @@ mod tests {
                 address: Ipv4Addr::new(10, 1, 0, 10),
                 role: Some(Role::Old {
                     peer: "siteB".into(),
+                    lan: Some("br0".into()),
                 }),
                 phase: Phase::Draining { deadline_unix: 99 },
             },

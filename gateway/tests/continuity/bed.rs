@@ -21,6 +21,8 @@ pub struct Bed {
     pub a: Netns,
     pub b: Netns,
     pub vm: Netns,
+    /// Another host on siteA's LAN (a bridge), which stays there.
+    pub neighbour: Netns,
     /// siteA's end of the VM's link (the one that moves).
     pub vm_link: String,
     pub dir: tempfile::TempDir,
@@ -32,6 +34,24 @@ pub struct Gw {
     pub config: PathBuf,
     pub ns: String,
     pub log: PathBuf,
+}
+
+/// A veth from `host` into siteA's bridge; returns siteA's end.
+fn lan_link(a: &Netns, host: &Netns, host_addr: &str) -> String {
+    let base = unique("l");
+    let (ea, eb) = (format!("{base}a"), format!("{base}b"));
+    tests::netns::run(&[
+        "ip", "link", "add", &ea, "netns", &a.name, "type", "veth", "peer", "name", &eb, "netns",
+        &host.name,
+    ])
+    .expect("veth");
+    a.exec(&["ip", "link", "set", &ea, "master", "br0"])
+        .expect("bridge port");
+    a.exec(&["ip", "link", "set", &ea, "up"]).expect("up");
+    host.exec(&["ip", "addr", "add", host_addr, "dev", &eb])
+        .expect("addr");
+    host.exec(&["ip", "link", "set", &eb, "up"]).expect("up");
+    ea
 }
 
 fn sysctl(ns: &Netns, kv: &str) {
@@ -46,11 +66,22 @@ impl Bed {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let mk = |t: &str| Netns::new(unique(t)).expect("netns");
-        let (client, wan, a, b, vm) = (mk("cl"), mk("wan"), mk("sa"), mk("sb"), mk("vm"));
+        let (client, wan, a, b, vm, neighbour) =
+            (mk("cl"), mk("wan"), mk("sa"), mk("sb"), mk("vm"), mk("nb"));
         veth(&client, "10.0.0.2/24", &wan, "10.0.0.1/24").expect("veth");
         let (_, wa) = veth(&a, "198.51.100.2/30", &wan, "198.51.100.1/30").expect("veth");
         let (_, wb) = veth(&b, "203.0.113.2/30", &wan, "203.0.113.1/30").expect("veth");
-        let (vm_link, _) = veth(&a, "10.1.0.1/24", &vm, "10.1.0.10/24").expect("veth");
+        // siteA's LAN: a bridge holding the VM's link and a neighbour's
+        a.exec(&["ip", "link", "add", "br0", "type", "bridge"])
+            .expect("bridge");
+        a.exec(&["ip", "addr", "add", "10.1.0.1/24", "dev", "br0"])
+            .expect("addr");
+        a.exec(&["ip", "link", "set", "br0", "up"]).expect("up");
+        let vm_link = lan_link(&a, &vm, "10.1.0.10/24");
+        lan_link(&a, &neighbour, "10.1.0.20/24");
+        neighbour
+            .exec(&["ip", "route", "add", "default", "via", "10.1.0.1"])
+            .expect("route");
         client
             .exec(&["ip", "route", "add", "default", "via", "10.0.0.1"])
             .expect("route");
@@ -78,6 +109,7 @@ impl Bed {
             a,
             b,
             vm,
+            neighbour,
             vm_link,
             dir,
         };
@@ -219,18 +251,49 @@ impl Bed {
         let (code, b) = ga.api(
             "POST",
             "/v1/migrations/web1/switch",
-            r#"{"role":"old","peer":"siteB"}"#,
+            r#"{"role":"old","peer":"siteB","lan":"br0"}"#,
         );
         assert_eq!(code, 200, "{b}");
     }
 
     pub fn echo_once(&self, to: &str, msg: &[u8]) {
+        self.echo_from(&self.client.name, to, msg);
+    }
+
+    pub fn echo_from(&self, ns: &str, to: &str, msg: &[u8]) {
         let to: SocketAddr = to.parse().expect("addr");
-        let mut s = in_netns(&self.client.name, move || {
+        let mut s = in_netns(ns, move || {
             TcpStream::connect_timeout(&to, Duration::from_secs(5))
         })
         .expect("netns")
-        .unwrap_or_else(|e| panic!("cannot connect to {to}: {e}"));
+        .unwrap_or_else(|e| {
+            let dbg = |args: &[&str]| {
+                let o = std::process::Command::new("ip")
+                    .args(["-n", &self.a.name])
+                    .args(args)
+                    .output()
+                    .expect("ip");
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            };
+            panic!(
+                "cannot connect to {to}: {e}\nsiteA proxy: {}\nroute get: {}\nneigh: {}",
+                dbg(&["neigh", "show", "proxy"]),
+                dbg(&[
+                    "route",
+                    "get",
+                    "10.1.0.10",
+                    "from",
+                    "10.1.0.20",
+                    "iif",
+                    "br0"
+                ]),
+                dbg(&["neigh"])
+            )
+        });
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         s.write_all(msg).expect("write");

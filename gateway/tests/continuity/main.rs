@@ -1,7 +1,8 @@
 //! Network continuity across a move, with real namespaces (needs root).
 //!
 //! ```text
-//!                      ┌─ 198.51.100.2 siteA (gateway A) 10.1.0.1 ── vm 10.1.0.10
+//!                      ┌─ 198.51.100.2 siteA (gateway A) br0 10.1.0.1 ┬─ vm 10.1.0.10
+//!                      │                                              └─ neighbour 10.1.0.20
 //!  client 10.0.0.2 ── wan
 //!                      └─ 203.0.113.2  siteB (gateway B)
 //! ```
@@ -34,6 +35,13 @@ fn open_connections_survive_the_move_new_ones_reach_the_new_address_and_the_tunn
 
     // a connection opened now, to the new address, lands on the same server
     bed.echo_once("10.2.0.100:7000", b"hello via the new address");
+    // a host on the VM's old LAN still reaches it: gateway A answers ARP for
+    // the old address there (proxy ARP) and tunnels
+    bed.echo_from(
+        &bed.neighbour.name,
+        "10.1.0.10:7000",
+        b"hello from the old LAN",
+    );
 
     // new connections the VM opens leave with its new address
     bed.vm_connects_out();
