@@ -307,7 +307,6 @@ impl DynZone {
         name: &LowerName,
         qtype: RecordType,
     ) -> Option<LookupControlFlow<AuthLookup>> {
-        use std::ops::Bound::{Excluded, Unbounded};
         if matches!(qtype, RecordType::ANY | RecordType::AXFR | RecordType::IXFR)
             || !self.plain.load(Ordering::SeqCst)
             || !self.origin.zone_of(name)
@@ -316,23 +315,23 @@ impl DynZone {
         }
         let records = self.mem.records().await;
         let first = RrKey::new(name.clone(), RecordType::Unknown(u16::MIN));
-        let last = RrKey::new(name.clone(), RecordType::Unknown(u16::MAX));
+        // one descent: the name's own keys, then (canonical order puts a
+        // name's descendants right after it) the first key beyond them,
+        // which tells an empty non-terminal from a name that does not exist
         let mut exists = false;
-        for (key, _) in records.range(&first..=&last) {
-            if key.record_type == qtype || key.record_type == RecordType::CNAME {
-                return None; // an answer (or an alias to follow): the full lookup
+        let mut below = false;
+        for (key, _) in records.range(&first..) {
+            if &key.name == name {
+                if key.record_type == qtype || key.record_type == RecordType::CNAME {
+                    return None; // an answer (or an alias to follow): the full lookup
+                }
+                exists = true;
+            } else {
+                below = name.zone_of(&key.name);
+                break;
             }
-            exists = true;
         }
-        // in canonical order a name's descendants follow it directly: an
-        // empty non-terminal exists without records of its own
-        let below = || {
-            records
-                .range((Excluded(&last), Unbounded))
-                .next()
-                .is_some_and(|(k, _)| name.zone_of(&k.name))
-        };
-        let error = if exists || below() {
+        let error = if exists || below {
             LookupError::NameExists
         } else {
             LookupError::from(ResponseCode::NXDomain)

@@ -193,8 +193,16 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     for (path, tunnelled, extra) in [
         ("direct (kernel routing)", false, &[][..]),
-        ("tunnel, full-size segments (outer fragments)", true, &[][..]),
-        ("tunnel, MSS clamped (no fragments)", true, &["--clamp-mss"][..]),
+        (
+            "tunnel, full-size segments (outer fragments)",
+            true,
+            &[][..],
+        ),
+        (
+            "tunnel, MSS clamped (no fragments)",
+            true,
+            &["--clamp-mss"][..],
+        ),
     ] {
         let t = topo()?;
         let _kids = if tunnelled {
