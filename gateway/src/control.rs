@@ -93,7 +93,7 @@ impl Control {
         Ok(())
     }
 
-    fn peer_address(&self, site: &str) -> Result<Ipv4Addr, ControlError> {
+    fn peer_address(&self, site: &str) -> Result<std::net::IpAddr, ControlError> {
         self.config
             .peers
             .iter()

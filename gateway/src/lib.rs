@@ -8,7 +8,7 @@
 //! - [`api`]: the bearer-token HTTP/JSON API and Prometheus metrics
 //! - the embedded DNS server (`[dns]`, the `dyndns` crate)
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ pub mod state;
 ///
 /// ```toml
 /// site = "siteA"
-/// wan = "198.51.100.2"        # this gateway's address towards the other sites
+/// wan = "198.51.100.2"        # this gateway's address towards the other sites (v4 or v6)
 /// state_dir = "/var/lib/gateway"
 ///
 /// [api]
@@ -61,7 +61,7 @@ pub struct Config {
     pub site: String,
     /// This gateway's outer (tunnel) address. Without it, no tunnel.
     #[serde(default)]
-    pub wan: Option<Ipv4Addr>,
+    pub wan: Option<IpAddr>,
     /// Where the state file lives; without it nothing survives a restart.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
@@ -135,7 +135,7 @@ impl Default for TunnelConfig {
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub site: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
-use tunnel::encap;
 use tunnel::flow::FlowTable;
 use tunnel::io::{Counters, RawTunnel};
 use tunnel::packet::{DropReason, Inner};
@@ -31,13 +30,13 @@ use tunnel::{mss, nat};
 #[derive(Debug)]
 pub enum Side {
     Old {
-        peer: Ipv4Addr,
+        peer: IpAddr,
         flows: FlowTable,
         /// Last packet in either direction (for the quiet-period drain rule).
         last_ms: u64,
     },
     New {
-        peer: Ipv4Addr,
+        peer: IpAddr,
         public: Ipv4Addr,
         tunnelled: FlowTable,
         translated: FlowTable,
@@ -71,7 +70,7 @@ impl Tables {
         self.sides
             .values()
             .map(|s| match s {
-                Side::Old { peer, .. } | Side::New { peer, .. } => IpAddr::V4(*peer),
+                Side::Old { peer, .. } | Side::New { peer, .. } => *peer,
             })
             .collect()
     }
@@ -130,7 +129,7 @@ pub struct Plane {
 
 /// What to do with a packet read from the TUN device.
 enum Out {
-    Tunnel(Ipv4Addr),
+    Tunnel(IpAddr),
     /// Rewritten; write it back into the TUN device.
     Back,
     Drop(DropReason),
@@ -250,9 +249,8 @@ impl Plane {
     async fn tunnel_to_tun(&self) -> std::io::Result<()> {
         let mut buf = vec![0u8; 65_536];
         loop {
-            let n = self.raw.recv(&mut buf).await?;
             let peers = self.lock().peers();
-            let inner = match encap::decapsulate_ipv4_packet(&peers, &buf[..n]) {
+            let inner = match self.raw.recv(&mut buf, &peers).await? {
                 Ok(i) if !i.forwardable() => {
                     self.counters.dropped(DropReason::LinkLocal);
                     continue;

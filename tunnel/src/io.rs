@@ -7,11 +7,10 @@
 //! packet larger than the path is fragmented by the kernel and reassembled
 //! by the far kernel before our raw/UDP socket sees it. So full-size segments
 //! of connections opened before the switch cross the tunnel whole, with no
-//! ICMP needed (RFC 4459 §3.1). Outer IPv6 is built in the sans-I/O layer but
-//! not yet wired here: the shell takes IPv4 outer addresses.
+//! ICMP needed (RFC 4459 §3.1). Outer addresses may be IPv4 or IPv6.
 
 use std::io::Read as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,11 +38,11 @@ pub fn overhead(kind: Kind) -> u16 {
 pub struct PipeConfig {
     /// TUN device to create (its MTU is `path_mtu`).
     pub tun: String,
-    pub local: Ipv4Addr,
+    pub local: IpAddr,
     /// Where encapsulated packets go.
-    pub peer: Ipv4Addr,
+    pub peer: IpAddr,
     /// Outer sources accepted (the peer is always accepted).
-    pub extra_peers: Vec<Ipv4Addr>,
+    pub extra_peers: Vec<IpAddr>,
     pub kind: Kind,
     /// MTU of the path between the gateways.
     pub path_mtu: u16,
@@ -113,15 +112,29 @@ fn in_prefix(addr: IpAddr, (net, len): (IpAddr, u8)) -> bool {
     }
 }
 
-/// Sets `IP_MTU_DISCOVER` to `IP_PMTUDISC_DONT`: the kernel may fragment.
-fn allow_fragmentation(fd: &impl AsRawFd) -> std::io::Result<()> {
-    let value: libc::c_int = libc::IP_PMTUDISC_DONT;
+/// Path-MTU discovery off (`IP_PMTUDISC_DONT` / `IPV6_PMTUDISC_DONT`): the
+/// kernel may fragment what we send.
+fn allow_fragmentation(fd: &impl AsRawFd, ipv6: bool) -> std::io::Result<()> {
+    let (level, name, value) = if ipv6 {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        )
+    } else {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        )
+    };
+    let value: libc::c_int = value;
     // SAFETY: a valid socket fd, a pointer to a live c_int and its size.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
+            level,
+            name,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -133,14 +146,15 @@ fn allow_fragmentation(fd: &impl AsRawFd) -> std::io::Result<()> {
     }
 }
 
-fn raw_socket(proto: u8, local: Ipv4Addr) -> std::io::Result<AsyncFd<Socket>> {
-    let s = Socket::new(
-        Domain::IPV4,
-        Type::RAW,
-        Some(Protocol::from(i32::from(proto))),
-    )?;
-    s.bind(&SocketAddr::V4(SocketAddrV4::new(local, 0)).into())?;
-    allow_fragmentation(&s)?;
+fn raw_socket(proto: u8, local: IpAddr) -> std::io::Result<AsyncFd<Socket>> {
+    let domain = if local.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let s = Socket::new(domain, Type::RAW, Some(Protocol::from(i32::from(proto))))?;
+    s.bind(&SocketAddr::new(local, 0).into())?;
+    allow_fragmentation(&s, local.is_ipv6())?;
     s.set_nonblocking(true)?;
     // SAFETY: the socket owns its fd, which stays open and the same until the
     // AsyncFd (which owns the socket) is dropped.
@@ -164,43 +178,69 @@ pub fn open_tun(name: &str, mtu: u16) -> anyhow::Result<tun::AsyncDevice> {
 }
 
 /// Raw IP-in-IP sockets: protocol 4 (IPv4 inside) and 41 (IPv6 inside),
-/// outer IPv4, fragmentation allowed.
+/// over an IPv4 or IPv6 outer address, fragmentation allowed.
 pub struct RawTunnel {
     v4: AsyncFd<Socket>,
     v6: AsyncFd<Socket>,
+    outer_v6: bool,
 }
 
 impl RawTunnel {
-    pub fn open(local: Ipv4Addr) -> anyhow::Result<Self> {
+    pub fn open(local: IpAddr) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         Ok(Self {
             v4: raw_socket(encap::PROTO_IPV4, local)
                 .context("cannot open a raw socket for protocol 4 (needs CAP_NET_RAW)")?,
             v6: raw_socket(encap::PROTO_IPV6, local)
                 .context("cannot open a raw socket for protocol 41 (needs CAP_NET_RAW)")?,
+            outer_v6: local.is_ipv6(),
         })
     }
 
     /// Sends `inner` to `peer`; the kernel adds the outer header.
-    pub async fn send(&self, inner: &Inner<'_>, peer: Ipv4Addr) -> std::io::Result<()> {
+    pub async fn send(&self, inner: &Inner<'_>, peer: IpAddr) -> std::io::Result<()> {
         let sock = if inner.is_v4() { &self.v4 } else { &self.v6 };
-        send_raw(
-            sock,
-            inner.bytes,
-            SocketAddr::V4(SocketAddrV4::new(peer, 0)),
-        )
-        .await
+        send_raw(sock, inner.bytes, SocketAddr::new(peer, 0)).await
     }
 
-    /// The next outer packet (IPv4 header included) of either protocol.
-    pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+    /// The next packet out of the tunnel, checked ([`encap::decapsulate`]).
+    /// An IPv4 raw socket delivers the outer header, an IPv6 one only the
+    /// payload (and the source as the sender's address).
+    pub async fn recv<'b>(
+        &self,
+        buf: &'b mut [u8],
+        peers: &[IpAddr],
+    ) -> std::io::Result<Result<Inner<'b>, DropReason>> {
         loop {
-            let mut guard = tokio::select! {
-                g = self.v4.readable() => g?,
-                g = self.v6.readable() => g?,
+            let (mut guard, proto) = tokio::select! {
+                g = self.v4.readable() => (g?, encap::PROTO_IPV4),
+                g = self.v6.readable() => (g?, encap::PROTO_IPV6),
             };
-            match guard.try_io(|s| s.get_ref().read(buf)) {
-                Ok(r) => return r,
+            if !self.outer_v6 {
+                match guard.try_io(|s| s.get_ref().read(buf)) {
+                    Ok(r) => {
+                        let n = r?;
+                        return Ok(encap::decapsulate_ipv4_packet(peers, &buf[..n]));
+                    }
+                    Err(_would_block) => continue,
+                }
+            }
+            // SAFETY: initialised bytes viewed as MaybeUninit<u8>: same
+            // layout, and recv_from only writes into them.
+            let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+            match guard.try_io(|s| s.get_ref().recv_from(uninit)) {
+                Ok(r) => {
+                    let (n, from) = r?;
+                    let Some(src) = from.as_socket().map(|a| a.ip()) else {
+                        return Ok(Err(DropReason::OuterMalformed));
+                    };
+                    return Ok(encap::decapsulate(
+                        peers,
+                        src,
+                        Via::IpProto(proto),
+                        &buf[..n],
+                    ));
+                }
                 Err(_would_block) => continue,
             }
         }
@@ -231,9 +271,9 @@ impl Pipe {
         let outer = match config.kind {
             Kind::Ipip => Outer::Raw(RawTunnel::open(config.local)?),
             Kind::Fou { port } => {
-                let std = std::net::UdpSocket::bind(SocketAddrV4::new(config.local, port))
+                let std = std::net::UdpSocket::bind(SocketAddr::new(config.local, port))
                     .with_context(|| format!("cannot bind FOU port {}:{port}", config.local))?;
-                allow_fragmentation(&std)?;
+                allow_fragmentation(&std, config.local.is_ipv6())?;
                 std.set_nonblocking(true)?;
                 Outer::Fou {
                     sock: UdpSocket::from_std(std)?,
@@ -292,8 +332,7 @@ impl Pipe {
                 }
             };
             if self.config.signal_pmtu && inner.bytes.len() > usize::from(tunnel_mtu) {
-                if let Some(err) = icmp::too_big(&inner, tunnel_mtu, IpAddr::V4(self.config.local))
-                {
+                if let Some(err) = icmp::too_big(&inner, tunnel_mtu, self.config.local) {
                     self.counters.icmp_too_big.fetch_add(1, Ordering::Relaxed);
                     self.tun.send(&err).await?;
                     continue;
@@ -306,7 +345,7 @@ impl Pipe {
             let sent = match &self.outer {
                 Outer::Raw(raw) => raw.send(&inner, self.config.peer).await,
                 Outer::Fou { sock, port } => sock
-                    .send_to(inner.bytes, SocketAddrV4::new(self.config.peer, *port))
+                    .send_to(inner.bytes, SocketAddr::new(self.config.peer, *port))
                     .await
                     .map(|_| ()),
             };
@@ -331,14 +370,13 @@ impl Pipe {
 
     /// Tunnel → TUN.
     async fn inbound_loop(&self) -> std::io::Result<()> {
-        let mut peers: Vec<IpAddr> = vec![IpAddr::V4(self.config.peer)];
-        peers.extend(self.config.extra_peers.iter().map(|p| IpAddr::V4(*p)));
+        let mut peers: Vec<IpAddr> = vec![self.config.peer];
+        peers.extend(self.config.extra_peers.iter().copied());
         match &self.outer {
             Outer::Raw(raw) => {
                 let mut buf = vec![0u8; 65_536];
                 loop {
-                    let n = raw.recv(&mut buf).await?;
-                    let res = encap::decapsulate_ipv4_packet(&peers, &buf[..n]);
+                    let res = raw.recv(&mut buf, &peers).await?;
                     self.deliver(res).await?;
                 }
             }

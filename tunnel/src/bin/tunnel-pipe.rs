@@ -11,7 +11,7 @@
 //! 10.9.0.0/24 dev tun0`). Prints `ready` once the device and sockets exist;
 //! with `--stats` rewrites FILE with JSON counters every 200 ms.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -30,9 +30,9 @@ struct Args {
     #[arg(long)]
     tun: String,
     #[arg(long)]
-    local: Ipv4Addr,
+    local: IpAddr,
     #[arg(long)]
-    peer: Ipv4Addr,
+    peer: IpAddr,
     /// ipip (protocols 4 and 41) or fou (UDP).
     #[arg(long, default_value = "ipip")]
     kind: String,
