@@ -35,6 +35,8 @@ pub mod state;
 ///
 /// [tunnel]
 /// device = "gwtun0"           # TUN device name
+/// kind = "ipip"               # or "fou" (UDP, fou_port = 5555)
+/// signal_pmtu = false         # true: ICMP too-big instead of outer fragments
 /// path_mtu = 1500
 /// clamp_mss = true
 /// drain_deadline_s = 3600
@@ -93,6 +95,12 @@ pub struct ApiConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelConfig {
     pub device: String,
+    /// `ipip` (raw IP protocols 4/41) or `fou` (UDP, `fou_port`).
+    pub kind: String,
+    pub fou_port: u16,
+    /// Answer DF packets that do not fit the tunnel with ICMP "fragmentation
+    /// needed"/"packet too big" instead of fragmenting the outer packet.
+    pub signal_pmtu: bool,
     pub path_mtu: u16,
     pub clamp_mss: bool,
     /// Drain at the latest this long after it starts.
@@ -121,6 +129,9 @@ impl Default for TunnelConfig {
     fn default() -> Self {
         Self {
             device: "gwtun0".into(),
+            kind: "ipip".into(),
+            fou_port: 5555,
+            signal_pmtu: false,
             path_mtu: 1500,
             clamp_mss: true,
             drain_deadline_s: 3600,
@@ -190,6 +201,15 @@ impl Config {
             api.token_file = api.token_file.as_deref().map(rel);
         }
         config.state_dir = config.state_dir.as_deref().map(rel);
+        if !matches!(config.tunnel.kind.as_str(), "ipip" | "fou") {
+            return Err(ConfigError::Parse(
+                shown,
+                format!(
+                    "[tunnel] kind must be ipip or fou, not {:?}",
+                    config.tunnel.kind
+                ),
+            ));
+        }
         if config.tunnel.device.is_empty() || config.tunnel.device.len() > 15 {
             return Err(ConfigError::Parse(
                 shown,
@@ -231,10 +251,28 @@ impl Gateway {
         let (plane, net) = match config.wan {
             Some(wan) => {
                 let tun = tunnel::io::open_tun(&config.tunnel.device, config.tunnel.path_mtu)?;
-                let raw = tunnel::io::RawTunnel::open(wan)?;
+                let t = &config.tunnel;
+                let kind = if t.kind == "fou" {
+                    tunnel::encap::Kind::Fou { port: t.fou_port }
+                } else {
+                    tunnel::encap::Kind::Ipip
+                };
+                let outer = tunnel::io::Outer::open(kind, wan)?;
+                let overhead =
+                    if wan.is_ipv6() { 40 } else { 20 } + if t.kind == "fou" { 8 } else { 0 };
                 let plane = Arc::new(plane::Plane {
                     tun,
-                    raw,
+                    outer,
+                    signal_pmtu: t.signal_pmtu.then_some(wan),
+                    icmp: if t.signal_pmtu {
+                        Some(
+                            tunnel::io::IcmpSender::open()
+                                .context("cannot open raw ICMP sockets")?,
+                        )
+                    } else {
+                        None
+                    },
+                    overhead,
                     tables: Default::default(),
                     counters: Default::default(),
                     path_mtu: config.tunnel.path_mtu,

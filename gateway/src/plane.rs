@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use tunnel::flow::FlowTable;
-use tunnel::io::{Counters, RawTunnel};
+use tunnel::io::{Counters, Outer};
 use tunnel::packet::{DropReason, Inner};
 use tunnel::{mss, nat};
 
@@ -119,7 +119,12 @@ fn v4(a: IpAddr) -> Option<Ipv4Addr> {
 
 pub struct Plane {
     pub tun: tunnel::TunDevice,
-    pub raw: RawTunnel,
+    pub outer: Outer,
+    /// Send ICMP too-big for DF packets that do not fit, from this address.
+    pub signal_pmtu: Option<IpAddr>,
+    pub icmp: Option<tunnel::io::IcmpSender>,
+    /// Outer header bytes (20 IPv4, 40 IPv6, + 8 for FOU).
+    pub overhead: u16,
     pub tables: Arc<Mutex<Tables>>,
     pub counters: Arc<Counters>,
     pub path_mtu: u16,
@@ -150,7 +155,7 @@ impl Plane {
 
     async fn tun_to_tunnel(&self) -> std::io::Result<()> {
         let mut buf = vec![0u8; 65_536];
-        let tunnel_mtu = self.path_mtu.saturating_sub(20);
+        let tunnel_mtu = self.path_mtu.saturating_sub(self.overhead);
         loop {
             let n = self.tun.recv(&mut buf).await?;
             let pkt = &mut buf[..n];
@@ -161,15 +166,29 @@ impl Plane {
                     self.tun.send(pkt).await?;
                 }
                 Out::Tunnel(peer) => {
-                    if self.clamp_mss && mss::clamp(pkt, mss::mss_for(tunnel_mtu, false)).is_some()
-                    {
+                    let ipv6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+                    if self.clamp_mss && mss::clamp(pkt, mss::mss_for(tunnel_mtu, ipv6)).is_some() {
                         self.counters.mss_clamped.fetch_add(1, Ordering::Relaxed);
                     }
                     let Ok(inner) = Inner::parse(pkt) else {
                         self.counters.dropped(DropReason::InnerMalformed);
                         continue;
                     };
-                    match self.raw.send(&inner, peer).await {
+                    if let Some(from) = self
+                        .signal_pmtu
+                        .filter(|_| inner.bytes.len() > usize::from(tunnel_mtu))
+                    {
+                        if let (Some(err), Some(sender)) =
+                            (tunnel::icmp::too_big(&inner, tunnel_mtu, from), &self.icmp)
+                        {
+                            self.counters.icmp_too_big.fetch_add(1, Ordering::Relaxed);
+                            if let Err(e) = sender.send(&err) {
+                                tracing::debug!(error = %e, "cannot send ICMP too-big");
+                            }
+                            continue;
+                        }
+                    }
+                    match self.outer.send(&inner, peer).await {
                         Ok(()) => {
                             self.counters
                                 .encapsulated_packets
@@ -250,7 +269,7 @@ impl Plane {
         let mut buf = vec![0u8; 65_536];
         loop {
             let peers = self.lock().peers();
-            let inner = match self.raw.recv(&mut buf, &peers).await? {
+            let inner = match self.outer.recv(&mut buf, &peers).await? {
                 Ok(i) if !i.forwardable() => {
                     self.counters.dropped(DropReason::LinkLocal);
                     continue;

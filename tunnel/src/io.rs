@@ -247,9 +247,103 @@ impl RawTunnel {
     }
 }
 
-enum Outer {
+/// Sends the ICMP errors built by [`icmp::too_big`] as locally originated
+/// packets. (Written into the TUN device they would be dropped: their
+/// source is one of this host's addresses, a "martian" on input.)
+pub struct IcmpSender {
+    v4: Socket,
+    v6: Socket,
+}
+
+impl IcmpSender {
+    pub fn open() -> std::io::Result<Self> {
+        // IPPROTO_RAW: the packet carries its own IPv4 header
+        let v4 = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )?;
+        // ICMPv6: the kernel adds the IPv6 header and the checksum
+        let v6 = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+        v4.set_nonblocking(true)?;
+        v6.set_nonblocking(true)?;
+        Ok(Self { v4, v6 })
+    }
+
+    /// Sends a complete ICMP or ICMPv6 error packet (IP header included).
+    /// A full send buffer drops it: ICMP errors are best effort.
+    pub fn send(&self, packet: &[u8]) -> std::io::Result<()> {
+        let Ok(p) = Inner::parse(packet) else {
+            return Err(std::io::Error::other("not an IP packet"));
+        };
+        let to = SocketAddr::new(p.dst, 0);
+        let sent = if p.is_v4() {
+            self.v4.send_to(packet, &to.into())
+        } else {
+            self.v6.send_to(&packet[40..], &to.into())
+        };
+        match sent {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+}
+
+/// The outside of a tunnel: raw IP-in-IP sockets, or a FOU UDP socket.
+pub enum Outer {
     Raw(RawTunnel),
     Fou { sock: UdpSocket, port: u16 },
+}
+
+impl Outer {
+    /// Opens the sockets for `kind` on `local`.
+    pub fn open(kind: Kind, local: IpAddr) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        Ok(match kind {
+            Kind::Ipip => Outer::Raw(RawTunnel::open(local)?),
+            Kind::Fou { port } => {
+                let std = std::net::UdpSocket::bind(SocketAddr::new(local, port))
+                    .with_context(|| format!("cannot bind FOU port {local}:{port}"))?;
+                allow_fragmentation(&std, local.is_ipv6())?;
+                std.set_nonblocking(true)?;
+                Outer::Fou {
+                    sock: UdpSocket::from_std(std)?,
+                    port,
+                }
+            }
+        })
+    }
+
+    /// Sends `inner` to `peer`.
+    pub async fn send(&self, inner: &Inner<'_>, peer: IpAddr) -> std::io::Result<()> {
+        match self {
+            Outer::Raw(raw) => raw.send(inner, peer).await,
+            Outer::Fou { sock, port } => sock
+                .send_to(inner.bytes, SocketAddr::new(peer, *port))
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// The next packet out of the tunnel, checked against `peers`.
+    pub async fn recv<'b>(
+        &self,
+        buf: &'b mut [u8],
+        peers: &[IpAddr],
+    ) -> std::io::Result<Result<Inner<'b>, DropReason>> {
+        match self {
+            Outer::Raw(raw) => raw.recv(buf, peers).await,
+            Outer::Fou { sock, .. } => {
+                let (n, from) = sock.recv_from(buf).await?;
+                Ok(encap::decapsulate(
+                    peers,
+                    from.ip(),
+                    Via::Fou { ipproto: None },
+                    &buf[..n],
+                ))
+            }
+        }
+    }
 }
 
 /// A running userspace tunnel endpoint.
@@ -259,6 +353,7 @@ pub struct Pipe {
     pub flows: Arc<Mutex<FlowTable>>,
     tun: tun::AsyncDevice,
     outer: Outer,
+    icmp: Option<IcmpSender>,
     started: Instant,
 }
 
@@ -266,20 +361,15 @@ impl Pipe {
     /// Creates the TUN device and the outer sockets (needs CAP_NET_ADMIN and
     /// CAP_NET_RAW). Routes into the TUN device are the caller's.
     pub fn open(config: PipeConfig) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
         let tun = open_tun(&config.tun, config.path_mtu)?;
-        let outer = match config.kind {
-            Kind::Ipip => Outer::Raw(RawTunnel::open(config.local)?),
-            Kind::Fou { port } => {
-                let std = std::net::UdpSocket::bind(SocketAddr::new(config.local, port))
-                    .with_context(|| format!("cannot bind FOU port {}:{port}", config.local))?;
-                allow_fragmentation(&std, config.local.is_ipv6())?;
-                std.set_nonblocking(true)?;
-                Outer::Fou {
-                    sock: UdpSocket::from_std(std)?,
-                    port,
-                }
-            }
+        let outer = Outer::open(config.kind, config.local)?;
+        let icmp = if config.signal_pmtu {
+            Some(
+                IcmpSender::open()
+                    .map_err(|e| anyhow::anyhow!("cannot open raw ICMP sockets: {e}"))?,
+            )
+        } else {
+            None
         };
         Ok(Self {
             config,
@@ -287,6 +377,7 @@ impl Pipe {
             flows: Arc::new(Mutex::new(FlowTable::default())),
             tun,
             outer,
+            icmp,
             started: Instant::now(),
         })
     }
@@ -332,9 +423,14 @@ impl Pipe {
                 }
             };
             if self.config.signal_pmtu && inner.bytes.len() > usize::from(tunnel_mtu) {
-                if let Some(err) = icmp::too_big(&inner, tunnel_mtu, self.config.local) {
+                if let (Some(err), Some(sender)) = (
+                    icmp::too_big(&inner, tunnel_mtu, self.config.local),
+                    &self.icmp,
+                ) {
                     self.counters.icmp_too_big.fetch_add(1, Ordering::Relaxed);
-                    self.tun.send(&err).await?;
+                    if let Err(e) = sender.send(&err) {
+                        tracing::debug!(error = %e, "cannot send ICMP too-big");
+                    }
                     continue;
                 }
             }
@@ -342,13 +438,7 @@ impl Pipe {
                 f.observe(&inner, self.now_ms());
             }
             tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "into the tunnel");
-            let sent = match &self.outer {
-                Outer::Raw(raw) => raw.send(&inner, self.config.peer).await,
-                Outer::Fou { sock, port } => sock
-                    .send_to(inner.bytes, SocketAddr::new(self.config.peer, *port))
-                    .await
-                    .map(|_| ()),
-            };
+            let sent = self.outer.send(&inner, self.config.peer).await;
             match sent {
                 Ok(()) => {
                     self.counters
@@ -372,27 +462,10 @@ impl Pipe {
     async fn inbound_loop(&self) -> std::io::Result<()> {
         let mut peers: Vec<IpAddr> = vec![self.config.peer];
         peers.extend(self.config.extra_peers.iter().copied());
-        match &self.outer {
-            Outer::Raw(raw) => {
-                let mut buf = vec![0u8; 65_536];
-                loop {
-                    let res = raw.recv(&mut buf, &peers).await?;
-                    self.deliver(res).await?;
-                }
-            }
-            Outer::Fou { sock, .. } => {
-                let mut buf = vec![0u8; 65_536];
-                loop {
-                    let (n, from) = sock.recv_from(&mut buf).await?;
-                    let res = encap::decapsulate(
-                        &peers,
-                        from.ip(),
-                        Via::Fou { ipproto: None },
-                        &buf[..n],
-                    );
-                    self.deliver(res).await?;
-                }
-            }
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let res = self.outer.recv(&mut buf, &peers).await?;
+            self.deliver(res).await?;
         }
     }
 

@@ -413,3 +413,15 @@ fn ipv4_and_ipv6_cross_a_tunnel_over_ipv6() {
     assert_eq!(a["largest_encapsulated"].as_u64(), Some(1500), "{a}");
     let _ = (&bed.a, &bed.b);
 }
+
+#[test]
+fn with_pmtu_signalling_full_size_segments_shrink_instead_of_fragmenting() {
+    let bed = bed(&["--signal-pmtu"]);
+    let server: SocketAddr = "10.9.0.2:7000".parse().expect("addr");
+    echo_server(&bed.s, server);
+    echo_stream(&bed.c.name, server, 9, 1 << 20);
+    let a = stats(&bed.stats_a);
+    assert!(a["icmp_too_big"].as_u64() >= Some(1), "{a}");
+    assert!(a["largest_encapsulated"].as_u64() <= Some(1480), "{a}");
+    let _ = (&bed.a, &bed.b);
+}

@@ -26,6 +26,8 @@ pub struct Bed {
     /// siteA's end of the VM's link (the one that moves).
     pub vm_link: String,
     pub dir: tempfile::TempDir,
+    /// Extra lines for the gateways' [tunnel] table.
+    pub tunnel_extra: String,
 }
 
 pub struct Gw {
@@ -60,6 +62,10 @@ fn sysctl(ns: &Netns, kv: &str) {
 
 impl Bed {
     pub fn new() -> Self {
+        Self::with_tunnel("")
+    }
+
+    pub fn with_tunnel(tunnel_extra: &str) -> Self {
         assert!(
             available(),
             "these tests need root and iproute2 (network namespaces)"
@@ -112,6 +118,7 @@ impl Bed {
             neighbour,
             vm_link,
             dir,
+            tunnel_extra: tunnel_extra.to_string(),
         };
         bed.echo_servers();
         bed
@@ -157,9 +164,9 @@ impl Bed {
         let text = format!(
             "site = \"{site}\"\nwan = \"{wan}\"\nstate_dir = \"{name}-state\"\n\
              [api]\nunix = \"{name}.sock\"\ntoken = \"{TOKEN}\"\n\
-             [tunnel]\ndevice = \"{dev}\"\ndrain_quiet_ms = 1000\nudp_idle_s = 2\n\
+             [tunnel]\ndevice = \"{dev}\"\ndrain_quiet_ms = 1000\nudp_idle_s = 2\n{}\n\
              [[peer]]\nsite = \"{}\"\naddress = \"{}\"\n",
-            peer.0, peer.1
+            self.tunnel_extra, peer.0, peer.1
         );
         std::fs::write(&config, text).expect("config");
         (config, sock)

@@ -169,3 +169,25 @@ fn packets_from_unknown_peers_or_to_unregistered_addresses_are_dropped_and_count
     assert_eq!(drops["unknown_peer"].as_u64(), Some(1), "{st}");
     assert_eq!(drops["unregistered_destination"].as_u64(), Some(1), "{st}");
 }
+
+#[test]
+fn a_fou_tunnel_that_signals_the_path_mtu_keeps_the_connections() {
+    let bed = Bed::with_tunnel("kind = \"fou\"\nsignal_pmtu = true");
+    let (ga, gb) = (bed.gateway_a(), bed.gateway_b());
+    bed.register_and_prepare(&ga, &gb);
+    let streams = Streams::start(&bed, 5);
+    streams.wait_progress(Duration::from_secs(10));
+    let before = streams.verified();
+    bed.move_vm_and_switch(&ga, &gb);
+    // full-size segments no longer fit (1500 > 1472 inside UDP): the
+    // endpoints are told so and shrink their segments
+    streams.wait_progress_beyond(&before, Duration::from_secs(30));
+    bed.echo_once("10.2.0.100:7000", b"new address over FOU");
+    let (_, st) = ga.api("GET", "/v1/status", "");
+    assert!(st["data_plane"]["icmp_too_big"].as_u64() >= Some(1), "{st}");
+    assert!(
+        st["data_plane"]["largest_encapsulated"].as_u64() <= Some(1472),
+        "{st}"
+    );
+    streams.finish();
+}
