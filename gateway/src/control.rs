@@ -27,17 +27,17 @@ pub enum ControlError {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SwitchRequest {
     /// "old": the VM left this site; "new": the VM arrived here.
     pub role: String,
-    // (`lan`: old site: answer ARP for the VM's address there; new site:
-    // where the VM is reached.)
     /// The other site (a configured peer).
     pub peer: String,
     /// New site: the VM's public address here.
     #[serde(default)]
     pub public: Option<Ipv4Addr>,
-    /// New site: the interface the VM is reached through.
+    /// New site: the interface the VM is reached through (required). Old
+    /// site: its old LAN, where we then answer ARP for its address.
     #[serde(default)]
     pub lan: Option<String>,
 }
@@ -164,46 +164,27 @@ impl Control {
     }
 
     /// Installs the routes and data-plane entries of a switched migration.
+    /// Routes first: a failure leaves no half-registered address in the
+    /// data plane, and every step is idempotent, so a retry completes it.
     async fn apply(&self, address: Ipv4Addr, role: &Role) -> Result<(), ControlError> {
         let (plane, net) = self.parts()?;
         let dev = self.config.tunnel.device.clone();
-        match role {
+        let timeouts = self.config.tunnel.timeouts();
+        let side = match role {
             Role::Old { peer, lan } => {
                 let peer = self.peer_address(peer)?;
-                plane
-                    .tables
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .sides
-                    .insert(
-                        address,
-                        Side::Old {
-                            peer,
-                            flows: tunnel::flow::FlowTable::new(self.config.tunnel.timeouts()),
-                            last_ms: plane.now_ms(),
-                        },
-                    );
                 net.add_host_route(address, &dev, None).await?;
                 if let Some(lan) = lan {
                     net.add_proxy_arp(address, lan).await?;
                 }
+                Side::Old {
+                    peer,
+                    flows: tunnel::flow::FlowTable::new(timeouts),
+                    last_ms: plane.now_ms(),
+                }
             }
             Role::New { peer, public, lan } => {
                 let peer_addr = self.peer_address(peer)?;
-                plane
-                    .tables
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .sides
-                    .insert(
-                        address,
-                        Side::New {
-                            peer: peer_addr,
-                            public: *public,
-                            tunnelled: tunnel::flow::FlowTable::new(self.config.tunnel.timeouts()),
-                            translated: tunnel::flow::FlowTable::new(self.config.tunnel.timeouts()),
-                        },
-                    );
                 net.add_host_route(*public, &dev, None).await?;
                 net.add_default_route(&dev, REVERSE_TABLE).await?;
                 net.add_rule_from(address, lan, REVERSE_TABLE).await?;
@@ -214,8 +195,20 @@ impl Control {
                 std::fs::write(&knob, "1").map_err(|e| {
                     ControlError::Internal(anyhow::anyhow!("cannot write {knob}: {e}"))
                 })?;
+                Side::New {
+                    peer: peer_addr,
+                    public: *public,
+                    tunnelled: tunnel::flow::FlowTable::new(timeouts),
+                    translated: tunnel::flow::FlowTable::new(timeouts),
+                }
             }
-        }
+        };
+        plane
+            .tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sides
+            .insert(address, side);
         Ok(())
     }
 

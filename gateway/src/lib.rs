@@ -261,6 +261,7 @@ impl Gateway {
                 let overhead =
                     if wan.is_ipv6() { 40 } else { 20 } + if t.kind == "fou" { 8 } else { 0 };
                 let plane = Arc::new(plane::Plane {
+                    peers: config.peers.iter().map(|p| p.address).collect(),
                     tun,
                     outer,
                     signal_pmtu: t.signal_pmtu.then_some(wan),

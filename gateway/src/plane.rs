@@ -66,15 +66,6 @@ impl Tables {
         })
     }
 
-    fn peers(&self) -> Vec<IpAddr> {
-        self.sides
-            .values()
-            .map(|s| match s {
-                Side::Old { peer, .. } | Side::New { peer, .. } => *peer,
-            })
-            .collect()
-    }
-
     pub fn stats(&self, guest: Ipv4Addr) -> Option<SideStats> {
         let sum = |t: &FlowTable| {
             t.iter().fold((0u64, 0u64), |(p, b), (_, f)| {
@@ -118,6 +109,8 @@ fn v4(a: IpAddr) -> Option<Ipv4Addr> {
 }
 
 pub struct Plane {
+    /// The configured peer gateways: the only outer sources accepted.
+    pub peers: Vec<IpAddr>,
     pub tun: tunnel::TunDevice,
     pub outer: Outer,
     /// Send ICMP too-big for DF packets that do not fit, from this address.
@@ -268,8 +261,7 @@ impl Plane {
     async fn tunnel_to_tun(&self) -> std::io::Result<()> {
         let mut buf = vec![0u8; 65_536];
         loop {
-            let peers = self.lock().peers();
-            let inner = match self.outer.recv(&mut buf, &peers).await? {
+            let inner = match self.outer.recv(&mut buf, &self.peers).await? {
                 Ok(i) if !i.forwardable() => {
                     self.counters.dropped(DropReason::LinkLocal);
                     continue;
