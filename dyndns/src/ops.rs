@@ -207,6 +207,37 @@ async fn replace(
     client.update(msg).await
 }
 
+/// Sets the TTL of `name`'s address records to what `ttl` computes from the
+/// current one, keeping the addresses; reads again and retries (3 tries) if
+/// they change between the read and the update. Returns the addresses and
+/// the TTLs before and after.
+async fn set_ttl(
+    client: &Client,
+    zone: &Name,
+    name: &Name,
+    ttl: impl Fn(u32) -> u32,
+) -> Result<(Vec<IpAddr>, u32, u32), OpsError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let current = addresses(client, name).await?;
+        let ips = current.ips();
+        let Some(before) = current.ttl() else {
+            return Err(OpsError::NoAddress {
+                name: name.to_string(),
+                server: client.server().to_string(),
+            });
+        };
+        let after = ttl(before);
+        match replace(client, zone, name, &ips, &ips, after).await {
+            Ok(()) => return Ok((ips, before, after)),
+            // changed between our read and our update: read again
+            Err(ClientError::Prerequisite { .. }) if attempt < 3 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Lowers the TTL of `name`'s address records to `ttl`.
 pub async fn prepare(
     client: &Client,
@@ -214,36 +245,17 @@ pub async fn prepare(
     name: &Name,
     ttl: u32,
 ) -> Result<Prepared, OpsError> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let current = addresses(client, name).await?;
-        let ips = current.ips();
-        let Some(original_ttl) = current.ttl() else {
-            return Err(OpsError::NoAddress {
-                name: name.to_string(),
-                server: client.server().to_string(),
-            });
-        };
-        let lowered = ttl.min(original_ttl);
-        match replace(client, zone, name, &ips, &ips, lowered).await {
-            Ok(()) => {
-                let now = unix_now();
-                return Ok(Prepared {
-                    name: name.to_string(),
-                    zone: zone.to_string(),
-                    addrs: ips,
-                    original_ttl,
-                    lowered_ttl: lowered,
-                    prepared_at_unix: now,
-                    safe_after_unix: now + u64::from(original_ttl),
-                });
-            }
-            // changed between our read and our update: read again
-            Err(ClientError::Prerequisite { .. }) if attempt < 3 => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let (addrs, original_ttl, lowered_ttl) = set_ttl(client, zone, name, |t| ttl.min(t)).await?;
+    let now = unix_now();
+    Ok(Prepared {
+        name: name.to_string(),
+        zone: zone.to_string(),
+        addrs,
+        original_ttl,
+        lowered_ttl,
+        prepared_at_unix: now,
+        safe_after_unix: now + u64::from(original_ttl),
+    })
 }
 
 /// Points `name` at `to`, if it points at `from` now.
@@ -290,20 +302,5 @@ pub async fn finish(
     name: &Name,
     original_ttl: u32,
 ) -> Result<Vec<IpAddr>, OpsError> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let ips = addresses(client, name).await?.ips();
-        if ips.is_empty() {
-            return Err(OpsError::NoAddress {
-                name: name.to_string(),
-                server: client.server().to_string(),
-            });
-        }
-        match replace(client, zone, name, &ips, &ips, original_ttl).await {
-            Ok(()) => return Ok(ips),
-            Err(ClientError::Prerequisite { .. }) if attempt < 3 => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    Ok(set_ttl(client, zone, name, |_| original_ttl).await?.0)
 }

@@ -182,17 +182,7 @@ impl Plane {
                         }
                     }
                     match self.outer.send(&inner, peer).await {
-                        Ok(()) => {
-                            self.counters
-                                .encapsulated_packets
-                                .fetch_add(1, Ordering::Relaxed);
-                            self.counters
-                                .encapsulated_bytes
-                                .fetch_add(inner.bytes.len() as u64, Ordering::Relaxed);
-                            self.counters
-                                .largest_encapsulated
-                                .fetch_max(inner.bytes.len() as u64, Ordering::Relaxed);
-                        }
+                        Ok(()) => self.counters.encapsulated(inner.bytes.len()),
                         Err(e) => tracing::debug!(error = %e, "cannot send into the tunnel"),
                     }
                 }
@@ -300,12 +290,7 @@ impl Plane {
                 continue;
             }
             self.tun.send(inner.bytes).await?;
-            self.counters
-                .decapsulated_packets
-                .fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .decapsulated_bytes
-                .fetch_add(inner.bytes.len() as u64, Ordering::Relaxed);
+            self.counters.decapsulated(inner.bytes.len());
         }
     }
 }

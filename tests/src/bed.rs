@@ -259,3 +259,15 @@ pub fn require_root() -> Result<()> {
     }
     run(&["ip", "netns", "list"]).context("iproute2 is missing: apt-get install iproute2")
 }
+
+/// This machine's CPU model, for benchmark reports.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default()
+}

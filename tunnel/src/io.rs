@@ -85,6 +85,22 @@ pub struct CountersSnapshot {
 }
 
 impl Counters {
+    /// One inner packet of `len` bytes sent into the tunnel.
+    pub fn encapsulated(&self, len: usize) {
+        self.encapsulated_packets.fetch_add(1, Ordering::Relaxed);
+        self.encapsulated_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        self.largest_encapsulated
+            .fetch_max(len as u64, Ordering::Relaxed);
+    }
+
+    /// One inner packet of `len` bytes delivered out of the tunnel.
+    pub fn decapsulated(&self, len: usize) {
+        self.decapsulated_packets.fetch_add(1, Ordering::Relaxed);
+        self.decapsulated_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+    }
+
     pub fn dropped(&self, why: DropReason) {
         if let Some(i) = DropReason::ALL.iter().position(|d| *d == why) {
             self.drops[i].fetch_add(1, Ordering::Relaxed);
@@ -440,17 +456,7 @@ impl Pipe {
             tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "into the tunnel");
             let sent = self.outer.send(&inner, self.config.peer).await;
             match sent {
-                Ok(()) => {
-                    self.counters
-                        .encapsulated_packets
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.counters
-                        .encapsulated_bytes
-                        .fetch_add(inner.bytes.len() as u64, Ordering::Relaxed);
-                    self.counters
-                        .largest_encapsulated
-                        .fetch_max(inner.bytes.len() as u64, Ordering::Relaxed);
-                }
+                Ok(()) => self.counters.encapsulated(inner.bytes.len()),
                 // a transient send error (no route yet, buffer full) loses
                 // one packet, as a router would; keep the loop alive
                 Err(e) => tracing::debug!(error = %e, "cannot send into the tunnel"),
@@ -492,12 +498,7 @@ impl Pipe {
         }
         tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "out of the tunnel");
         self.tun.send(inner.bytes).await?;
-        self.counters
-            .decapsulated_packets
-            .fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .decapsulated_bytes
-            .fetch_add(inner.bytes.len() as u64, Ordering::Relaxed);
+        self.counters.decapsulated(inner.bytes.len());
         Ok(())
     }
 }

@@ -194,6 +194,18 @@ fn echo_stream(ns: &str, to: SocketAddr, k: u64, len: u64) {
     assert_eq!(got, len, "stream {k}: bytes missing");
 }
 
+fn udp_echo_server(ns: &Netns, at: SocketAddr) {
+    let srv = in_netns(&ns.name, move || UdpSocket::bind(at))
+        .expect("netns")
+        .expect("bind");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = srv.recv_from(&mut buf) {
+            let _ = srv.send_to(&buf[..n], from);
+        }
+    });
+}
+
 fn echo_server(ns: &Netns, at: SocketAddr) {
     let listener = in_netns(&ns.name, move || TcpListener::bind(at))
         .expect("netns")
@@ -231,15 +243,7 @@ fn tcp_and_udp_cross_the_userspace_tunnel_with_full_size_segments() {
 
     // UDP: 200 datagrams of 1400 bytes, echoed
     let udp_at: SocketAddr = "10.9.0.2:7001".parse().expect("addr");
-    let srv = in_netns(&bed.s.name, move || UdpSocket::bind(udp_at))
-        .expect("netns")
-        .expect("bind");
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = srv.recv_from(&mut buf) {
-            let _ = srv.send_to(&buf[..n], from);
-        }
-    });
+    udp_echo_server(&bed.s, udp_at);
     let cli = in_netns(&bed.c.name, || UdpSocket::bind("10.0.1.2:0"))
         .expect("netns")
         .expect("bind");
@@ -370,15 +374,7 @@ fn ipv4_and_ipv6_cross_a_tunnel_over_ipv6() {
     // 6in6: UDP; datagrams carry their number, so an echo that arrives late
     // (the first ones wait for neighbour discovery) still matches
     let at: SocketAddr = "[fd00:9::2]:7001".parse().expect("addr");
-    let srv = in_netns(&bed.s.name, move || UdpSocket::bind(at))
-        .expect("netns")
-        .expect("bind");
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = srv.recv_from(&mut buf) {
-            let _ = srv.send_to(&buf[..n], from);
-        }
-    });
+    udp_echo_server(&bed.s, at);
     let cli = in_netns(&bed.c.name, || UdpSocket::bind("[fd00:1::2]:0"))
         .expect("netns")
         .expect("bind");

@@ -293,14 +293,7 @@ async fn main() -> Result<()> {
         lat_rows.push((sname, l));
     }
 
-    let host = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let host = tests::bed::cpu_model();
     let bind_version = Command::new("named")
         .arg("-v")
         .output()

@@ -180,14 +180,7 @@ async fn main() -> Result<()> {
         });
     }
 
-    let host = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let host = cpu_model();
     let mut md = format!(
         "# Storage migration benchmark\n\nImage {} MiB with {} MiB of random data in 30 extents (rest holes), link {} Mbit/s (`tc tbf` on a veth pair between two namespaces, both directions), no added delay. \
         Machine: {} cores, {host}. Command: `sudo target/release/bench-storage --size-mib {} --data-mib {} --rate-mbit {} --writer-mbps {}`.\n\n\
