@@ -399,7 +399,7 @@ impl Pipe {
     }
 
     pub fn snapshot(&self) -> CountersSnapshot {
-        snapshot(&self.counters, &self.flows)
+        snapshot(&self.counters, Some(&self.flows))
     }
 
     fn now_ms(&self) -> u64 {
@@ -514,9 +514,13 @@ async fn send_raw(sock: &AsyncFd<Socket>, bytes: &[u8], to: SocketAddr) -> std::
     }
 }
 
-pub fn snapshot(counters: &Counters, flows: &Mutex<FlowTable>) -> CountersSnapshot {
+/// The counters, and the flow counts of `flows` when given (the gateway
+/// keeps its flows per migration and reports them there).
+pub fn snapshot(counters: &Counters, flows: Option<&Mutex<FlowTable>>) -> CountersSnapshot {
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let (n, live) = flows.lock().map(|f| (f.len(), f.live())).unwrap_or((0, 0));
+    let (n, live) = flows
+        .and_then(|f| f.lock().ok().map(|f| (f.len(), f.live())))
+        .unwrap_or((0, 0));
     CountersSnapshot {
         encapsulated_packets: get(&counters.encapsulated_packets),
         encapsulated_bytes: get(&counters.encapsulated_bytes),
