@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests, the demo and the benchmarks use.
 # qemu-system-x86 and qemu-utils come from the same release on purpose: mixing
-# versions makes apt remove one of them.
+# versions makes apt remove one of them. (A machine with a newer qemu-utils
+# from backports gets Debian 12's pair, 7.2; every test passes with either.)
 set -euo pipefail
-pkgs=(qemu-utils libnbd-bin iproute2 e2fsprogs bind9 bind9-dnsutils dnsperf)
+pkgs=(qemu-utils qemu-system-x86 busybox-static cpio libnbd-bin iproute2 e2fsprogs bind9 bind9-dnsutils dnsperf)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,5 +1,6 @@
 //! Test bed helpers: network namespaces with Drop guards, child processes that are
-//! killed when their guard drops.
+//! killed when their guard drops, and the QEMU guest test bed.
 pub mod bed;
+pub mod guest;
 pub mod netns;
 pub mod proc;
