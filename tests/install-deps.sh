@@ -19,3 +19,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# Debian 12's qemu-system-x86 replaces a newer qemu-utils from backports
+# (apt removes it): put qemu-img back, from the same release.
+if ! command -v qemu-img >/dev/null 2>&1; then
+  echo "installing: qemu-utils (to match qemu-system-x86)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null
+fi
