@@ -322,6 +322,15 @@ pub fn qemu_command(k: &GuestKernel, disk: &Path, append_extra: &str) -> Command
     c
 }
 
+/// Gives the guest a virtio NIC on tap device `tap` (which must exist, in
+/// the namespace QEMU runs in).
+pub fn add_tap(cmd: &mut Command, tap: &str) {
+    cmd.arg("-netdev")
+        .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+        .arg("-device")
+        .arg("virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56");
+}
+
 /// Where the guest build is cached: `$MIGRATOR_GUEST_CACHE`, else
 /// `/var/cache/migrator-guest`.
 pub fn cache_dir() -> PathBuf {

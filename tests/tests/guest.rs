@@ -79,3 +79,88 @@ fn the_guest_boots_writes_its_log_without_gaps_and_shuts_down_clean() {
         String::from_utf8_lossy(&fsck.stdout)
     );
 }
+
+#[test]
+fn the_guest_serves_http_on_its_network_from_a_namespace() {
+    use std::io::{Read as _, Write as _};
+    use tests::netns::{available, in_netns, unique, Netns};
+    assert!(available(), "needs root (network namespaces)");
+    let k = guest::kernel(&guest::cache_dir()).expect("guest kernel and initramfs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("root.img");
+    let page = b"served from the guest's disk\n".repeat(1000);
+    guest::rootfs(&disk, 64, &[("index.html", &page)]).expect("rootfs");
+
+    let site = Netns::new(unique("gs")).expect("netns");
+    let tap = unique("tp");
+    site.exec(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap"])
+        .expect("tap");
+    site.exec(&["ip", "addr", "add", "10.1.0.1/24", "dev", &tap])
+        .expect("addr");
+    site.exec(&["ip", "link", "set", &tap, "up"]).expect("up");
+
+    let plain = guest::qemu_command(
+        &k,
+        &disk,
+        "guest_ip=10.1.0.10/24 guest_gw=10.1.0.1 guest_beats=2000",
+    );
+    let mut cmd = site.command("qemu-system-x86_64");
+    cmd.args(plain.get_args());
+    guest::add_tap(&mut cmd, &tap);
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null());
+    let mut child = ChildGuard::spawn(&mut cmd).expect("qemu");
+    let out = child
+        .0
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .expect("console");
+    let mut lines = BufReader::new(out).lines();
+    let started = Instant::now();
+    loop {
+        let line = lines
+            .next()
+            .expect("console closed before the guest was ready")
+            .expect("read");
+        if line.trim().ends_with("guest ready") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the guest did not come up"
+        );
+    }
+    // fetch the page over the guest's network
+    let to: std::net::SocketAddr = "10.1.0.10:80".parse().expect("addr");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let got = in_netns(&site.name, move || -> std::io::Result<Vec<u8>> {
+            let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET /index.html HTTP/1.0\r\nHost: guest\r\n\r\n")?;
+            let mut all = Vec::new();
+            s.read_to_end(&mut all)?;
+            Ok(all)
+        })
+        .expect("netns");
+        match got {
+            Ok(all) => break all,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("cannot fetch from the guest: {e}"),
+        }
+    };
+    let split = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP header");
+    assert!(
+        body.starts_with(b"HTTP/1.0 200") || body.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&body[..split])
+    );
+    assert_eq!(&body[split + 4..], &page[..], "the page came back changed");
+}
