@@ -6,6 +6,7 @@
 //!   throttling, convergence).
 //! - [`transport`]: framed messages over one TLS 1.3 connection with pinned keys.
 //! - [`source`] and [`agent`]: the two ends of a disk migration.
+//! - [`qmp`]: the QMP client that drives QEMU.
 
 pub mod agent;
 pub mod disk;
@@ -13,5 +14,6 @@ pub mod events;
 pub mod image;
 pub mod nbd;
 pub mod precopy;
+pub mod qmp;
 pub mod source;
 pub mod transport;
