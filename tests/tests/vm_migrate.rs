@@ -17,6 +17,9 @@ use tests::guest;
 use tests::netns::{available, unique, veth, Netns};
 use tests::proc::ChildGuard;
 
+/// Console lines, when they came, and from which QEMU.
+type Console = Arc<Mutex<Vec<(Instant, &'static str, String)>>>;
+
 /// Starts QEMU in `ns`, console lines into `console` (prefixed with `tag`).
 fn qemu(
     ns: &Netns,
@@ -25,7 +28,7 @@ fn qemu(
     qmp: &Path,
     extra: &[&str],
     tag: &'static str,
-    console: Arc<Mutex<Vec<(Instant, &'static str, String)>>>,
+    console: Console,
 ) -> ChildGuard {
     let plain = guest::qemu_command(k, disk, "guest_beats=1000");
     let mut cmd = ns.command("qemu-system-x86_64");
@@ -201,24 +204,21 @@ async fn a_running_guest_moves_to_another_qemu_and_keeps_running() {
 
     // the guest goes on at the destination
     let t = Instant::now();
+    let last_beat = |tag: &str| {
+        console
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, t, _)| *t == tag)
+            .filter_map(|(_, _, l)| beat(l))
+            .max()
+            .unwrap_or(0)
+    };
     let last_src = loop {
-        let c = console.lock().expect("lock");
-        let last_src = c
-            .iter()
-            .filter(|(_, tag, _)| *tag == "src")
-            .filter_map(|(_, _, l)| beat(l))
-            .max()
-            .unwrap_or(0);
-        let dst_beats = c
-            .iter()
-            .filter(|(_, tag, _)| *tag == "dst")
-            .filter_map(|(_, _, l)| beat(l))
-            .max()
-            .unwrap_or(0);
+        let (last_src, dst_beats) = (last_beat("src"), last_beat("dst"));
         if dst_beats > last_src + 50 {
             break last_src;
         }
-        drop(c);
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "no heartbeat from the destination"
