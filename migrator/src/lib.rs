@@ -7,11 +7,13 @@
 //! - [`transport`]: framed messages over one TLS 1.3 connection with pinned keys.
 //! - [`source`] and [`agent`]: the two ends of a disk migration.
 //! - [`qmp`]: the QMP client that drives QEMU.
+//! - [`memrelay`]: QEMU's migration stream carried as frames on our link.
 
 pub mod agent;
 pub mod disk;
 pub mod events;
 pub mod image;
+pub mod memrelay;
 pub mod nbd;
 pub mod precopy;
 pub mod qmp;

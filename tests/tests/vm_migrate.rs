@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use migrator::qmp::Qmp;
 use tests::guest;
-use tests::netns::{available, unique, veth, Netns};
+use tests::netns::{available, in_netns, unique, veth, Netns};
 use tests::proc::ChildGuard;
 
 /// Console lines, when they came, and from which QEMU.
@@ -86,6 +86,74 @@ fn beat(line: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_guest_moves_to_another_qemu_and_keeps_running() {
+    migrate_guest(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_stream_travels_inside_our_authenticated_link() {
+    migrate_guest(true).await;
+}
+
+/// Sets up our pinned-key TLS link between the namespaces and a relay at
+/// each end: QEMU at the source migrates to `src_sock`; the destination
+/// relay feeds the destination QEMU listening on `dst_sock`.
+async fn link_relays(
+    a: &Netns,
+    b: &Netns,
+    src_sock: &Path,
+    dst_sock: &Path,
+) -> (
+    tokio::task::JoinHandle<migrator::memrelay::RelayStats>,
+    tokio::task::JoinHandle<migrator::memrelay::RelayStats>,
+) {
+    use migrator::transport::tls;
+    let (ida, idb) = (
+        tls::Identity::generate().expect("key"),
+        tls::Identity::generate().expect("key"),
+    );
+    let server = tls::server_config(&idb, vec![ida.fingerprint()]).expect("server config");
+    let client = tls::client_config(&ida, vec![idb.fingerprint()]).expect("client config");
+    let listener = in_netns(&b.name, || std::net::TcpListener::bind("192.0.2.2:0"))
+        .expect("netns")
+        .expect("bind");
+    let at = listener.local_addr().expect("addr");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+    let dst_sock = dst_sock.to_path_buf();
+    let dst = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = tokio_rustls::TlsAcceptor::from(server)
+            .accept(tcp)
+            .await
+            .expect("TLS accept");
+        let qemu = tokio::net::UnixStream::connect(&dst_sock)
+            .await
+            .expect("destination QEMU's incoming socket");
+        migrator::memrelay::relay(qemu, tls, true)
+            .await
+            .expect("destination relay")
+    });
+    let unix = tokio::net::UnixListener::bind(src_sock).expect("source socket");
+    let a_name = a.name.clone();
+    let src = tokio::spawn(async move {
+        let tcp = in_netns(&a_name, move || std::net::TcpStream::connect(at))
+            .expect("netns")
+            .expect("connect");
+        tcp.set_nonblocking(true).expect("nonblocking");
+        let tcp = tokio::net::TcpStream::from_std(tcp).expect("tcp");
+        let tls = tokio_rustls::TlsConnector::from(client)
+            .connect(tls::server_name(), tcp)
+            .await
+            .expect("TLS connect");
+        let (qemu, _) = unix.accept().await.expect("source QEMU connects");
+        migrator::memrelay::relay(qemu, tls, true)
+            .await
+            .expect("source relay")
+    });
+    (src, dst)
+}
+
+async fn migrate_guest(via_link: bool) {
     assert!(available(), "needs root (network namespaces)");
     let k = guest::kernel(&guest::cache_dir()).expect("guest kernel");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -139,14 +207,34 @@ async fn a_running_guest_moves_to_another_qemu_and_keeps_running() {
         .await
         .expect("capabilities");
     }
+    let (src_sock, dst_sock) = (
+        dir.path().join("src-mig.sock"),
+        dir.path().join("dst-mig.sock"),
+    );
+    let (in_uri, out_uri) = if via_link {
+        (
+            format!("unix:{}", dst_sock.display()),
+            format!("unix:{}", src_sock.display()),
+        )
+    } else {
+        (
+            "tcp:192.0.2.2:4444".to_string(),
+            "tcp:192.0.2.2:4444".to_string(),
+        )
+    };
     dst_qmp
         .execute_timeout(
             "migrate-incoming",
-            Some(serde_json::json!({"uri": "tcp:192.0.2.2:4444"})),
+            Some(serde_json::json!({ "uri": in_uri })),
             to,
         )
         .await
         .expect("migrate-incoming");
+    let relays = if via_link {
+        Some(link_relays(&a, &b, &src_sock, &dst_sock).await)
+    } else {
+        None
+    };
     src_qmp
         .execute_timeout(
             "migrate-set-parameters",
@@ -157,11 +245,7 @@ async fn a_running_guest_moves_to_another_qemu_and_keeps_running() {
         .expect("parameters");
     let mut events = src_qmp.events();
     src_qmp
-        .execute_timeout(
-            "migrate",
-            Some(serde_json::json!({"uri": "tcp:192.0.2.2:4444"})),
-            to,
-        )
+        .execute_timeout("migrate", Some(serde_json::json!({ "uri": out_uri })), to)
         .await
         .expect("migrate");
     // QEMU pauses before the switchover: here the disk's final set will go
@@ -200,6 +284,22 @@ async fn a_running_guest_moves_to_another_qemu_and_keeps_running() {
         .await
         .expect("query-migrate");
     let _ = src_qmp.execute_timeout("quit", None, to).await;
+    if let Some((s, d)) = relays {
+        let (s, d) = (
+            s.await.expect("source relay"),
+            d.await.expect("destination relay"),
+        );
+        // every byte QEMU sent went through our link
+        assert_eq!(s.sent, d.received, "memory stream bytes lost in the relay");
+        assert!(
+            s.sent >= info["ram"]["transferred"].as_u64().unwrap_or(0) / 2,
+            "{s:?} vs {info}"
+        );
+        eprintln!(
+            "relayed: {} stream bytes as {} link bytes",
+            s.sent, s.wire_sent
+        );
+    }
     let _ = src.0.as_mut().map(|c| c.wait());
 
     // the guest goes on at the destination

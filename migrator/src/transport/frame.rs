@@ -66,6 +66,15 @@ pub enum Frame {
     Error {
         message: String,
     },
+    /// Bytes of the hypervisor's migration stream, in the sender's direction;
+    /// `payload` is zstd when `compressed`.
+    Mem {
+        compressed: bool,
+        raw_len: u32,
+        payload: Vec<u8>,
+    },
+    /// The migration stream ended in the sender's direction.
+    MemEnd,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -97,6 +106,8 @@ mod t {
     pub const DONE_ACK: u8 = 10;
     pub const FETCH: u8 = 11;
     pub const ERROR: u8 = 12;
+    pub const MEM: u8 = 13;
+    pub const MEM_END: u8 = 14;
 }
 
 struct Rd<'a> {
@@ -178,6 +189,8 @@ impl Frame {
             t::DONE_ACK => "done-ack",
             t::FETCH => "fetch",
             t::ERROR => "error",
+            t::MEM => "mem",
+            t::MEM_END => "mem-end",
             other => return Err(FrameError::UnknownType(other)),
         };
         let mut r = Rd { b: payload, what };
@@ -251,6 +264,23 @@ impl Frame {
                     message: r.string(n)?,
                 }
             }
+            t::MEM => {
+                let compressed = r.u8()? != 0;
+                let raw_len = r.u32()?;
+                if raw_len > MAX_BLOCK {
+                    return Err(FrameError::BlockTooLarge(raw_len));
+                }
+                let payload = r.take(r.b.len())?.to_vec();
+                if !compressed && payload.len() != raw_len as usize {
+                    return Err(FrameError::Truncated(what));
+                }
+                Frame::Mem {
+                    compressed,
+                    raw_len,
+                    payload,
+                }
+            }
+            t::MEM_END => Frame::MemEnd,
             _ => unreachable!("type checked above"),
         };
         r.end()?;
@@ -327,6 +357,18 @@ impl Frame {
                 p.extend_from_slice(m);
                 t::ERROR
             }
+            Frame::Mem {
+                compressed,
+                raw_len,
+                payload,
+            } => {
+                p.reserve(5 + payload.len());
+                p.push(*compressed as u8);
+                p.extend_from_slice(&raw_len.to_be_bytes());
+                p.extend_from_slice(payload);
+                t::MEM
+            }
+            Frame::MemEnd => t::MEM_END,
         };
         let mut out = Vec::with_capacity(HEADER_LEN + p.len());
         out.extend_from_slice(&(p.len() as u32).to_be_bytes());
@@ -426,6 +468,12 @@ mod tests {
             Just(Frame::DoneAck),
             any::<u64>().prop_map(|block| Frame::Fetch { block }),
             ".{0,100}".prop_map(|message| Frame::Error { message }),
+            prop::collection::vec(any::<u8>(), 0..300).prop_map(|payload| Frame::Mem {
+                compressed: false,
+                raw_len: payload.len() as u32,
+                payload,
+            }),
+            Just(Frame::MemEnd),
         ]
     }
 
