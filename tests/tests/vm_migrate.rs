@@ -103,8 +103,8 @@ async fn link_relays(
     src_sock: &Path,
     dst_sock: &Path,
 ) -> (
-    tokio::task::JoinHandle<migrator::memrelay::RelayStats>,
-    tokio::task::JoinHandle<migrator::memrelay::RelayStats>,
+    tokio::task::JoinHandle<Result<migrator::memrelay::RelayStats, String>>,
+    tokio::task::JoinHandle<Result<migrator::memrelay::RelayStats, String>>,
 ) {
     use migrator::transport::tls;
     let (ida, idb) = (
@@ -131,7 +131,7 @@ async fn link_relays(
             .expect("destination QEMU's incoming socket");
         migrator::memrelay::relay(qemu, tls, true)
             .await
-            .expect("destination relay")
+            .map_err(|e| e.to_string())
     });
     let unix = tokio::net::UnixListener::bind(src_sock).expect("source socket");
     let a_name = a.name.clone();
@@ -148,7 +148,7 @@ async fn link_relays(
         let (qemu, _) = unix.accept().await.expect("source QEMU connects");
         migrator::memrelay::relay(qemu, tls, true)
             .await
-            .expect("source relay")
+            .map_err(|e| e.to_string())
     });
     (src, dst)
 }
@@ -286,8 +286,8 @@ async fn migrate_guest(via_link: bool) {
     let _ = src_qmp.execute_timeout("quit", None, to).await;
     if let Some((s, d)) = relays {
         let (s, d) = (
-            s.await.expect("source relay"),
-            d.await.expect("destination relay"),
+            s.await.expect("join").expect("source relay"),
+            d.await.expect("join").expect("destination relay"),
         );
         // every byte QEMU sent went through our link
         assert_eq!(s.sent, d.received, "memory stream bytes lost in the relay");
@@ -393,4 +393,198 @@ async fn migrate_guest(via_link: bool) {
         "e2fsck: {}",
         String::from_utf8_lossy(&fsck.stdout)
     );
+}
+
+/// The failure case: the destination end dies in the middle of the
+/// memory phase. The source VM keeps running, never paused, and a second
+/// migration completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_destination_mid_memory_leaves_the_source_running() {
+    assert!(available(), "needs root (network namespaces)");
+    let k = guest::kernel(&guest::cache_dir()).expect("guest kernel");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("root.img");
+    guest::rootfs(&disk, 64, &[]).expect("rootfs");
+    let (a, b) = (
+        Netns::new(unique("qa")).expect("ns"),
+        Netns::new(unique("qb")).expect("ns"),
+    );
+    veth(&a, "192.0.2.1/24", &b, "192.0.2.2/24").expect("veth");
+    let console: Console = Arc::new(Mutex::new(Vec::new()));
+    let qa = dir.path().join("a.qmp");
+    let _src = qemu(&a, &k, &disk, &qa, &[], "src", console.clone());
+    let src_qmp = connect(&qa).await;
+    let t = Instant::now();
+    while !console
+        .lock()
+        .expect("lock")
+        .iter()
+        .any(|(_, _, l)| beat(l).is_some_and(|n| n > 20))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the guest did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let to = Duration::from_secs(30);
+    let caps = serde_json::json!({"capabilities": [
+        {"capability": "pause-before-switchover", "state": true},
+        {"capability": "events", "state": true}
+    ]});
+    src_qmp
+        .execute_timeout("migrate-set-capabilities", Some(caps.clone()), to)
+        .await
+        .expect("capabilities");
+    // slow enough that the memory phase lasts a few seconds
+    src_qmp
+        .execute_timeout(
+            "migrate-set-parameters",
+            Some(serde_json::json!({"max-bandwidth": 16_000_000})),
+            to,
+        )
+        .await
+        .expect("parameters");
+
+    for attempt in 0..2 {
+        let qb = dir.path().join(format!("b{attempt}.qmp"));
+        let _dst = qemu(
+            &b,
+            &k,
+            &disk,
+            &qb,
+            &["-incoming", "defer"],
+            "dst",
+            console.clone(),
+        );
+        let dst_qmp = connect(&qb).await;
+        dst_qmp
+            .execute_timeout("migrate-set-capabilities", Some(caps.clone()), to)
+            .await
+            .expect("capabilities");
+        let src_sock = dir.path().join(format!("src{attempt}.sock"));
+        let dst_sock = dir.path().join(format!("dst{attempt}.sock"));
+        dst_qmp
+            .execute_timeout(
+                "migrate-incoming",
+                Some(serde_json::json!({"uri": format!("unix:{}", dst_sock.display())})),
+                to,
+            )
+            .await
+            .expect("migrate-incoming");
+        let (src_relay, dst_relay) = link_relays(&a, &b, &src_sock, &dst_sock).await;
+        let mut events = src_qmp.events();
+        src_qmp
+            .execute_timeout(
+                "migrate",
+                Some(serde_json::json!({"uri": format!("unix:{}", src_sock.display())})),
+                to,
+            )
+            .await
+            .expect("migrate");
+        if attempt == 0 {
+            // the destination end dies during the memory phase
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let info = src_qmp
+                .execute_timeout("query-migrate", None, to)
+                .await
+                .expect("query");
+            assert_eq!(
+                info["status"], "active",
+                "still in the memory phase: {info}"
+            );
+            dst_relay.abort();
+            drop(dst_qmp);
+            loop {
+                let e = Qmp::wait_event(&mut events, "MIGRATION", Duration::from_secs(60))
+                    .await
+                    .expect("events");
+                match e.data["status"].as_str() {
+                    Some("failed") | Some("cancelled") => break,
+                    Some("completed") | Some("pre-switchover") => {
+                        panic!("the migration went on: {}", e.data)
+                    }
+                    _ => {}
+                }
+            }
+            let _ = src_relay.await;
+            let status = src_qmp
+                .execute_timeout("query-status", None, to)
+                .await
+                .expect("status");
+            assert_eq!(
+                status["status"], "running",
+                "the source must keep running: {status}"
+            );
+            // and the guest really runs: heartbeats still come from the source
+            let before = console.lock().expect("lock").len();
+            let t = Instant::now();
+            loop {
+                let newer = console.lock().expect("lock")[before..]
+                    .iter()
+                    .any(|(_, tag, l)| *tag == "src" && beat(l).is_some());
+                if newer {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "no heartbeat from the source after the failure"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            continue;
+        }
+        // the second attempt completes
+        src_qmp
+            .execute_timeout(
+                "migrate-set-parameters",
+                Some(serde_json::json!({"max-bandwidth": 1_000_000_000})),
+                to,
+            )
+            .await
+            .expect("parameters");
+        loop {
+            let e = Qmp::wait_event(&mut events, "MIGRATION", Duration::from_secs(120))
+                .await
+                .expect("events");
+            match e.data["status"].as_str() {
+                Some("pre-switchover") => break,
+                Some("failed") | Some("cancelled") => panic!("second migration {}", e.data),
+                _ => {}
+            }
+        }
+        src_qmp
+            .execute_timeout(
+                "migrate-continue",
+                Some(serde_json::json!({"state": "pre-switchover"})),
+                to,
+            )
+            .await
+            .expect("continue");
+        loop {
+            let e = Qmp::wait_event(&mut events, "MIGRATION", Duration::from_secs(60))
+                .await
+                .expect("events");
+            match e.data["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => panic!("second migration {}", e.data),
+                _ => {}
+            }
+        }
+        // the destination finishes loading, then runs
+        let t = Instant::now();
+        loop {
+            let status = dst_qmp
+                .execute_timeout("query-status", None, to)
+                .await
+                .expect("status");
+            if status["status"] == "running" {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "{status}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = src_relay.await;
+        let _ = dst_relay.await;
+    }
 }
