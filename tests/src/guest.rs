@@ -297,6 +297,44 @@ pub fn read_file(image: &Path, path: &str) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
+/// Checks the guest writer's log on `image`: sequence numbers 1..=n, no gap,
+/// no duplicate. Returns n.
+pub fn check_writer_log(image: &Path) -> Result<usize> {
+    let log = read_file(image, "/var/log/writer.log")?;
+    let mut n = 0usize;
+    for (i, line) in String::from_utf8_lossy(&log).lines().enumerate() {
+        let seq: u64 = line
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("writer log line {} unreadable: {line:?}", i + 1))?;
+        if seq != i as u64 + 1 {
+            bail!(
+                "writer log: line {} has sequence {seq}: a gap or a duplicate",
+                i + 1
+            );
+        }
+        n = i + 1;
+    }
+    Ok(n)
+}
+
+/// `e2fsck -fn image` finds nothing to fix.
+pub fn fsck_clean(image: &Path) -> Result<()> {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .context("cannot run e2fsck (install e2fsprogs)")?;
+    if !out.status.success() {
+        bail!(
+            "e2fsck found errors:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(())
+}
+
 /// The QEMU command line for the guest (TCG), its console on stdout.
 pub fn qemu_command(k: &GuestKernel, disk: &Path, append_extra: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");

@@ -51,33 +51,11 @@ fn the_guest_boots_writes_its_log_without_gaps_and_shuts_down_clean() {
         "{text}"
     );
 
-    // the writer's log: consecutive sequence numbers from 1, no gap, no duplicate
-    let log = guest::read_file(&disk, "/var/log/writer.log").expect("writer log");
-    let log = String::from_utf8_lossy(&log);
-    let seqs: Vec<u64> = log
-        .lines()
-        .map(|l| {
-            l.split_whitespace()
-                .next()
-                .and_then(|s| s.parse().ok())
-                .expect("sequence")
-        })
-        .collect();
-    assert!(seqs.len() >= 20, "only {} log lines", seqs.len());
-    for (i, s) in seqs.iter().enumerate() {
-        assert_eq!(*s, i as u64 + 1, "gap or duplicate at line {}", i + 1);
-    }
-    // and the filesystem is clean
-    let fsck = std::process::Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(&disk)
-        .output()
-        .expect("e2fsck");
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    // the writer's log: consecutive sequence numbers from 1, no gap, no
+    // duplicate; and the filesystem is clean
+    let lines = guest::check_writer_log(&disk).expect("writer log");
+    assert!(lines >= 20, "only {lines} log lines");
+    guest::fsck_clean(&disk).expect("e2fsck");
 }
 
 #[test]

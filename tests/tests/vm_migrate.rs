@@ -79,6 +79,57 @@ async fn connect(path: &Path) -> Qmp {
     }
 }
 
+/// Waits until the guest has printed more than `n` heartbeats.
+async fn wait_beats(console: &Console, n: u64) {
+    let t = Instant::now();
+    while !console
+        .lock()
+        .expect("lock")
+        .iter()
+        .any(|(_, _, l)| beat(l).is_some_and(|b| b > n))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the guest did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for the MIGRATION event with `status`; a failure is a panic.
+async fn wait_migration(
+    events: &mut tokio::sync::broadcast::Receiver<migrator::qmp::Event>,
+    status: &str,
+) {
+    loop {
+        let e = Qmp::wait_event(events, "MIGRATION", Duration::from_secs(120))
+            .await
+            .expect("migration events");
+        match e.data["status"].as_str() {
+            Some(s) if s == status => return,
+            Some("failed") | Some("cancelled") => panic!("migration {}", e.data),
+            _ => {}
+        }
+    }
+}
+
+/// From the paused pre-switchover state to completed.
+async fn switch_over(
+    src: &Qmp,
+    events: &mut tokio::sync::broadcast::Receiver<migrator::qmp::Event>,
+) {
+    wait_migration(events, "pre-switchover").await;
+    // (here the disk's final set will go)
+    src.execute_timeout(
+        "migrate-continue",
+        Some(serde_json::json!({"state": "pre-switchover"})),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("migrate-continue");
+    wait_migration(events, "completed").await;
+}
+
 fn beat(line: &str) -> Option<u64> {
     line.rsplit_once("heartbeat ")
         .and_then(|(_, n)| n.trim().parse().ok())
@@ -170,19 +221,7 @@ async fn migrate_guest(via_link: bool) {
     let mut src = qemu(&a, &k, &disk, &qa, &[], "src", console.clone());
     let src_qmp = connect(&qa).await;
     // wait until the guest runs its loops
-    let t = Instant::now();
-    while !console
-        .lock()
-        .expect("lock")
-        .iter()
-        .any(|(_, _, l)| beat(l).is_some_and(|n| n > 20))
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the guest did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_beats(&console, 20).await;
 
     let _dst = qemu(
         &b,
@@ -248,37 +287,8 @@ async fn migrate_guest(via_link: bool) {
         .execute_timeout("migrate", Some(serde_json::json!({ "uri": out_uri })), to)
         .await
         .expect("migrate");
-    // QEMU pauses before the switchover: here the disk's final set will go
-    let t = Instant::now();
-    loop {
-        let e = Qmp::wait_event(&mut events, "MIGRATION", Duration::from_secs(120))
-            .await
-            .expect("migration events");
-        match e.data["status"].as_str() {
-            Some("pre-switchover") => break,
-            Some("failed") | Some("cancelled") => panic!("migration {}", e.data),
-            _ => {}
-        }
-        assert!(t.elapsed() < Duration::from_secs(120));
-    }
-    src_qmp
-        .execute_timeout(
-            "migrate-continue",
-            Some(serde_json::json!({"state": "pre-switchover"})),
-            to,
-        )
-        .await
-        .expect("migrate-continue");
-    loop {
-        let e = Qmp::wait_event(&mut events, "MIGRATION", Duration::from_secs(60))
-            .await
-            .expect("migration events");
-        match e.data["status"].as_str() {
-            Some("completed") => break,
-            Some("failed") | Some("cancelled") => panic!("migration {}", e.data),
-            _ => {}
-        }
-    }
+    // QEMU pauses before the switchover, then completes
+    switch_over(&src_qmp, &mut events).await;
     let info = src_qmp
         .execute_timeout("query-migrate", None, to)
         .await
@@ -368,31 +378,10 @@ async fn migrate_guest(via_link: bool) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // the writer's log: consecutive from 1, across the move
-    let log = guest::read_file(&disk, "/var/log/writer.log").expect("writer log");
-    let seqs: Vec<u64> = String::from_utf8_lossy(&log)
-        .lines()
-        .map(|l| {
-            l.split_whitespace()
-                .next()
-                .and_then(|s| s.parse().ok())
-                .expect("sequence")
-        })
-        .collect();
-    assert!(seqs.len() > 100, "only {} log lines", seqs.len());
-    for (i, s) in seqs.iter().enumerate() {
-        assert_eq!(*s, i as u64 + 1, "gap or duplicate at line {}", i + 1);
-    }
-    let fsck = std::process::Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&disk)
-        .output()
-        .expect("e2fsck");
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    // the writer's log: consecutive from 1, across the move; a clean disk
+    let lines = guest::check_writer_log(&disk).expect("writer log");
+    assert!(lines > 100, "only {lines} log lines");
+    guest::fsck_clean(&disk).expect("e2fsck");
 }
 
 /// The failure case: the destination end dies in the middle of the
@@ -414,19 +403,7 @@ async fn losing_the_destination_mid_memory_leaves_the_source_running() {
     let qa = dir.path().join("a.qmp");
     let _src = qemu(&a, &k, &disk, &qa, &[], "src", console.clone());
     let src_qmp = connect(&qa).await;
-    let t = Instant::now();
-    while !console
-        .lock()
-        .expect("lock")
-        .iter()
-        .any(|(_, _, l)| beat(l).is_some_and(|n| n > 20))
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the guest did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_beats(&console, 20).await;
     let to = Duration::from_secs(30);
     let caps = serde_json::json!({"capabilities": [
         {"capability": "pause-before-switchover", "state": true},
@@ -543,34 +520,7 @@ async fn losing_the_destination_mid_memory_leaves_the_source_running() {
             )
             .await
             .expect("parameters");
-        loop {
-            let e = Qmp::wait_event(&mut events, "MIGRATION", Duration::from_secs(120))
-                .await
-                .expect("events");
-            match e.data["status"].as_str() {
-                Some("pre-switchover") => break,
-                Some("failed") | Some("cancelled") => panic!("second migration {}", e.data),
-                _ => {}
-            }
-        }
-        src_qmp
-            .execute_timeout(
-                "migrate-continue",
-                Some(serde_json::json!({"state": "pre-switchover"})),
-                to,
-            )
-            .await
-            .expect("continue");
-        loop {
-            let e = Qmp::wait_event(&mut events, "MIGRATION", Duration::from_secs(60))
-                .await
-                .expect("events");
-            match e.data["status"].as_str() {
-                Some("completed") => break,
-                Some("failed") | Some("cancelled") => panic!("second migration {}", e.data),
-                _ => {}
-            }
-        }
+        switch_over(&src_qmp, &mut events).await;
         // the destination finishes loading, then runs
         let t = Instant::now();
         loop {

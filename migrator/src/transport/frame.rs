@@ -143,6 +143,21 @@ impl<'a> Rd<'a> {
     fn string(&mut self, n: usize) -> Result<String, FrameError> {
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| FrameError::NotUtf8(self.what))
     }
+    /// `compressed:u8 raw_len:u32 payload…` (the rest of the frame), as
+    /// `Data` and `Mem` carry their bytes.
+    fn packed(&mut self) -> Result<(bool, u32, Vec<u8>), FrameError> {
+        let compressed = self.u8()? != 0;
+        let raw_len = self.u32()?;
+        if raw_len > MAX_BLOCK {
+            return Err(FrameError::BlockTooLarge(raw_len));
+        }
+        let payload = self.take(self.b.len())?.to_vec();
+        if !compressed && payload.len() != raw_len as usize {
+            return Err(FrameError::Truncated(self.what));
+        }
+        Ok((compressed, raw_len, payload))
+    }
+
     fn end(self) -> Result<(), FrameError> {
         if self.b.is_empty() {
             Ok(())
@@ -225,15 +240,7 @@ impl Frame {
             t::WELCOME => Frame::Welcome,
             t::DATA => {
                 let offset = r.u64()?;
-                let compressed = r.u8()? != 0;
-                let raw_len = r.u32()?;
-                if raw_len > MAX_BLOCK {
-                    return Err(FrameError::BlockTooLarge(raw_len));
-                }
-                let payload = r.take(r.b.len())?.to_vec();
-                if !compressed && payload.len() != raw_len as usize {
-                    return Err(FrameError::Truncated(what));
-                }
+                let (compressed, raw_len, payload) = r.packed()?;
                 Frame::Data {
                     offset,
                     compressed,
@@ -265,15 +272,7 @@ impl Frame {
                 }
             }
             t::MEM => {
-                let compressed = r.u8()? != 0;
-                let raw_len = r.u32()?;
-                if raw_len > MAX_BLOCK {
-                    return Err(FrameError::BlockTooLarge(raw_len));
-                }
-                let payload = r.take(r.b.len())?.to_vec();
-                if !compressed && payload.len() != raw_len as usize {
-                    return Err(FrameError::Truncated(what));
-                }
+                let (compressed, raw_len, payload) = r.packed()?;
                 Frame::Mem {
                     compressed,
                     raw_len,
