@@ -251,16 +251,9 @@ impl Plane {
     async fn tunnel_to_tun(&self) -> std::io::Result<()> {
         let mut buf = vec![0u8; 65_536];
         loop {
-            let inner = match self.outer.recv(&mut buf, &self.peers).await? {
-                Ok(i) if !i.forwardable() => {
-                    self.counters.dropped(DropReason::LinkLocal);
-                    continue;
-                }
-                Ok(i) => i,
-                Err(why) => {
-                    self.counters.dropped(why);
-                    continue;
-                }
+            let res = self.outer.recv(&mut buf, &self.peers).await?;
+            let Some(inner) = self.counters.admit(res) else {
+                continue;
             };
             let accepted = {
                 let now = self.now_ms();

@@ -79,6 +79,30 @@ async fn connect(path: &Path) -> Qmp {
     }
 }
 
+/// The guest's kernel, a fresh root disk, and two namespaces joined by a
+/// veth (192.0.2.1 ↔ 192.0.2.2) for the two QEMUs.
+struct Bed {
+    k: guest::GuestKernel,
+    dir: tempfile::TempDir,
+    disk: std::path::PathBuf,
+    a: Netns,
+    b: Netns,
+}
+
+fn bed() -> Bed {
+    assert!(available(), "needs root (network namespaces)");
+    let k = guest::kernel(&guest::cache_dir()).expect("guest kernel");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("root.img");
+    guest::rootfs(&disk, 64, &[]).expect("rootfs");
+    let (a, b) = (
+        Netns::new(unique("qa")).expect("ns"),
+        Netns::new(unique("qb")).expect("ns"),
+    );
+    veth(&a, "192.0.2.1/24", &b, "192.0.2.2/24").expect("veth");
+    Bed { k, dir, disk, a, b }
+}
+
 /// Waits until the guest has printed more than `n` heartbeats.
 async fn wait_beats(console: &Console, n: u64) {
     let t = Instant::now();
@@ -205,16 +229,7 @@ async fn link_relays(
 }
 
 async fn migrate_guest(via_link: bool) {
-    assert!(available(), "needs root (network namespaces)");
-    let k = guest::kernel(&guest::cache_dir()).expect("guest kernel");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = dir.path().join("root.img");
-    guest::rootfs(&disk, 64, &[]).expect("rootfs");
-    let (a, b) = (
-        Netns::new(unique("qa")).expect("ns"),
-        Netns::new(unique("qb")).expect("ns"),
-    );
-    veth(&a, "192.0.2.1/24", &b, "192.0.2.2/24").expect("veth");
+    let Bed { k, dir, disk, a, b } = bed();
     let console = Arc::new(Mutex::new(Vec::new()));
     let (qa, qb) = (dir.path().join("a.qmp"), dir.path().join("b.qmp"));
 
@@ -389,16 +404,7 @@ async fn migrate_guest(via_link: bool) {
 /// migration completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_destination_mid_memory_leaves_the_source_running() {
-    assert!(available(), "needs root (network namespaces)");
-    let k = guest::kernel(&guest::cache_dir()).expect("guest kernel");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = dir.path().join("root.img");
-    guest::rootfs(&disk, 64, &[]).expect("rootfs");
-    let (a, b) = (
-        Netns::new(unique("qa")).expect("ns"),
-        Netns::new(unique("qb")).expect("ns"),
-    );
-    veth(&a, "192.0.2.1/24", &b, "192.0.2.2/24").expect("veth");
+    let Bed { k, dir, disk, a, b } = bed();
     let console: Console = Arc::new(Mutex::new(Vec::new()));
     let qa = dir.path().join("a.qmp");
     let _src = qemu(&a, &k, &disk, &qa, &[], "src", console.clone());

@@ -101,6 +101,22 @@ impl Counters {
             .fetch_add(len as u64, Ordering::Relaxed);
     }
 
+    /// The packet, if it may be forwarded; otherwise its drop is counted
+    /// (malformed, foreign, or link-local traffic no router forwards).
+    pub fn admit<'a>(&self, res: Result<Inner<'a>, DropReason>) -> Option<Inner<'a>> {
+        match res {
+            Ok(i) if i.forwardable() => Some(i),
+            Ok(_) => {
+                self.dropped(DropReason::LinkLocal);
+                None
+            }
+            Err(why) => {
+                self.dropped(why);
+                None
+            }
+        }
+    }
+
     pub fn dropped(&self, why: DropReason) {
         if let Some(i) = DropReason::ALL.iter().position(|d| *d == why) {
             self.drops[i].fetch_add(1, Ordering::Relaxed);
@@ -427,16 +443,8 @@ impl Pipe {
                     self.counters.mss_clamped.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            let inner = match Inner::parse(pkt) {
-                Ok(i) if !i.forwardable() => {
-                    self.counters.dropped(DropReason::LinkLocal);
-                    continue;
-                }
-                Ok(i) => i,
-                Err(why) => {
-                    self.counters.dropped(why);
-                    continue;
-                }
+            let Some(inner) = self.counters.admit(Inner::parse(pkt)) else {
+                continue;
             };
             if self.config.signal_pmtu && inner.bytes.len() > usize::from(tunnel_mtu) {
                 if let (Some(err), Some(sender)) = (
@@ -476,16 +484,8 @@ impl Pipe {
     }
 
     async fn deliver(&self, res: Result<Inner<'_>, DropReason>) -> std::io::Result<()> {
-        let inner = match res {
-            Ok(i) if !i.forwardable() => {
-                self.counters.dropped(DropReason::LinkLocal);
-                return Ok(());
-            }
-            Ok(i) => i,
-            Err(why) => {
-                self.counters.dropped(why);
-                return Ok(());
-            }
+        let Some(inner) = self.counters.admit(res) else {
+            return Ok(());
         };
         if !self.config.deliver.is_empty()
             && !self.config.deliver.iter().any(|p| in_prefix(inner.dst, *p))
