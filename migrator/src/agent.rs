@@ -2,6 +2,12 @@
 //! each disk to `DIR/NAME.img`, and from the commit point serves it over NBD on
 //! `DIR/NAME.sock` while the last blocks are still arriving.
 //!
+//! A VM migration (`VmStart`) also starts the destination QEMU from
+//! `DIR/NAME.qemu` (see [`crate::vm::DestVm`]). Its disk is the NBD export,
+//! listening from the start so QEMU can open it, but holding every request
+//! until the commit point; the memory stream arrives as `Mem` frames on the
+//! same link. At `Commit` the disk opens and the VM is resumed.
+//!
 //! Per-disk state lives in `DIR/NAME.state` (JSON, replaced atomically):
 //! `partial` (resumable: the next migration of NAME compares block hashes),
 //! `committed` (this copy is the authority, final blocks arriving), `complete`.
@@ -19,10 +25,12 @@ use tracing::{info, warn};
 
 use crate::disk::Disk;
 use crate::image::Image;
+use crate::memrelay;
 use crate::nbd::server::serve_unix;
 use crate::transport::frame::{block_hash, BlockHash, VERSION};
 use crate::transport::tls::{self, Fingerprint, Identity};
 use crate::transport::{read_frame, unpack, write_frame, Frame, LinkError};
+use crate::vm::DestVm;
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -60,6 +68,42 @@ pub struct Agent {
     opts: AgentOptions,
     active: Mutex<HashSet<String>>,
     served: Mutex<HashMap<String, Arc<Disk>>>,
+    /// VMs that migrated here and run (their QEMU dies with the agent).
+    vms: Mutex<HashMap<String, DestVm>>,
+}
+
+/// A VM migration in progress at the destination.
+struct IncomingVm {
+    /// Taken when the VM stays (committed); dropped, QEMU is killed.
+    dest: Option<DestVm>,
+    disk: Arc<Disk>,
+    /// The NBD listener for `disk` (stopped if the migration fails).
+    nbd: Option<tokio::task::JoinHandle<()>>,
+    /// Whether the peer's `MemEnd` arrived.
+    mem_ended: bool,
+    /// `Mem`/`MemEnd` frames for the destination QEMU.
+    mem: mpsc::Sender<Frame>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl IncomingVm {
+    /// Committed: the VM, its export and its stream stay.
+    fn keep(mut self) -> Option<DestVm> {
+        self.nbd.take();
+        self.tasks.clear();
+        self.dest.take()
+    }
+}
+
+impl Drop for IncomingVm {
+    fn drop(&mut self) {
+        if let Some(nbd) = &self.nbd {
+            nbd.abort();
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 impl Agent {
@@ -68,6 +112,7 @@ impl Agent {
             opts,
             active: Mutex::new(HashSet::new()),
             served: Mutex::new(HashMap::new()),
+            vms: Mutex::new(HashMap::new()),
         })
     }
 
@@ -81,6 +126,16 @@ impl Agent {
 
     fn state_path(&self, name: &str) -> PathBuf {
         self.opts.dir.join(format!("{name}.state"))
+    }
+
+    /// PIDs of the VMs that migrated here, by name.
+    pub fn vm_pids(&self) -> HashMap<String, u32> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(n, v)| v.pid().map(|p| (n.clone(), p)))
+            .collect()
     }
 
     /// A disk this agent serves (after its commit point).
@@ -144,16 +199,89 @@ impl Agent {
     }
 
     fn start_serving(&self, disk: Arc<Disk>) -> std::io::Result<()> {
+        self.listen(disk.clone())?;
+        self.mark_served(disk);
+        Ok(())
+    }
+
+    fn mark_served(&self, disk: Arc<Disk>) {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(disk.name().to_string(), disk);
+    }
+
+    /// Serves `disk` over NBD on `DIR/NAME.sock`.
+    fn listen(&self, disk: Arc<Disk>) -> std::io::Result<tokio::task::JoinHandle<()>> {
         let path = self.socket_path(disk.name());
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         info!(disk = disk.name(), socket = %path.display(), "serving disk over NBD");
-        self.served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(disk.name().to_string(), disk.clone());
-        tokio::spawn(serve_unix(listener, disk, std::future::pending()));
-        Ok(())
+        Ok(tokio::spawn(serve_unix(
+            listener,
+            disk,
+            std::future::pending(),
+        )))
+    }
+
+    /// `VmStart`: the disk's export (held until commit), the destination
+    /// QEMU waiting for the stream, and the tasks that carry it.
+    async fn start_vm(
+        &self,
+        name: &str,
+        postcopy: bool,
+        out: &mpsc::UnboundedSender<Frame>,
+    ) -> Result<IncomingVm, String> {
+        let img = Image::open(&self.image_path(name), true).map_err(|e| e.to_string())?;
+        let disk = Arc::new(Disk::incoming(img, name));
+        let nbd = self
+            .listen(disk.clone())
+            .map_err(|e| format!("cannot serve {name} over NBD: {e}"))?;
+        let mut vm = IncomingVm {
+            dest: None,
+            disk,
+            nbd: Some(nbd),
+            mem_ended: false,
+            mem: mpsc::channel(1).0,
+            tasks: Vec::new(),
+        };
+        let dest = DestVm::launch(&self.opts.dir, name, &self.socket_path(name), postcopy)
+            .await
+            .map_err(|e| e.to_string())?;
+        let qemu = dest.connect_incoming().await.map_err(|e| e.to_string())?;
+        let loaded = dest.loaded();
+        vm.dest = Some(dest);
+        let (q_rd, q_wr) = qemu.into_split();
+        let (mem_tx, mem_rx) = mpsc::channel::<Frame>(16);
+        vm.mem = mem_tx;
+        let (back_tx, mut back_rx) = mpsc::channel::<Frame>(16);
+        let o = out.clone();
+        let vm_name = name.to_string();
+        vm.tasks.push(tokio::spawn(async move {
+            if let Err(e) = memrelay::inbound(mem_rx, q_wr).await {
+                warn!(vm = vm_name, "memory stream into QEMU: {e}");
+            }
+        }));
+        vm.tasks.push(tokio::spawn(async move {
+            let _ = memrelay::outbound(q_rd, back_tx, false).await;
+        }));
+        vm.tasks.push(tokio::spawn(async move {
+            while let Some(f) = back_rx.recv().await {
+                if o.send(f).is_err() {
+                    return;
+                }
+            }
+        }));
+        let o = out.clone();
+        vm.tasks.push(tokio::spawn(async move {
+            let _ = o.send(match loaded.await {
+                Ok(()) => Frame::VmLoaded,
+                Err(e) => Frame::Error {
+                    message: format!("the destination VM did not load: {e}"),
+                },
+            });
+        }));
+        Ok(vm)
     }
 
     /// Accept migrations until `shutdown` resolves.
@@ -361,9 +489,13 @@ impl Agent {
 
         let mut disk: Option<Arc<Disk>> = None;
         let mut prepared: Option<HashSet<u64>> = None;
+        let mut vm: Option<IncomingVm> = None;
+        // Done handled; a VM's memory stream may still be running (post-copy).
+        let mut complete = false;
         let result = loop {
             let frame = match read_frame(rd).await {
                 Ok(Some(f)) => f,
+                Ok(None) if complete => break Ok(true),
                 Ok(None) => match &disk {
                     None => break Ok(false),
                     Some(d) => {
@@ -414,6 +546,29 @@ impl Agent {
                         break Err(e);
                     }
                 }
+                Frame::VmStart { postcopy } if vm.is_none() && disk.is_none() => {
+                    match self.start_vm(name, postcopy, &out_tx).await {
+                        Ok(v) => {
+                            vm = Some(v);
+                            let _ = out_tx.send(Frame::VmReady);
+                        }
+                        Err(e) => break Err(self.refuse(&out_tx, e)),
+                    }
+                }
+                f @ (Frame::Mem { .. } | Frame::MemEnd) => {
+                    let Some(v) = &mut vm else {
+                        break Err(self.refuse(&out_tx, "memory stream without VmStart".into()));
+                    };
+                    let end = matches!(f, Frame::MemEnd);
+                    // a closed channel: QEMU's end has gone, its load task reports why
+                    let _ = v.mem.send(f).await;
+                    if end {
+                        v.mem_ended = true;
+                        if complete {
+                            break Ok(true);
+                        }
+                    }
+                }
                 Frame::Prepare { blocks } if disk.is_none() => {
                     let nblocks = size.div_ceil(bs);
                     if let Some(b) = blocks.iter().find(|&&b| b >= nblocks) {
@@ -447,14 +602,38 @@ impl Agent {
                     }
                     // The commit point at the destination: serve from now on.
                     let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel::<u64>();
-                    let img = match Image::open(&path, true) {
-                        Ok(i) => i,
-                        Err(e) => break Err(io(e)),
+                    let d = match &vm {
+                        Some(v) => {
+                            v.disk.open_receiving(block_size, pending, fetch_tx);
+                            self.mark_served(v.disk.clone());
+                            let resumed = match &v.dest {
+                                Some(d) => d.resume().await,
+                                None => Ok(()),
+                            };
+                            if let Err(e) = resumed {
+                                // committed: the disk is served here; say so loudly
+                                warn!(vm = name, "cannot resume the VM after commit: {e}");
+                            } else {
+                                info!(vm = name, "VM resumed at the destination");
+                                let _ = out_tx.send(Frame::VmResumed);
+                            }
+                            v.disk.clone()
+                        }
+                        None => {
+                            let img = match Image::open(&path, true) {
+                                Ok(i) => i,
+                                Err(e) => break Err(io(e)),
+                            };
+                            let d =
+                                Arc::new(Disk::receiving(img, name, block_size, pending, fetch_tx));
+                            if let Err(e) = self.start_serving(d.clone()) {
+                                break Err(AgentError::Io(format!(
+                                    "cannot serve {name} over NBD: {e}"
+                                )));
+                            }
+                            d
+                        }
                     };
-                    let d = Arc::new(Disk::receiving(img, name, block_size, pending, fetch_tx));
-                    if let Err(e) = self.start_serving(d.clone()) {
-                        break Err(AgentError::Io(format!("cannot serve {name} over NBD: {e}")));
-                    }
                     let out = out_tx.clone();
                     tokio::spawn(async move {
                         while let Some(block) = fetch_rx.recv().await {
@@ -465,7 +644,7 @@ impl Agent {
                     });
                     disk = Some(d);
                 }
-                Frame::Done if disk.is_some() => {
+                Frame::Done if disk.is_some() && !complete => {
                     if let Some(d) = disk.clone() {
                         if d.pending_blocks() != 0 {
                             break Err(self.refuse(
@@ -488,7 +667,10 @@ impl Agent {
                         break Err(e);
                     }
                     let _ = out_tx.send(Frame::DoneAck);
-                    break Ok(true);
+                    complete = true;
+                    if vm.as_ref().is_none_or(|v| v.mem_ended) {
+                        break Ok(true);
+                    }
                 }
                 Frame::Error { message } => {
                     break Err(AgentError::Refused(format!("source aborted: {message}")))
@@ -497,6 +679,24 @@ impl Agent {
             }
         };
         drop(out_tx);
+        if let Some(v) = vm {
+            if disk.is_some() {
+                // committed: the VM lives here now, whatever happens to the link
+                if let Some(dest) = v.keep() {
+                    self.vms
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.to_string(), dest);
+                }
+            } else {
+                warn!(
+                    vm = name,
+                    "migration ended before the commit point: stopping the destination VM"
+                );
+                drop(v);
+                let _ = std::fs::remove_file(self.socket_path(name));
+            }
+        }
         if result.is_err() || matches!(result, Ok(false)) {
             writer.abort();
         } else {

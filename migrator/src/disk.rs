@@ -5,7 +5,13 @@
 //!                   ▲                           │
 //!                   └────── stop_tracking ◀─────┘ (rollback: nothing was lost)
 //!  destination:  Receiving{pending} ──all pending blocks landed──▶ Serving
+//!  (VM)          Incoming ──open_receiving (commit)──▶ Receiving{pending} ...
 //! ```
+//!
+//! `Incoming` exists so a destination QEMU can open its disk before the commit
+//! point: reads see the copy as it stands (QEMU reads sector 0 when it creates
+//! the device, to guess a geometry; the guest cannot run before the commit),
+//! writes wait until the disk is opened at commit.
 //!
 //! Writes hold a shared permit on `gate` while they run; `freeze` takes it
 //! exclusively, so it waits for writes in flight and holds new ones (they are
@@ -38,8 +44,12 @@ pub enum DiskError {
 enum Role {
     Serving,
     Tracking(Arc<Mutex<Engine>>),
-    Moved { to: String },
+    Moved {
+        to: String,
+    },
     Receiving(Receiving),
+    /// Before the commit point at the destination: writes wait.
+    Incoming,
 }
 
 struct Receiving {
@@ -94,14 +104,47 @@ impl Disk {
         fetch: mpsc::UnboundedSender<u64>,
     ) -> Self {
         let d = Self::new(image, name);
-        *d.lock_role() = Role::Receiving(Receiving {
+        d.open_receiving(block_size, pending, fetch);
+        d
+    }
+
+    /// A destination disk before its commit point: clients may connect and
+    /// read, but writes wait for [`Disk::open_receiving`].
+    pub fn incoming(image: Image, name: impl Into<String>) -> Self {
+        let d = Self::new(image, name);
+        *d.lock_role() = Role::Incoming;
+        d
+    }
+
+    /// The commit point at the destination: requests held since
+    /// [`Disk::incoming`] proceed, with `pending` blocks still to arrive.
+    pub fn open_receiving(
+        &self,
+        block_size: u32,
+        pending: HashSet<u64>,
+        fetch: mpsc::UnboundedSender<u64>,
+    ) {
+        *self.lock_role() = Role::Receiving(Receiving {
             block_size: block_size as u64,
             pending,
             landing: HashSet::new(),
             requested: HashSet::new(),
             fetch,
         });
-        d
+        self.arrived.notify_waiters();
+    }
+
+    /// Waits while the disk is [`Role::Incoming`].
+    async fn wait_open(&self) {
+        loop {
+            let notified = self.arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !matches!(*self.lock_role(), Role::Incoming) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -237,6 +280,7 @@ impl Disk {
         punch: bool,
     ) -> Result<(), DiskError> {
         self.check_range(offset, len)?;
+        self.wait_open().await;
         let permit = self.gate.read().await;
         if let Role::Moved { to } = &*self.lock_role() {
             return Err(DiskError::Moved { to: to.clone() });
@@ -354,7 +398,7 @@ impl Disk {
             Role::Moved { to } => {
                 return Err(format!("disk {} has already moved to {to}", self.name))
             }
-            Role::Receiving(_) => {
+            Role::Receiving(_) | Role::Incoming => {
                 return Err(format!("disk {} is still receiving blocks", self.name))
             }
         }
@@ -540,5 +584,26 @@ mod tests {
             disk.write(u64::MAX, vec![0; 2], false).await,
             Err(DiskError::OutOfRange { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn an_incoming_disk_holds_writes_until_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = Image::create(&dir.path().join("d.img"), 4 * BS).expect("image");
+        let disk = Arc::new(Disk::incoming(img, "d"));
+        disk.image().write_at(&[9u8; 4], 0).expect("land");
+        assert_eq!(disk.read(0, 4).await.expect("read"), vec![9u8; 4]);
+        let d = disk.clone();
+        let write = tokio::spawn(async move { d.write(BS, vec![3u8; 8], false).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !write.is_finished(),
+            "a write before the commit point waits"
+        );
+        assert_eq!(disk.read(BS, 8).await.expect("read"), vec![0u8; 8]);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        disk.open_receiving(BS as u32, HashSet::new(), tx);
+        write.await.expect("join").expect("write");
+        assert_eq!(disk.read(BS, 8).await.expect("read"), vec![3u8; 8]);
     }
 }

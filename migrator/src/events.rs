@@ -22,6 +22,17 @@ pub enum Event {
         rate_bytes_per_s: Option<f64>,
         eta_s: Option<f64>,
     },
+    /// QEMU's memory pre-copy (`query-migrate`), every half second.
+    Memory {
+        /// RAM bytes QEMU has sent so far / still to send in this pass.
+        transferred_bytes: u64,
+        remaining_bytes: u64,
+        /// Guest pages dirtied per second (QEMU's estimate).
+        dirty_pages_rate: u64,
+        passes: u64,
+        /// Memory-stream frame bytes our link carried.
+        wire_bytes: u64,
+    },
     Summary(Summary),
     Error {
         message: String,
@@ -34,6 +45,8 @@ pub enum Phase {
     Connect,
     Bulk,
     Dirty,
+    /// A VM's memory pre-copy; the disk follows the guest's writes meanwhile.
+    Memory,
     Switchover,
     Committed,
     Done,
@@ -45,6 +58,7 @@ impl std::fmt::Display for Phase {
             Phase::Connect => "connect",
             Phase::Bulk => "bulk copy",
             Phase::Dirty => "dirty rounds",
+            Phase::Memory => "memory",
             Phase::Switchover => "switchover",
             Phase::Committed => "final blocks",
             Phase::Done => "done",
@@ -84,6 +98,25 @@ pub struct Summary {
     pub writes: u64,
     pub writes_delayed: u64,
     pub write_delay_total_ms: f64,
+    /// A VM migration: memory and the pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<Box<VmSummary>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmSummary {
+    /// QEMU's migration stream, both directions, before compression.
+    pub memory_stream_bytes: u64,
+    /// The stream's frame bytes on our link.
+    pub memory_wire_bytes: u64,
+    /// Memory passes QEMU made (dirty syncs).
+    pub passes: u64,
+    /// The guest's pause as we see it: QEMU paused it at the source →
+    /// the destination said it runs.
+    pub paused_ms: f64,
+    /// QEMU's own downtime figure at the source.
+    pub qemu_downtime_ms: Option<u64>,
+    pub postcopy: bool,
 }
 
 impl std::fmt::Display for Summary {
@@ -118,7 +151,20 @@ impl std::fmt::Display for Summary {
             f,
             "  throttling        {} of {} writes delayed, {:.1} ms in total",
             self.writes_delayed, self.writes, self.write_delay_total_ms
-        )
+        )?;
+        if let Some(vm) = &self.vm {
+            write!(
+                f,
+                "\n  VM paused         {:.1} ms (QEMU says {} ms){}\n  memory            {:.1} MiB stream as {:.1} MiB on the wire, {} passes",
+                vm.paused_ms,
+                vm.qemu_downtime_ms.map(|d| d.to_string()).unwrap_or_else(|| "?".into()),
+                if vm.postcopy { ", post-copy" } else { "" },
+                mib(vm.memory_stream_bytes),
+                mib(vm.memory_wire_bytes),
+                vm.passes
+            )?;
+        }
+        Ok(())
     }
 }
 

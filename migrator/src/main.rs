@@ -21,6 +21,7 @@ use migrator::nbd::server::{serve_tcp, serve_unix};
 use migrator::precopy::{self, throttle::ThrottleConfig};
 use migrator::source::{self, marker_path, MigrateOptions};
 use migrator::transport::tls::{parse_fingerprint, Identity};
+use migrator::vm::VmOptions;
 
 #[derive(Parser)]
 #[command(
@@ -48,7 +49,10 @@ enum Cmd {
         /// Address for the migration link, e.g. 0.0.0.0:7800.
         #[arg(long)]
         listen: String,
-        /// Where images (NAME.img), state and NBD sockets (NAME.sock) live.
+        /// Where images (NAME.img), state and NBD sockets (NAME.sock) live,
+        /// and for VMs the launch file NAME.qemu (the destination QEMU's
+        /// command line, one argument per line, `{disk}` for the NBD socket),
+        /// QMP socket NAME.qmp and console log NAME.log.
         #[arg(long)]
         dir: PathBuf,
         #[command(flatten)]
@@ -130,6 +134,21 @@ struct MigrateArgs {
     /// Send blocks uncompressed.
     #[arg(long)]
     no_compress: bool,
+    /// Migrate the VM using this disk too: the source QEMU's QMP socket (as
+    /// the disk server sees it). The destination agent starts the VM from its
+    /// `DIR/NAME.qemu`. `--downtime-ms` and `--max-rate-mbit` apply to its
+    /// memory as well.
+    #[arg(long, requires = "control")]
+    #[serde(default)]
+    qmp: Option<PathBuf>,
+    /// Do not slow the guest's vCPUs when its memory does not converge.
+    #[arg(long, requires = "qmp")]
+    #[serde(default)]
+    no_auto_converge: bool,
+    /// Switch to post-copy after this many memory passes without converging.
+    #[arg(long, requires = "qmp")]
+    #[serde(default)]
+    postcopy_after: Option<u64>,
     /// JSON lines on stdout instead of progress bars.
     #[arg(long)]
     #[serde(default)]
@@ -179,6 +198,13 @@ impl MigrateArgs {
             compress: !self.no_compress,
             max_rate: self.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
             marker,
+            vm: self.qmp.as_ref().map(|qmp| VmOptions {
+                qmp: qmp.clone(),
+                downtime: Duration::from_millis(self.downtime_ms),
+                max_bandwidth: self.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
+                auto_converge: !self.no_auto_converge,
+                postcopy_after_passes: self.postcopy_after,
+            }),
         })
     }
 }
@@ -481,6 +507,27 @@ async fn render(mut rx: mpsc::UnboundedReceiver<Event>, json: bool) {
                 ));
             }
             (Event::Progress { .. }, None) => {}
+            (
+                Event::Memory {
+                    transferred_bytes,
+                    remaining_bytes,
+                    passes,
+                    wire_bytes,
+                    ..
+                },
+                Some(b),
+            ) => {
+                b.set_length(transferred_bytes + remaining_bytes);
+                b.set_position(*transferred_bytes);
+                b.set_prefix(format!("memory {passes}"));
+                b.set_message(format!(
+                    "{:.1} MiB sent ({:.1} MiB on the wire), {:.1} MiB left in this pass",
+                    mib(*transferred_bytes as f64),
+                    mib(*wire_bytes as f64),
+                    mib(*remaining_bytes as f64)
+                ));
+            }
+            (Event::Memory { .. }, None) => {}
             (Event::Summary(s), b) => {
                 if let Some(b) = b {
                     b.finish_and_clear();

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,13 +19,15 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::disk::Disk;
-use crate::events::{Event, EventSink, Phase, Summary};
+use crate::events::{Event, EventSink, Phase, Summary, VmSummary};
 use crate::image::is_zero;
+use crate::memrelay;
 use crate::precopy::{self, Delta, Engine, Transmit};
 use crate::transport::frame::MAX_BLOCK;
 use crate::transport::frame::{block_hash, BlockHash, VERSION};
 use crate::transport::tls::{self, Fingerprint, Identity};
-use crate::transport::{read_frame, write_frame, Compressor, Frame, LinkError};
+use crate::transport::{read_frame, write_frame, Compressor, Frame, LinkError, SharedWriter};
+use crate::vm::{SourceVm, VmOptions};
 
 #[derive(Debug, Error)]
 pub enum MigrateError {
@@ -44,7 +47,7 @@ pub enum MigrateError {
     Refused(String),
     #[error(transparent)]
     Link(#[from] LinkError),
-    #[error("link to the destination closed before the commit point; the source still serves the disk, re-run to resume")]
+    #[error("the destination closed the link before the commit point (is its agent still running?); the source still serves the disk (and runs the VM): re-run to resume")]
     LinkClosed,
     #[error("timed out waiting for the destination's {0}")]
     Timeout(&'static str),
@@ -54,6 +57,8 @@ pub enum MigrateError {
     Disk(String),
     #[error("committed: the destination is the authority, but sending the final blocks failed: {0}; its reads of those blocks wait until `migrator disk migrate` is run again")]
     AfterCommit(String),
+    #[error("VM: {0}")]
+    Vm(String),
     #[error("cannot record the commit in {path}: {source}; rolled back, the source keeps serving")]
     Marker {
         path: PathBuf,
@@ -75,6 +80,8 @@ pub struct MigrateOptions {
     /// Written at the commit point so a restarted `disk serve` will not serve the
     /// stale copy: `<image>.moved`.
     pub marker: Option<PathBuf>,
+    /// Migrate the VM using this disk too (its memory through QEMU).
+    pub vm: Option<VmOptions>,
 }
 
 /// Marker path for an image.
@@ -103,7 +110,7 @@ impl Drop for RollbackGuard<'_> {
 
 /// Sender-side state shared by the pre- and post-commit loops.
 struct Sender<W> {
-    wr: W,
+    wr: Arc<SharedWriter<W>>,
     disk: Arc<Disk>,
     engine: Arc<Mutex<Engine>>,
     bs: u64,
@@ -119,7 +126,7 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
     }
 
     async fn send(&mut self, f: &Frame) -> Result<(), LinkError> {
-        let n = write_frame(&mut self.wr, f).await? as u64;
+        let n = self.wr.send(f).await? as u64;
         self.summary.wire_bytes += n;
         if let Some((rate, start)) = self.pace {
             // Pace to the cap: never ahead of rate × elapsed.
@@ -246,16 +253,111 @@ fn block_ranges(
 enum Inbound {
     Ready,
     DoneAck,
+    VmLoaded,
+    VmResumed,
     Refused(String),
     Closed(Option<LinkError>),
 }
 
-/// Migrate `disk` to the destination agent. On success the source has moved
-/// (refuses writes) and the destination serves the disk.
+/// Returns a VM to running at the source unless disarmed at the commit
+/// point: awaited on an error, spawned when the migration task is dropped.
+struct VmGuard {
+    vm: Option<Arc<SourceVm>>,
+}
+
+impl VmGuard {
+    async fn rollback(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            if let Err(e) = vm.rollback().await {
+                warn!("cannot resume the source VM: {e} (check it with `query-status`)");
+            }
+        }
+    }
+}
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move {
+                    if let Err(e) = vm.rollback().await {
+                        warn!("cannot resume the source VM: {e}");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Migrate `disk` — and with `opts.vm`, the VM using it — to the destination
+/// agent. On success the source has moved (refuses writes) and the
+/// destination serves the disk (and runs the VM). Before the commit point any
+/// failure leaves the disk serving and the VM running here.
 pub async fn migrate(
     disk: Arc<Disk>,
     opts: MigrateOptions,
     events: EventSink,
+) -> Result<Summary, MigrateError> {
+    let vm = match &opts.vm {
+        Some(o) => Some(Arc::new(
+            SourceVm::attach(o.clone())
+                .await
+                .map_err(|e| MigrateError::Vm(e.to_string()))?,
+        )),
+        None => None,
+    };
+    let mut guard = VmGuard { vm: vm.clone() };
+    match transfer(disk, opts, events, vm, &mut guard).await {
+        Err(e) if !matches!(e, MigrateError::AfterCommit(_)) => {
+            guard.rollback().await;
+            Err(e)
+        }
+        r => r,
+    }
+}
+
+/// QEMU's memory migration in progress: its statuses and the tasks that
+/// carry its stream.
+struct MemoryRun {
+    statuses: mpsc::UnboundedReceiver<String>,
+    tasks: Vec<tokio::task::JoinHandle<Result<u64, LinkError>>>,
+    stream_bytes: Arc<AtomicU64>,
+    wire_bytes: Arc<AtomicU64>,
+    postcopy: bool,
+    last_poll: Instant,
+}
+
+impl Drop for MemoryRun {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// What a migration status means for the sending loop.
+enum MemStep {
+    Go,
+    Paused,
+}
+
+async fn on_status(vm: &SourceVm, status: Option<String>) -> Result<MemStep, MigrateError> {
+    match status.as_deref() {
+        Some("pre-switchover") => Ok(MemStep::Paused),
+        Some(s @ ("failed" | "cancelled")) => Err(MigrateError::Vm(
+            vm.failure(s.to_string()).await.to_string(),
+        )),
+        Some(_) => Ok(MemStep::Go),
+        None => Err(MigrateError::Vm("lost QEMU's migration events".into())),
+    }
+}
+
+async fn transfer(
+    disk: Arc<Disk>,
+    opts: MigrateOptions,
+    events: EventSink,
+    vm: Option<Arc<SourceVm>>,
+    vm_guard: &mut VmGuard,
 ) -> Result<Summary, MigrateError> {
     let t0 = Instant::now();
     events.send(Event::Phase {
@@ -308,7 +410,28 @@ pub async fn migrate(
             None => return Err(MigrateError::LinkClosed),
         }
     }
-    info!(disk = disk.name(), to = %opts.to, resumable_blocks = peer_hashes.len(), "migration connected");
+    let postcopy = opts
+        .vm
+        .as_ref()
+        .is_some_and(|v| v.postcopy_after_passes.is_some());
+    if vm.is_some() {
+        // The destination VM starts first: a launch that fails costs nothing.
+        write_frame(&mut wr, &Frame::VmStart { postcopy }).await?;
+        wr.flush().await.map_err(LinkError::Io)?;
+        match tokio::time::timeout(Duration::from_secs(60), read_frame(&mut rd)).await {
+            Ok(Ok(Some(Frame::VmReady))) => {}
+            Ok(Ok(Some(Frame::Error { message }))) => return Err(MigrateError::Refused(message)),
+            Ok(Ok(Some(other))) => {
+                return Err(MigrateError::Refused(format!(
+                    "unexpected {other:?} instead of VmReady"
+                )))
+            }
+            Ok(Ok(None)) => return Err(MigrateError::LinkClosed),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(MigrateError::Timeout("VmReady")),
+        }
+    }
+    info!(disk = disk.name(), to = %opts.to, resumable_blocks = peer_hashes.len(), vm = vm.is_some(), "migration connected");
 
     // Bulk ranges: allocated data here, plus what the destination holds (it may
     // need zeroing where this copy has a hole now).
@@ -335,9 +458,11 @@ pub async fn migrate(
         armed: true,
     };
 
-    // Reader: Fetch requests go to `fetch_tx`, everything else to `inbound`.
+    // Reader: Fetch requests go to `fetch_tx`, the memory stream to `mem_in`,
+    // everything else to `inbound`.
     let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel::<u64>();
     let (in_tx, mut inbound) = mpsc::unbounded_channel::<Inbound>();
+    let (mem_in_tx, mem_in_rx) = mpsc::channel::<Frame>(16);
     let reader = tokio::spawn(async move {
         loop {
             let msg = match read_frame(&mut rd).await {
@@ -345,8 +470,15 @@ pub async fn migrate(
                     let _ = fetch_tx.send(block);
                     continue;
                 }
+                Ok(Some(f @ (Frame::Mem { .. } | Frame::MemEnd))) => {
+                    // closed: QEMU's end is gone, its status says why
+                    let _ = mem_in_tx.send(f).await;
+                    continue;
+                }
                 Ok(Some(Frame::Ready)) => Inbound::Ready,
                 Ok(Some(Frame::DoneAck)) => Inbound::DoneAck,
+                Ok(Some(Frame::VmLoaded)) => Inbound::VmLoaded,
+                Ok(Some(Frame::VmResumed)) => Inbound::VmResumed,
                 Ok(Some(Frame::Error { message })) => Inbound::Refused(message),
                 Ok(Some(other)) => Inbound::Refused(format!("unexpected frame {other:?}")),
                 Ok(None) => Inbound::Closed(None),
@@ -359,9 +491,11 @@ pub async fn migrate(
         }
     });
     let _reader_guard = AbortOnDrop(reader);
+    let mut mem_in_rx = Some(mem_in_rx);
 
+    let wr = Arc::new(SharedWriter::new(wr));
     let mut s = Sender {
-        wr,
+        wr: wr.clone(),
         disk: disk.clone(),
         engine: engine.clone(),
         bs,
@@ -381,9 +515,47 @@ pub async fn migrate(
     events.send(Event::Phase { phase: Phase::Bulk });
     let mut last_progress = Instant::now();
     let mut phase = Phase::Bulk;
+    let mut mem: Option<MemoryRun> = None;
     loop {
         if let Ok(msg) = inbound.try_recv() {
             return Err(inbound_error(msg));
+        }
+        if let (Some(m), Some(vm)) = (&mut mem, &vm) {
+            match m.statuses.try_recv() {
+                Ok(st) => {
+                    if let MemStep::Paused = on_status(vm, Some(st)).await? {
+                        break;
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {}
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    on_status(vm, None).await?;
+                }
+            }
+            if m.last_poll.elapsed() >= Duration::from_millis(500) {
+                m.last_poll = Instant::now();
+                let info = vm
+                    .info()
+                    .await
+                    .map_err(|e| MigrateError::Vm(e.to_string()))?;
+                let passes = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+                events.send(Event::Memory {
+                    transferred_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+                    remaining_bytes: info["ram"]["remaining"].as_u64().unwrap_or(0),
+                    dirty_pages_rate: info["ram"]["dirty-pages-rate"].as_u64().unwrap_or(0),
+                    passes,
+                    wire_bytes: m.wire_bytes.load(Ordering::Relaxed),
+                });
+                if let Some(after) = vm.postcopy_after_passes() {
+                    if !m.postcopy && passes >= after {
+                        info!(passes, "memory does not converge: switching to post-copy");
+                        vm.start_postcopy()
+                            .await
+                            .map_err(|e| MigrateError::Vm(e.to_string()))?;
+                        m.postcopy = true;
+                    }
+                }
+            }
         }
         let t = s.engine().poll_transmit(Instant::now());
         match t {
@@ -396,7 +568,41 @@ pub async fn migrate(
                     s.send_delta(d).await?;
                 }
             }
-            Some(Transmit::Switchover) => break,
+            Some(Transmit::Switchover) => {
+                let Some(vm) = &vm else { break };
+                // The disk has converged: it follows the guest's writes while
+                // QEMU moves the memory, and both switch over together.
+                s.engine().follow();
+                let (qemu, statuses) = vm
+                    .start()
+                    .await
+                    .map_err(|e| MigrateError::Vm(e.to_string()))?;
+                mem = Some(start_memory(
+                    qemu,
+                    statuses,
+                    mem_in_rx.take(),
+                    wr.clone(),
+                    opts.compress,
+                ));
+                phase = Phase::Memory;
+                events.send(Event::Phase { phase });
+            }
+            Some(Transmit::Idle) => {
+                s.wr.flush().await?;
+                let (Some(m), Some(vm)) = (&mut mem, &vm) else {
+                    return Err(MigrateError::Disk(
+                        "pre-copy engine idle without a VM".into(),
+                    ));
+                };
+                tokio::select! {
+                    st = m.statuses.recv() => {
+                        if let MemStep::Paused = on_status(vm, st).await? {
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+            }
             Some(Transmit::NotConverged {
                 rounds,
                 dirty_blocks,
@@ -412,14 +618,15 @@ pub async fn migrate(
             phase = Phase::Dirty;
             events.send(Event::Phase { phase });
         }
-        if last_progress.elapsed() >= Duration::from_millis(200) {
+        if phase != Phase::Memory && last_progress.elapsed() >= Duration::from_millis(200) {
             last_progress = Instant::now();
             events.send(progress(&s.engine(), phase));
         }
     }
 
-    // Switchover: hold writes, take the final set, let the destination persist
-    // everything else, then commit.
+    // Switchover: hold writes (the VM is paused already, if there is one),
+    // take the final set, let the destination persist everything else, then
+    // commit.
     events.send(Event::Phase {
         phase: Phase::Switchover,
     });
@@ -438,12 +645,50 @@ pub async fn migrate(
         blocks: final_blocks.clone(),
     })
     .await?;
-    s.wr.flush().await.map_err(LinkError::Io)?;
-    match tokio::time::timeout(Duration::from_secs(60), inbound.recv()).await {
-        Ok(Some(Inbound::Ready)) => {}
-        Ok(Some(other)) => return Err(inbound_error(other)),
-        Ok(None) => return Err(MigrateError::LinkClosed),
-        Err(_) => return Err(MigrateError::Timeout("Ready")),
+    s.wr.flush().await?;
+    let postcopy_run = mem.as_ref().is_some_and(|m| m.postcopy);
+    if let (Some(vm), false) = (&vm, postcopy_run) {
+        // Pre-copy: QEMU sends the rest while the destination syncs its disk.
+        vm.continue_switchover()
+            .await
+            .map_err(|e| MigrateError::Vm(e.to_string()))?;
+    }
+    let (mut ready, mut loaded, mut completed) = (
+        false,
+        vm.is_none() || postcopy_run,
+        vm.is_none() || postcopy_run,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut vm_info = serde_json::Value::Null;
+    while !(ready && loaded && completed) {
+        let status = async {
+            match (&mut mem, completed) {
+                (Some(m), false) => m.statuses.recv().await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = inbound.recv() => match msg {
+                Some(Inbound::Ready) => ready = true,
+                Some(Inbound::VmLoaded) => loaded = true,
+                Some(other) => return Err(inbound_error(other)),
+                None => return Err(MigrateError::LinkClosed),
+            },
+            st = status => {
+                if st.as_deref() == Some("completed") {
+                    completed = true;
+                    // QEMU's own account, before the source QEMU quits
+                    if let Some(vm) = &vm {
+                        vm_info = vm.info().await.unwrap_or_default();
+                    }
+                } else if let Some(vm) = &vm {
+                    on_status(vm, st).await?;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(MigrateError::Timeout(if !ready { "Ready" } else if !completed { "memory stream's end" } else { "VmLoaded" }))
+            }
+        }
     }
     if let Some(path) = &opts.marker {
         write_marker(path, &opts.to).map_err(|source| MigrateError::Marker {
@@ -454,14 +699,26 @@ pub async fn migrate(
     // ---- commit point ----
     disk.commit_moved(opts.to.clone());
     guard.armed = false;
+    vm_guard.vm = None;
     let t_commit = Instant::now();
     s.summary.frozen_ms = (t_commit - t_freeze).as_secs_f64() * 1e3;
     events.send(Event::Phase {
         phase: Phase::Committed,
     });
+    let mut resumed_at = None;
     let after = async {
         s.send(&Frame::Commit).await?;
-        s.wr.flush().await.map_err(LinkError::Io)?;
+        s.wr.flush().await?;
+        if let Some(vm) = &vm {
+            if postcopy_run {
+                // Post-copy: the destination runs on, fetching pages from here.
+                vm.continue_switchover()
+                    .await
+                    .map_err(|e| MigrateError::Vm(e.to_string()))?;
+            } else {
+                vm.quit().await;
+            }
+        }
         let mut remaining: BTreeSet<u64> = final_blocks.iter().copied().collect();
         while !remaining.is_empty() {
             let next = match fetch_rx.try_recv() {
@@ -477,24 +734,73 @@ pub async fn migrate(
             remaining.remove(&next);
             s.send_blocks(next, 1).await?;
             if remaining.is_empty() || fetch_rx.is_empty() {
-                s.wr.flush().await.map_err(LinkError::Io)?;
+                s.wr.flush().await?;
             }
         }
         s.send(&Frame::Done).await?;
-        s.wr.flush().await.map_err(LinkError::Io)?;
-        match tokio::time::timeout(Duration::from_secs(60), inbound.recv()).await {
-            Ok(Some(Inbound::DoneAck)) => Ok(()),
-            Ok(Some(other)) => Err(inbound_error(other)),
-            Ok(None) => Err(MigrateError::LinkClosed),
-            Err(_) => Err(MigrateError::Timeout("DoneAck")),
+        s.wr.flush().await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), inbound.recv()).await {
+                Ok(Some(Inbound::DoneAck)) => break,
+                Ok(Some(Inbound::VmResumed)) => resumed_at = Some(Instant::now()),
+                Ok(Some(Inbound::VmLoaded)) => {}
+                Ok(Some(other)) => return Err(inbound_error(other)),
+                Ok(None) => return Err(MigrateError::LinkClosed),
+                Err(_) => return Err(MigrateError::Timeout("DoneAck")),
+            }
         }
+        if let (Some(vm), Some(m)) = (&vm, &mut mem) {
+            if resumed_at.is_none() {
+                // the destination resumes right after Commit: its word follows
+                while let Ok(Some(msg)) =
+                    tokio::time::timeout(Duration::from_secs(30), inbound.recv()).await
+                {
+                    if let Inbound::VmResumed = msg {
+                        resumed_at = Some(Instant::now());
+                        break;
+                    }
+                }
+            }
+            if postcopy_run {
+                // the pages still at the source go on demand and in the background
+                while let Some(st) = m.statuses.recv().await {
+                    match st.as_str() {
+                        "completed" => break,
+                        "failed" | "cancelled" => {
+                            return Err(MigrateError::Vm(vm.failure(st).await.to_string()))
+                        }
+                        _ => {}
+                    }
+                }
+                vm_info = vm.info().await.unwrap_or_default();
+                vm.quit().await;
+            }
+            // the stream's end in both directions
+            for t in m.tasks.drain(..) {
+                let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+            }
+        }
+        Ok::<_, MigrateError>(())
     };
     after
         .await
         .map_err(|e| MigrateError::AfterCommit(e.to_string()))?;
-    let _ = s.wr.shutdown().await;
+    s.wr.shutdown().await;
     s.summary.final_ms = t_commit.elapsed().as_secs_f64() * 1e3;
     s.summary.total_s = t0.elapsed().as_secs_f64();
+    if let Some(m) = &mem {
+        let info = vm_info;
+        s.summary.vm = Some(Box::new(VmSummary {
+            memory_stream_bytes: m.stream_bytes.load(Ordering::Relaxed),
+            memory_wire_bytes: m.wire_bytes.load(Ordering::Relaxed),
+            passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+            paused_ms: resumed_at
+                .map(|r| (r - t_freeze).as_secs_f64() * 1e3)
+                .unwrap_or(f64::NAN),
+            qemu_downtime_ms: info["downtime"].as_u64(),
+            postcopy: postcopy_run,
+        }));
+    }
     let st = s.engine().stats().clone();
     s.summary.bulk_blocks = st.bulk_blocks;
     s.summary.resent_blocks = st.resent_blocks;
@@ -509,6 +815,59 @@ pub async fn migrate(
     events.send(Event::Phase { phase: Phase::Done });
     events.send(Event::Summary(s.summary.clone()));
     Ok(s.summary)
+}
+
+/// Wires QEMU's migration connection to the link: its stream out as `Mem`
+/// frames between the disk's, the peer's `Mem` frames (QEMU's return path)
+/// back in.
+fn start_memory<W>(
+    qemu: tokio::net::UnixStream,
+    statuses: mpsc::UnboundedReceiver<String>,
+    from_peer: Option<mpsc::Receiver<Frame>>,
+    wr: Arc<SharedWriter<W>>,
+    compress: bool,
+) -> MemoryRun
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (q_rd, q_wr) = qemu.into_split();
+    let (tx, mut rx) = mpsc::channel::<Frame>(8);
+    let stream_bytes = Arc::new(AtomicU64::new(0));
+    let wire_bytes = Arc::new(AtomicU64::new(0));
+    let mut tasks = vec![tokio::spawn(memrelay::outbound(q_rd, tx, compress))];
+    let wire = wire_bytes.clone();
+    let stream = stream_bytes.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(f) = rx.recv().await {
+            if let Frame::Mem { raw_len, .. } = &f {
+                stream.fetch_add(*raw_len as u64, Ordering::Relaxed);
+            }
+            let w = wr.send(&f).await? as u64;
+            wire.fetch_add(w, Ordering::Relaxed);
+            n += w;
+            if rx.is_empty() {
+                wr.flush().await?;
+            }
+        }
+        Ok(n)
+    }));
+    if let Some(from_peer) = from_peer {
+        let stream = stream_bytes.clone();
+        tasks.push(tokio::spawn(async move {
+            let n = memrelay::inbound(from_peer, q_wr).await?;
+            stream.fetch_add(n, Ordering::Relaxed);
+            Ok(n)
+        }));
+    }
+    MemoryRun {
+        statuses,
+        tasks,
+        stream_bytes,
+        wire_bytes,
+        postcopy: false,
+        last_poll: Instant::now(),
+    }
 }
 
 fn progress(e: &Engine, phase: Phase) -> Event {
@@ -530,9 +889,14 @@ fn progress(e: &Engine, phase: Phase) -> Event {
 fn inbound_error(msg: Inbound) -> MigrateError {
     match msg {
         Inbound::Refused(m) => MigrateError::Refused(m),
+        Inbound::Closed(Some(LinkError::Io(e)))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            MigrateError::LinkClosed
+        }
         Inbound::Closed(Some(e)) => MigrateError::Link(e),
         Inbound::Closed(None) => MigrateError::LinkClosed,
-        Inbound::Ready | Inbound::DoneAck => {
+        Inbound::Ready | Inbound::DoneAck | Inbound::VmLoaded | Inbound::VmResumed => {
             MigrateError::Refused("destination acknowledged out of order".into())
         }
     }

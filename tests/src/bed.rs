@@ -99,11 +99,14 @@ pub fn hash_file(path: &Path) -> Result<String> {
 }
 
 pub fn migrator_bin() -> PathBuf {
-    // Next to this binary (target/<profile>/), as cargo builds the workspace.
+    // In target/<profile>/, as cargo builds the workspace: next to a bench
+    // binary, one up from a test binary (in deps/).
     let me = std::env::current_exe().unwrap_or_default();
-    me.parent()
-        .map(|d| d.join("migrator"))
-        .unwrap_or_else(|| PathBuf::from("migrator"))
+    let mut dir = me.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("migrator")
 }
 
 #[derive(Clone)]
@@ -146,7 +149,7 @@ pub fn start_agent(sites: &Sites, dir: &Path, k: &Keys) -> Result<(ChildGuard, S
         .arg(&k.dst_dir)
         .args(["--peer", &k.src_fp])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(log_file(&dir.join("agent.log")));
     let mut g = ChildGuard::spawn(&mut c)?;
     let out =
         g.0.as_mut()
@@ -173,7 +176,7 @@ pub fn start_source(sites: &Sites, image: &Path, sock: &Path, ctl: &Path) -> Res
         .arg(sock)
         .arg("--control")
         .arg(ctl)
-        .stderr(Stdio::null());
+        .stderr(log_file(&ctl.with_extension("log")));
     let g = ChildGuard::spawn(&mut c)?;
     let t = Instant::now();
     while !(sock.exists() && ctl.exists()) {
@@ -250,6 +253,16 @@ pub fn migrate(
         }
     }
     bail!("no summary in the migration's output")
+}
+
+/// Appends a process's messages to `path` (nowhere if it cannot be opened).
+pub fn log_file(path: &Path) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
 }
 
 pub fn require_root() -> Result<()> {

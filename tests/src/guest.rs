@@ -337,6 +337,29 @@ pub fn fsck_clean(image: &Path) -> Result<()> {
 
 /// The QEMU command line for the guest (TCG), its console on stdout.
 pub fn qemu_command(k: &GuestKernel, disk: &Path, append_extra: &str) -> Command {
+    qemu_with_drive(
+        k,
+        &format!("file={},if=virtio,format=raw", disk.display()),
+        append_extra,
+    )
+}
+
+/// As [`qemu_command`], the disk being NBD export `export` on unix socket
+/// `socket` (a path, or a placeholder such as `{disk}` for a launch file).
+pub fn qemu_nbd_command(
+    k: &GuestKernel,
+    socket: &str,
+    export: &str,
+    append_extra: &str,
+) -> Command {
+    qemu_with_drive(
+        k,
+        &format!("file=nbd+unix:///{export}?socket={socket},if=virtio,format=raw"),
+        append_extra,
+    )
+}
+
+fn qemu_with_drive(k: &GuestKernel, drive: &str, append_extra: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-accel",
@@ -356,8 +379,17 @@ pub fn qemu_command(k: &GuestKernel, disk: &Path, append_extra: &str) -> Command
     .arg("-append")
     .arg(format!("console=ttyS0 quiet panic=-1 {append_extra}"))
     .arg("-drive")
-    .arg(format!("file={},if=virtio,format=raw", disk.display()));
+    .arg(drive);
     c
+}
+
+/// A launch file for `migrator receive` (`DIR/NAME.qemu`): the command's
+/// program and arguments, one per line.
+pub fn launch_file(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("{}\n", a.to_string_lossy()))
+        .collect()
 }
 
 /// Gives the guest a virtio NIC on tap device `tap` (which must exist, in

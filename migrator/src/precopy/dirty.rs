@@ -59,6 +59,17 @@ impl Bitmap {
         was_set
     }
 
+    /// The lowest set bit.
+    pub fn first_set(&self) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        self.words
+            .iter()
+            .position(|&w| w != 0)
+            .map(|wi| wi as u64 * 64 + self.words[wi].trailing_zeros() as u64)
+    }
+
     /// Indices of all set bits, ascending.
     pub fn ones(&self) -> Vec<u64> {
         let mut out = Vec::with_capacity(self.count as usize);

@@ -107,6 +107,9 @@ pub enum Transmit {
     Switchover,
     /// `max_rounds` passed and the dirty set still exceeds the budget.
     NotConverged { rounds: u32, dirty_blocks: u64 },
+    /// Following ([`Engine::follow`]): nothing is dirty now; ask again after
+    /// the next write.
+    Idle,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +124,9 @@ enum Phase {
         pos: usize,
     },
     Switchover,
+    /// Converged, but the switchover waits for something else (a VM's memory):
+    /// each block is sent as soon as it is dirtied.
+    Following,
     Frozen,
 }
 
@@ -257,7 +263,7 @@ impl Engine {
     fn charge(&mut self, new_bytes: u64, now: Instant) -> Duration {
         self.dirtying.record(new_bytes, now);
         let delay = match (&mut self.throttle, &self.phase) {
-            (Some(t), Phase::Bulk { .. } | Phase::Round { .. }) => {
+            (Some(t), Phase::Bulk { .. } | Phase::Round { .. } | Phase::Following) => {
                 t.charge(new_bytes, self.drain.rate(), now)
             }
             _ => Duration::ZERO,
@@ -375,6 +381,20 @@ impl Engine {
                     }
                 }
                 Phase::Switchover => return Some(Transmit::Switchover),
+                Phase::Following => {
+                    if !self.deltas.is_empty() {
+                        return Some(Transmit::Delta);
+                    }
+                    let Some(b) = self.dirty.first_set() else {
+                        return Some(Transmit::Idle);
+                    };
+                    let mut n = 0;
+                    while n < self.cfg.max_run && self.dirty.clear(b + n) {
+                        n += 1;
+                    }
+                    self.stats.resent_blocks += n;
+                    return Some(Transmit::Blocks { start: b, count: n });
+                }
                 Phase::Frozen => return None,
             }
         }
@@ -400,6 +420,15 @@ impl Engine {
             pos: 0,
         };
         None
+    }
+
+    /// After [`Transmit::Switchover`]: keep the destination current, block by
+    /// block, until the shell freezes. Used while a VM's memory pre-copy runs,
+    /// so the final disk set stays as small as the guest's last few writes.
+    pub fn follow(&mut self) {
+        if matches!(self.phase, Phase::Switchover) {
+            self.phase = Phase::Following;
+        }
     }
 
     /// Writes are held and none is in flight: returns the final dirty set (and

@@ -121,7 +121,7 @@ fn run(
                         },
                     );
                 }
-                None => unreachable!("engine idle before switchover"),
+                None | Some(Transmit::Idle) => unreachable!("engine idle before switchover"),
             }
         }
     }
@@ -233,4 +233,31 @@ fn writes_ahead_of_the_bulk_cursor_are_not_marked() {
     e.handle_write(90 * BS, 1, now);
     assert_eq!(e.dirty_blocks(), 1);
     assert_eq!(e.bulk_remaining(), 5);
+}
+
+#[test]
+fn following_sends_each_write_until_frozen() {
+    let cfg = Config {
+        throttle: None,
+        ..Config::default()
+    };
+    let mut e = Engine::new(cfg, 8 * BS, vec![(0, 8)]);
+    let now = Instant::now();
+    while let Some(t) = e.poll_transmit(now) {
+        if t == Transmit::Switchover {
+            break;
+        }
+    }
+    e.follow();
+    assert_eq!(e.poll_transmit(now), Some(Transmit::Idle));
+    e.handle_write(3 * BS + 10, 2 * BS, now);
+    assert_eq!(
+        e.poll_transmit(now),
+        Some(Transmit::Blocks { start: 3, count: 3 })
+    );
+    assert_eq!(e.poll_transmit(now), Some(Transmit::Idle));
+    // a write after the last send is the final set
+    e.handle_write(7 * BS, 1, now);
+    assert_eq!(e.handle_frozen(), vec![7]);
+    assert_eq!(e.poll_transmit(now), None);
 }

@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 5;
 /// Largest payload: a 16 MiB hash batch or data block plus its small header.
 pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024 + 64;
@@ -75,6 +75,17 @@ pub enum Frame {
     },
     /// The migration stream ended in the sender's direction.
     MemEnd,
+    /// Source → destination: start the destination VM, paused and waiting
+    /// for the migration stream (`postcopy`: with post-copy enabled).
+    VmStart {
+        postcopy: bool,
+    },
+    /// Destination → source: its VM waits for the migration stream.
+    VmReady,
+    /// Destination → source: its VM holds the whole state, still paused.
+    VmLoaded,
+    /// Destination → source: after `Commit`, its VM runs.
+    VmResumed,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -108,6 +119,10 @@ mod t {
     pub const ERROR: u8 = 12;
     pub const MEM: u8 = 13;
     pub const MEM_END: u8 = 14;
+    pub const VM_START: u8 = 15;
+    pub const VM_READY: u8 = 16;
+    pub const VM_LOADED: u8 = 17;
+    pub const VM_RESUMED: u8 = 18;
 }
 
 struct Rd<'a> {
@@ -206,6 +221,10 @@ impl Frame {
             t::ERROR => "error",
             t::MEM => "mem",
             t::MEM_END => "mem-end",
+            t::VM_START => "vm-start",
+            t::VM_READY => "vm-ready",
+            t::VM_LOADED => "vm-loaded",
+            t::VM_RESUMED => "vm-resumed",
             other => return Err(FrameError::UnknownType(other)),
         };
         let mut r = Rd { b: payload, what };
@@ -280,6 +299,12 @@ impl Frame {
                 }
             }
             t::MEM_END => Frame::MemEnd,
+            t::VM_START => Frame::VmStart {
+                postcopy: r.u8()? != 0,
+            },
+            t::VM_READY => Frame::VmReady,
+            t::VM_LOADED => Frame::VmLoaded,
+            t::VM_RESUMED => Frame::VmResumed,
             _ => unreachable!("type checked above"),
         };
         r.end()?;
@@ -368,6 +393,13 @@ impl Frame {
                 t::MEM
             }
             Frame::MemEnd => t::MEM_END,
+            Frame::VmStart { postcopy } => {
+                p.push(*postcopy as u8);
+                t::VM_START
+            }
+            Frame::VmReady => t::VM_READY,
+            Frame::VmLoaded => t::VM_LOADED,
+            Frame::VmResumed => t::VM_RESUMED,
         };
         let mut out = Vec::with_capacity(HEADER_LEN + p.len());
         out.extend_from_slice(&(p.len() as u32).to_be_bytes());
@@ -473,6 +505,10 @@ mod tests {
                 payload,
             }),
             Just(Frame::MemEnd),
+            any::<bool>().prop_map(|postcopy| Frame::VmStart { postcopy }),
+            Just(Frame::VmReady),
+            Just(Frame::VmLoaded),
+            Just(Frame::VmResumed),
         ]
     }
 

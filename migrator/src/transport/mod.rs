@@ -72,6 +72,33 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(wr: &mut W, f: &Frame) -> Result
     Ok(b.len())
 }
 
+/// A link's write half shared by several producers (disk blocks, the memory
+/// stream): whole frames interleave, in the order the lock is granted (FIFO).
+pub struct SharedWriter<W> {
+    inner: tokio::sync::Mutex<W>,
+}
+
+impl<W: AsyncWrite + Unpin> SharedWriter<W> {
+    pub fn new(w: W) -> Self {
+        Self {
+            inner: tokio::sync::Mutex::new(w),
+        }
+    }
+
+    /// Writes one frame; its length on the link.
+    pub async fn send(&self, f: &Frame) -> Result<usize, LinkError> {
+        write_frame(&mut *self.inner.lock().await, f).await
+    }
+
+    pub async fn flush(&self) -> Result<(), LinkError> {
+        Ok(self.inner.lock().await.flush().await?)
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.inner.lock().await.shutdown().await;
+    }
+}
+
 /// Adaptive zstd: compress when it pays, and after a run of incompressible blocks
 /// stop trying for a while (random data costs CPU and saves nothing).
 #[derive(Debug, Default)]

@@ -29,6 +29,7 @@ fn opts(k: &Keys, to: &str, max_rate: Option<u64>) -> MigrateOptions {
         compress: true,
         max_rate,
         marker: None,
+        vm: None,
     }
 }
 
