@@ -606,16 +606,23 @@ impl Agent {
                         Some(v) => {
                             v.disk.open_receiving(block_size, pending, fetch_tx);
                             self.mark_served(v.disk.clone());
-                            let resumed = match &v.dest {
-                                Some(d) => d.resume().await,
-                                None => Ok(()),
-                            };
-                            if let Err(e) = resumed {
-                                // committed: the disk is served here; say so loudly
-                                warn!(vm = name, "cannot resume the VM after commit: {e}");
-                            } else {
-                                info!(vm = name, "VM resumed at the destination");
-                                let _ = out_tx.send(Frame::VmResumed);
+                            // Not awaited here: during post-copy the VM's state
+                            // still arrives through this loop.
+                            if let Some(resume) = v.dest.as_ref().map(|d| d.resume()) {
+                                let (out, vm_name) = (out_tx.clone(), name.to_string());
+                                tokio::spawn(async move {
+                                    match resume.await {
+                                        Ok(()) => {
+                                            info!(vm = vm_name, "VM resumed at the destination");
+                                            let _ = out.send(Frame::VmResumed);
+                                        }
+                                        // committed: the disk is served here; say so loudly
+                                        Err(e) => warn!(
+                                            vm = vm_name,
+                                            "cannot resume the VM after commit: {e}"
+                                        ),
+                                    }
+                                });
                             }
                             v.disk.clone()
                         }

@@ -113,7 +113,7 @@ pub struct VmSummary {
     pub passes: u64,
     /// The guest's pause as we see it: QEMU paused it at the source →
     /// the destination said it runs.
-    pub paused_ms: f64,
+    pub paused_ms: Option<f64>,
     /// QEMU's own downtime figure at the source.
     pub qemu_downtime_ms: Option<u64>,
     pub postcopy: bool,
@@ -155,8 +155,8 @@ impl std::fmt::Display for Summary {
         if let Some(vm) = &self.vm {
             write!(
                 f,
-                "\n  VM paused         {:.1} ms (QEMU says {} ms){}\n  memory            {:.1} MiB stream as {:.1} MiB on the wire, {} passes",
-                vm.paused_ms,
+                "\n  VM paused         {} ms (QEMU says {} ms){}\n  memory            {:.1} MiB stream as {:.1} MiB on the wire, {} passes",
+                vm.paused_ms.map(|p| format!("{p:.1}")).unwrap_or_else(|| "?".into()),
                 vm.qemu_downtime_ms.map(|d| d.to_string()).unwrap_or_else(|| "?".into()),
                 if vm.postcopy { ", post-copy" } else { "" },
                 mib(vm.memory_stream_bytes),

@@ -794,9 +794,7 @@ async fn transfer(
             memory_stream_bytes: m.stream_bytes.load(Ordering::Relaxed),
             memory_wire_bytes: m.wire_bytes.load(Ordering::Relaxed),
             passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
-            paused_ms: resumed_at
-                .map(|r| (r - t_freeze).as_secs_f64() * 1e3)
-                .unwrap_or(f64::NAN),
+            paused_ms: resumed_at.map(|r| (r - t_freeze).as_secs_f64() * 1e3),
             qemu_downtime_ms: info["downtime"].as_u64(),
             postcopy: postcopy_run,
         }));

@@ -258,7 +258,7 @@ impl Drop for SourceVm {
 /// The destination QEMU, started by the agent.
 pub struct DestVm {
     child: tokio::process::Child,
-    qmp: Qmp,
+    qmp: std::sync::Arc<Qmp>,
     incoming: PathBuf,
     log: PathBuf,
 }
@@ -376,7 +376,7 @@ impl DestVm {
         );
         Ok(Self {
             child,
-            qmp,
+            qmp: std::sync::Arc::new(qmp),
             incoming,
             log,
         })
@@ -417,11 +417,23 @@ impl DestVm {
         }
     }
 
-    /// After the commit point: run (during a post-copy load, as soon as the
-    /// state is in).
-    pub async fn resume(&self) -> Result<(), VmError> {
-        self.qmp.execute_timeout("cont", None, QMP_TIMEOUT).await?;
-        Ok(())
+    /// After the commit point: run, and return once the guest does (during
+    /// a post-copy load, that is when QEMU has the device state).
+    pub fn resume(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), VmError>> + Send + 'static {
+        let qmp = self.qmp.clone();
+        async move {
+            let mut events = qmp.events();
+            qmp.execute_timeout("cont", None, QMP_TIMEOUT).await?;
+            let status = qmp
+                .execute_timeout("query-status", None, QMP_TIMEOUT)
+                .await?;
+            if status["status"] != "running" {
+                Qmp::wait_event(&mut events, "RESUME", QMP_TIMEOUT).await?;
+            }
+            Ok(())
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {

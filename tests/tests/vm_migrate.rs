@@ -426,3 +426,34 @@ fn killing_the_agent_mid_memory_leaves_the_guest_running_at_the_source() {
     assert!(gap < Duration::from_secs(5), "the guest paused {gap:?}");
     bed.check_destination_disk();
 }
+
+/// Post-copy: the guest runs at the destination while its memory is still
+/// arriving, fetched on demand through our link.
+#[test]
+fn post_copy_moves_the_guest_too() {
+    let bed = Bed::new(1500);
+    let (_server, mut src) = bed.start_vm(1500);
+    bed.wait_beats("src", 20, Duration::from_secs(60));
+    let (_agent, addr) = start_agent(&bed.sites, &bed.agent_dir, &bed.keys).expect("agent");
+    bed.tail_destination();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    // slow memory, and post-copy from the first pass on
+    let mut m = bed.migrate(
+        &addr,
+        &["--postcopy-after", "1", "--max-rate-mbit", "200"],
+        events.clone(),
+    );
+    assert!(
+        wait_exit(&mut m, Duration::from_secs(300)).success(),
+        "migration failed\n{}",
+        bed.logs()
+    );
+    let sum = summary(&events);
+    eprintln!("summary: {sum}");
+    assert_eq!(sum["vm"]["postcopy"], true, "{sum}");
+    assert!(wait_exit(&mut src, Duration::from_secs(30)).success());
+    let gap = bed.check_continuity();
+    eprintln!("guest-visible pause with post-copy: {gap:?}");
+    assert!(gap < Duration::from_secs(5), "the guest paused {gap:?}");
+    bed.check_destination_disk();
+}
