@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo: live disk migration between two namespaces over an emulated WAN link.
+# The demo: a running VM moves with its disk between two namespaces over an emulated WAN link.
 # Installs what it needs, builds, runs, cleans up (namespaces and processes are
 # removed by the demo's guards, also when it fails).
 set -euo pipefail

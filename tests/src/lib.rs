@@ -4,3 +4,4 @@ pub mod bed;
 pub mod guest;
 pub mod netns;
 pub mod proc;
+pub mod vmbed;

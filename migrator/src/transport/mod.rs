@@ -16,6 +16,21 @@
 //!  Done                                ──▶  all landed ─▶ DoneAck
 //! ```
 //!
+//! A VM migration adds, on the same link:
+//!
+//! ```text
+//!  VmStart{postcopy} (after Welcome)   ──▶  start QEMU -S -incoming, disk = the
+//!                                      ◀──  VmReady        export, writes held
+//!  [disk converged: it follows each write while QEMU pre-copies memory]
+//!  Mem{…}* MemEnd  (QEMU's stream)     ◀─▶  Mem{…}* MemEnd (its return path)
+//!  [QEMU paused at pre-switchover] Prepare, migrate-continue
+//!                                      ◀──  Ready, VmLoaded (state loaded, paused)
+//!  Commit                              ──▶  disk opens, `cont` ─▶ VmResumed
+//! ```
+//! With post-copy, `Commit` comes before `migrate-continue` (the source can
+//! no longer resume once the destination may run) and `Mem` frames go on
+//! after `Done` until the last page has moved.
+//!
 //! Receiver states (destination): `Handshake → Receiving → Prepared → Committed →
 //! Complete`. A link break before `Commit` leaves the source authoritative and the
 //! destination's partial image in place; the next `Hello` for the same name

@@ -1,0 +1,320 @@
+//! The VM test bed: the guest at site A on `migrator disk serve`'s export,
+//! the destination agent at site B with the guest's launch file, both QEMUs'
+//! consoles merged into one timeline. Used by the VM tests, the VM benchmark
+//! and the demo; everything stops with its guard.
+
+use std::io::{BufRead as _, BufReader, Read as _, Seek as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bed::{keys, migrator_bin, start_source, Keys, Sites};
+use crate::guest;
+use crate::netns::Netns;
+use crate::proc::ChildGuard;
+
+/// Console lines, when they came, and from which QEMU (`src`, `dst`).
+pub type Console = Arc<Mutex<Vec<(Instant, &'static str, String)>>>;
+
+/// JSON events of a `migrator … --json` run.
+pub type Events = Arc<Mutex<Vec<serde_json::Value>>>;
+
+pub struct VmBed {
+    pub sites: Sites,
+    pub dir: tempfile::TempDir,
+    pub k: guest::GuestKernel,
+    pub keys: Keys,
+    /// The guest's disk at the source.
+    pub image: PathBuf,
+    /// The agent's directory (the destination's image, launch file, log).
+    pub agent_dir: PathBuf,
+    pub console: Console,
+    /// The guest's kernel command line extra (its heartbeat count).
+    pub append: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for VmBed {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl VmBed {
+    /// A fresh guest disk, keys, the two sites (`rate_mbit` shapes their
+    /// link) and the agent's launch file. The guest halts after `beats`
+    /// heartbeats (20 ms apart).
+    pub fn new(beats: u64, rate_mbit: Option<u32>) -> Result<VmBed> {
+        let k = guest::kernel(&guest::cache_dir())?;
+        let dir = tempfile::tempdir()?;
+        let image = dir.path().join("root.img");
+        guest::rootfs(&image, 64, &[])?;
+        let keys = keys(dir.path())?;
+        let agent_dir = dir.path().join("agent");
+        std::fs::create_dir_all(&agent_dir)?;
+        let append = format!("guest_beats={beats}");
+        // the destination QEMU: the same machine, its disk the agent's export
+        let launch = guest::qemu_nbd_command(&k, "{disk}", "root", &append);
+        std::fs::write(agent_dir.join("root.qemu"), guest::launch_file(&launch))?;
+        Ok(VmBed {
+            sites: Sites::new(rate_mbit)?,
+            dir,
+            k,
+            keys,
+            image,
+            agent_dir,
+            console: Arc::new(Mutex::new(Vec::new())),
+            append,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The agent's, the disk server's and the destination QEMU's last messages.
+    pub fn logs(&self) -> String {
+        [
+            self.agent_dir.join("agent.log"),
+            self.path("ctl.log"),
+            self.agent_dir.join("root.log"),
+        ]
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            format!(
+                "--- {}\n{}\n",
+                p.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .collect()
+    }
+
+    /// Runs `cmd` (a QEMU command line) in `ns` with a QMP socket at `qmp`,
+    /// its console into the timeline as `tag`.
+    pub fn spawn_qemu(
+        &self,
+        ns: &Netns,
+        cmd: &Command,
+        qmp: &Path,
+        extra: &[&str],
+        tag: &'static str,
+    ) -> Result<ChildGuard> {
+        let mut c = ns.command("qemu-system-x86_64");
+        c.args(cmd.get_args())
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null());
+        let mut qemu = ChildGuard::spawn(&mut c).context("cannot start qemu-system-x86_64")?;
+        let out = qemu
+            .0
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .context("QEMU's console")?;
+        let console = self.console.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut c) = console.lock() {
+                    c.push((Instant::now(), tag, line));
+                }
+            }
+        });
+        Ok(qemu)
+    }
+
+    /// The disk server and the source QEMU (its disk the server's export,
+    /// its QMP socket `a.qmp`), at site A.
+    pub fn start_vm(&self) -> Result<(ChildGuard, ChildGuard)> {
+        let (sock, ctl) = (self.path("root.sock"), self.path("ctl.sock"));
+        let server = start_source(&self.sites, &self.image, &sock, &ctl)?;
+        let cmd =
+            guest::qemu_nbd_command(&self.k, &sock.display().to_string(), "root", &self.append);
+        let qemu = self.spawn_qemu(&self.sites.a, &cmd, &self.path("a.qmp"), &[], "src")?;
+        Ok((server, qemu))
+    }
+
+    /// Follows the destination QEMU's console (its log file at the agent).
+    pub fn tail_destination(&self) {
+        let (path, console, stop) = (
+            self.agent_dir.join("root.log"),
+            self.console.clone(),
+            self.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut pos = 0u64;
+            let mut partial = String::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(mut f) = std::fs::File::open(&path) {
+                    let mut buf = String::new();
+                    if f.seek(std::io::SeekFrom::Start(pos)).is_ok() {
+                        if let Ok(n) = f.read_to_string(&mut buf) {
+                            pos += n as u64;
+                        }
+                    }
+                    partial.push_str(&buf);
+                    while let Some(i) = partial.find('\n') {
+                        let line: String = partial.drain(..=i).collect();
+                        if let Ok(mut c) = console.lock() {
+                            c.push((Instant::now(), "dst", line.trim_end().to_string()));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    }
+
+    /// `migrator disk migrate --qmp …` of the guest to the agent at `addr`.
+    pub fn migrate_command(&self, addr: &str, extra: &[&str]) -> Command {
+        let mut c = Command::new(migrator_bin());
+        c.args(["disk", "migrate", "--control"])
+            .arg(self.path("ctl.sock"))
+            .args(["--to", addr, "--identity"])
+            .arg(&self.keys.src_dir)
+            .args(["--peer", &self.keys.dst_fp, "--qmp"])
+            .arg(self.path("a.qmp"))
+            .args(extra);
+        c
+    }
+
+    /// [`VmBed::migrate_command`] with `--json`; its events arrive in `events`.
+    pub fn migrate(&self, addr: &str, extra: &[&str], events: Events) -> Result<ChildGuard> {
+        let mut c = self.migrate_command(addr, extra);
+        c.arg("--json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut g = ChildGuard::spawn(&mut c)?;
+        let out =
+            g.0.as_mut()
+                .and_then(|c| c.stdout.take())
+                .context("migrate's stdout")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let (Ok(v), Ok(mut e)) = (serde_json::from_str(&line), events.lock()) {
+                    e.push(v);
+                }
+            }
+        });
+        Ok(g)
+    }
+
+    fn lines(&self) -> Vec<(Instant, &'static str, String)> {
+        self.console.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// The highest heartbeat `tag` printed.
+    pub fn last_beat(&self, tag: &str) -> u64 {
+        self.lines()
+            .iter()
+            .filter(|(_, t, _)| *t == tag)
+            .filter_map(|(_, _, l)| beat(l))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the guest at `tag` has printed more than `n` heartbeats.
+    pub fn wait_beats(&self, tag: &str, n: u64, within: Duration) -> Result<()> {
+        let t = Instant::now();
+        while self.last_beat(tag) <= n {
+            if t.elapsed() > within {
+                bail!("{tag}: no heartbeat {n} within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Waits for a console line from `tag` ending in `suffix`.
+    pub fn wait_line(&self, tag: &str, suffix: &str, within: Duration) -> Result<()> {
+        let t = Instant::now();
+        while !self
+            .lines()
+            .iter()
+            .any(|(_, t, l)| *t == tag && l.ends_with(suffix))
+        {
+            if t.elapsed() > within {
+                bail!("{tag} never printed {suffix:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Checks the guest continued at the destination exactly where the
+    /// source stopped (no heartbeat replayed or skipped); returns the largest
+    /// gap between consecutive heartbeats: the pause as the guest saw it.
+    pub fn continuity(&self) -> Result<Duration> {
+        let last_src = self.last_beat("src");
+        self.wait_beats("dst", last_src + 50, Duration::from_secs(60))?;
+        let c = self.lines();
+        let first_dst = c
+            .iter()
+            .filter(|(_, tag, _)| *tag == "dst")
+            .find_map(|(_, _, l)| beat(l))
+            .context("no heartbeat from the destination")?;
+        if !(first_dst <= last_src + 1 && first_dst + 1 >= last_src) {
+            bail!("src ended at heartbeat {last_src}, dst began at {first_dst}");
+        }
+        let beats: Vec<Instant> = c
+            .iter()
+            .filter(|(_, _, l)| beat(l).is_some())
+            .map(|(t, _, _)| *t)
+            .collect();
+        Ok(beats
+            .windows(2)
+            .map(|w| w[1].duration_since(w[0]))
+            .max()
+            .unwrap_or_default())
+    }
+
+    /// After the guest halts at the destination: the writer's log on `image`
+    /// is whole (no gap, no duplicate) and the filesystem clean.
+    pub fn check_disk_after_halt(&self, image: &Path) -> Result<usize> {
+        self.wait_line("dst", "guest halted", Duration::from_secs(180))?;
+        std::thread::sleep(Duration::from_millis(500));
+        let lines = guest::check_writer_log(image)?;
+        guest::fsck_clean(image)?;
+        Ok(lines)
+    }
+}
+
+/// The heartbeat number in a console line.
+pub fn beat(line: &str) -> Option<u64> {
+    line.rsplit_once("heartbeat ")
+        .and_then(|(_, n)| n.trim().parse().ok())
+}
+
+/// Waits for the child to exit.
+pub fn wait_exit(g: &mut ChildGuard, within: Duration) -> Result<ExitStatus> {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = g.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            return Ok(st);
+        }
+        if t.elapsed() > within {
+            bail!("process still running after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `summary` event of a `--json` run.
+pub fn summary(events: &Events) -> Result<serde_json::Value> {
+    let e = events.lock().map(|e| e.clone()).unwrap_or_default();
+    e.iter()
+        .find(|e| e["event"] == "summary")
+        .cloned()
+        .with_context(|| format!("no summary in {e:?}"))
+}
