@@ -11,6 +11,8 @@
 //! - [`memrelay`]: QEMU's migration stream carried as frames on our link.
 
 pub mod agent;
+pub mod args;
+pub mod control;
 pub mod disk;
 pub mod events;
 pub mod image;

@@ -6,22 +6,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use clap::{Parser, Subcommand};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::info;
 
 use migrator::agent::{Agent, AgentOptions};
+use migrator::args::{Keys, MigrateArgs};
+use migrator::control;
 use migrator::disk::Disk;
 use migrator::events::{Event, EventSink, Phase};
 use migrator::image::Image;
 use migrator::nbd::server::{serve_tcp, serve_unix};
-use migrator::precopy::{self, throttle::ThrottleConfig};
-use migrator::source::{self, marker_path, MigrateOptions};
+use migrator::source::{self, marker_path};
 use migrator::transport::tls::{parse_fingerprint, Identity};
-use migrator::vm::VmOptions;
 
 #[derive(Parser)]
 #[command(
@@ -60,16 +58,6 @@ enum Cmd {
     },
 }
 
-#[derive(Args, Clone, Serialize, Deserialize)]
-struct Keys {
-    /// Directory holding this host's cert.der and key.der (from `migrator keygen`).
-    #[arg(long)]
-    identity: PathBuf,
-    /// SHA-256 fingerprint of a peer's key to accept (repeatable).
-    #[arg(long = "peer", required = true)]
-    peers: Vec<String>,
-}
-
 #[derive(Subcommand)]
 enum DiskCmd {
     /// Serve a raw image over NBD; every write passes through dirty tracking.
@@ -91,122 +79,6 @@ enum DiskCmd {
     },
     /// Migrate a disk to a destination agent.
     Migrate(MigrateArgs),
-}
-
-#[derive(Args, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrateArgs {
-    /// Control socket of a running `migrator disk serve` (live migration).
-    #[arg(long, conflicts_with = "image", required_unless_present = "image")]
-    control: Option<PathBuf>,
-    /// An image nobody is writing to (offline migration).
-    #[arg(long)]
-    image: Option<PathBuf>,
-    /// Destination agent, host:port.
-    #[arg(long)]
-    to: String,
-    #[command(flatten)]
-    keys: Keys,
-    /// How writes during the migration travel: `dirty` (resend dirty blocks in
-    /// rounds) or `deltas` (forward every write, as the research prototype did).
-    #[arg(long, value_enum, default_value = "dirty")]
-    #[serde(default)]
-    mode: ModeArg,
-    /// Disable write throttling.
-    #[arg(long)]
-    no_throttle: bool,
-    /// Guest's share of the link for newly dirtied data while throttling.
-    #[arg(long, default_value_t = 0.5)]
-    throttle_ratio: f64,
-    /// Most delay added to one write, in milliseconds.
-    #[arg(long, default_value_t = 100)]
-    max_delay_ms: u64,
-    /// Roll back if the dirty set is still too large after this many rounds.
-    #[arg(long, default_value_t = 30)]
-    max_rounds: u32,
-    /// Switch over when the dirty set drains in this many milliseconds.
-    #[arg(long, default_value_t = 300)]
-    downtime_ms: u64,
-    /// Cap the migration link at this many megabits per second.
-    #[arg(long)]
-    #[serde(default)]
-    max_rate_mbit: Option<f64>,
-    /// Send blocks uncompressed.
-    #[arg(long)]
-    no_compress: bool,
-    /// Migrate the VM using this disk too: the source QEMU's QMP socket (as
-    /// the disk server sees it). The destination agent starts the VM from its
-    /// `DIR/NAME.qemu`. `--downtime-ms` and `--max-rate-mbit` apply to its
-    /// memory as well.
-    #[arg(long, requires = "control")]
-    #[serde(default)]
-    qmp: Option<PathBuf>,
-    /// Do not slow the guest's vCPUs when its memory does not converge.
-    #[arg(long, requires = "qmp")]
-    #[serde(default)]
-    no_auto_converge: bool,
-    /// Switch to post-copy after this many memory passes without converging.
-    #[arg(long, requires = "qmp")]
-    #[serde(default)]
-    postcopy_after: Option<u64>,
-    /// JSON lines on stdout instead of progress bars.
-    #[arg(long)]
-    #[serde(default)]
-    json: bool,
-}
-
-#[derive(Clone, Copy, Default, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum ModeArg {
-    #[default]
-    Dirty,
-    Deltas,
-}
-
-impl MigrateArgs {
-    fn options(&self, marker: Option<PathBuf>) -> Result<MigrateOptions> {
-        let identity = Identity::load(&self.keys.identity)?;
-        let peers = self
-            .keys
-            .peers
-            .iter()
-            .map(|p| parse_fingerprint(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        if !(self.throttle_ratio > 0.0 && self.throttle_ratio <= 1.0) {
-            bail!(
-                "--throttle-ratio must be in (0, 1], got {}",
-                self.throttle_ratio
-            );
-        }
-        Ok(MigrateOptions {
-            to: self.to.clone(),
-            identity,
-            peers,
-            precopy: precopy::Config {
-                mode: match self.mode {
-                    ModeArg::Dirty => precopy::Mode::Dirty,
-                    ModeArg::Deltas => precopy::Mode::Deltas,
-                },
-                max_rounds: self.max_rounds,
-                downtime_target: Duration::from_millis(self.downtime_ms),
-                throttle: (!self.no_throttle).then_some(ThrottleConfig {
-                    ratio: self.throttle_ratio,
-                    max_delay: Duration::from_millis(self.max_delay_ms),
-                }),
-                ..precopy::Config::default()
-            },
-            compress: !self.no_compress,
-            max_rate: self.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
-            marker,
-            vm: self.qmp.as_ref().map(|qmp| VmOptions {
-                qmp: qmp.clone(),
-                downtime: Duration::from_millis(self.downtime_ms),
-                max_bandwidth: self.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
-                auto_converge: !self.no_auto_converge,
-                postcopy_after_passes: self.postcopy_after,
-            }),
-        })
-    }
 }
 
 fn main() -> Result<()> {
@@ -279,7 +151,7 @@ async fn serve(
         let _ = std::fs::remove_file(&ctl);
         let l = UnixListener::bind(&ctl)
             .with_context(|| format!("cannot bind control socket {}", ctl.display()))?;
-        tokio::spawn(control_loop(l, disk.clone(), image.clone()));
+        tokio::spawn(control::serve(l, disk.clone(), image.clone()));
     }
     if let Some(sock) = socket {
         let _ = std::fs::remove_file(&sock);
@@ -298,126 +170,11 @@ async fn serve(
     Ok(())
 }
 
-/// Control socket: one JSON `MigrateArgs` line in, event JSON lines out. The
-/// migration is cancelled (rolled back) if the client goes away before commit.
-async fn control_loop(l: UnixListener, disk: Arc<Disk>, image: PathBuf) {
-    loop {
-        let Ok((s, _)) = l.accept().await else {
-            continue;
-        };
-        let (disk, image) = (disk.clone(), image.clone());
-        tokio::spawn(async move {
-            let (rd, mut wr) = s.into_split();
-            let mut lines = BufReader::new(rd).lines();
-            let send = |e: &Event| {
-                serde_json::to_string(e).map(|mut s| {
-                    s.push('\n');
-                    s
-                })
-            };
-            let req = match lines.next_line().await {
-                Ok(Some(l)) => {
-                    serde_json::from_str::<MigrateArgs>(&l).map_err(|e| format!("bad request: {e}"))
-                }
-                _ => return,
-            };
-            let opts = req.and_then(|a| {
-                a.options(Some(marker_path(&image)))
-                    .map_err(|e| format!("{e:#}"))
-            });
-            let opts = match opts {
-                Ok(o) => o,
-                Err(message) => {
-                    if let Ok(s) = send(&Event::Error { message }) {
-                        let _ = wr.write_all(s.as_bytes()).await;
-                    }
-                    return;
-                }
-            };
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let mut job = tokio::spawn(source::migrate(disk.clone(), opts, EventSink::new(tx)));
-            let mut client_gone = false;
-            let result = loop {
-                tokio::select! {
-                    r = &mut job => break r.map_err(|e| source::MigrateError::Disk(format!("migration task failed: {e}"))).and_then(|r| r),
-                    Some(e) = rx.recv(), if !client_gone => {
-                        if let Ok(s) = send(&e) {
-                            client_gone |= wr.write_all(s.as_bytes()).await.is_err();
-                        }
-                    }
-                    l = lines.next_line(), if !client_gone => {
-                        client_gone = !matches!(l, Ok(Some(_)));
-                    }
-                }
-                if client_gone {
-                    if !disk.is_read_only() {
-                        // Before the commit point: cancel, the guard rolls back.
-                        warn!("migration client went away; rolling back");
-                        job.abort();
-                        return;
-                    }
-                    // After it, the final blocks must still reach the destination.
-                    warn!("migration client went away after the commit point; finishing");
-                }
-            };
-            if client_gone {
-                if let Err(e) = result {
-                    warn!("migration failed after the commit point: {e}");
-                }
-                return;
-            }
-            while let Ok(e) = rx.try_recv() {
-                if let Ok(s) = send(&e) {
-                    let _ = wr.write_all(s.as_bytes()).await;
-                }
-            }
-            if let Err(e) = result {
-                if let Ok(s) = send(&Event::Error {
-                    message: e.to_string(),
-                }) {
-                    let _ = wr.write_all(s.as_bytes()).await;
-                }
-            }
-        });
-    }
-}
-
 async fn migrate_cli(args: MigrateArgs) -> Result<()> {
     let (tx, rx) = mpsc::unbounded_channel();
     let render = tokio::spawn(render(rx, args.json));
     let result: Result<()> = if let Some(ctl) = &args.control {
-        let s = UnixStream::connect(ctl)
-            .await
-            .with_context(|| format!("cannot reach disk server control socket {} (is `migrator disk serve --control` running?)", ctl.display()))?;
-        let (rd, mut wr) = s.into_split();
-        let mut line = serde_json::to_string(&args)?;
-        line.push('\n');
-        wr.write_all(line.as_bytes()).await?;
-        let mut lines = BufReader::new(rd).lines();
-        let mut failed = None;
-        let mut done = false;
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => { failed = Some("interrupted: migration rolled back, the source keeps serving".to_string()); break; }
-                l = lines.next_line() => match l? {
-                    Some(l) => {
-                        let e: Event = serde_json::from_str(&l).context("bad event from the disk server")?;
-                        if let Event::Error { message } = &e { failed = Some(message.clone()); }
-                        done |= matches!(e, Event::Summary(_));
-                        let _ = tx.send(e);
-                    }
-                    None => break,
-                }
-            }
-        }
-        drop(wr);
-        match failed {
-            Some(m) => Err(anyhow::anyhow!(m)),
-            None if done => Ok(()),
-            None => Err(anyhow::anyhow!(
-                "disk server closed the control connection without a result"
-            )),
-        }
+        control::request(ctl, &args, tx.clone()).await.map(|_| ())
     } else {
         let image = args
             .image
