@@ -11,7 +11,9 @@
 //!   delivers to the VM); their flow is remembered as tunnelled.
 //! - TUN → packets from G (policy rule `from G iif LAN`): replies of a
 //!   tunnelled flow go back through the tunnel (the routers filter source
-//!   addresses: G is not routed here); the rest leave translated to P.
+//!   addresses: G is not routed here), and so does any TCP segment of a
+//!   connection from before the move (not a SYN, in neither table); the rest
+//!   leave translated to P.
 //! - TUN → packets to P (host route P/32 → TUN): translated to G.
 
 use std::collections::HashMap;
@@ -23,7 +25,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tunnel::flow::FlowTable;
 use tunnel::io::{Counters, Outer};
-use tunnel::packet::{DropReason, Inner};
+use tunnel::packet::{DropReason, Inner, Transport};
 use tunnel::{mss, nat};
 
 /// One migration as the data plane sees it.
@@ -222,7 +224,14 @@ impl Plane {
             let Ok(i) = Inner::parse(pkt) else {
                 return Out::Drop(DropReason::InnerMalformed);
             };
-            if tunnelled.knows(&i) {
+            // A TCP segment of a connection neither table knows, that is not
+            // opening one, belongs to a connection from before the move (the
+            // guest may speak first after resuming, before any packet of it
+            // came through the tunnel): translating it would make the client
+            // reset the connection.
+            let established_before = !translated.knows(&i)
+                && matches!(i.transport, Transport::Tcp { flags, .. } if !flags.syn || flags.ack);
+            if tunnelled.knows(&i) || established_before {
                 tunnelled.observe(&i, now);
                 return Out::Tunnel(*peer);
             }

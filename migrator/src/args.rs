@@ -13,7 +13,7 @@ use crate::source::MigrateOptions;
 use crate::transport::tls::{parse_fingerprint, Identity};
 use crate::vm::VmOptions;
 
-#[derive(Args, Clone, Serialize, Deserialize)]
+#[derive(Args, Clone, Debug, Serialize, Deserialize)]
 pub struct Keys {
     /// Directory holding this host's cert.der and key.der (from `migrator keygen`).
     #[arg(long)]
@@ -23,8 +23,7 @@ pub struct Keys {
     pub peers: Vec<String>,
 }
 
-#[derive(Args, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Args, Clone, Debug, Serialize, Deserialize)]
 pub struct MigrateArgs {
     /// Control socket of a running `migrator disk serve` (live migration).
     #[arg(long, conflicts_with = "image", required_unless_present = "image")]
@@ -37,6 +36,26 @@ pub struct MigrateArgs {
     pub to: String,
     #[command(flatten)]
     pub keys: Keys,
+    /// Migrate the VM using this disk too: the source QEMU's QMP socket (as
+    /// the disk server sees it). The destination agent starts the VM from its
+    /// `DIR/NAME.qemu`. `--downtime-ms` and `--max-rate-mbit` apply to its
+    /// memory as well.
+    #[arg(long, requires = "control")]
+    #[serde(default)]
+    pub qmp: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub tuning: Tuning,
+    /// JSON lines on stdout instead of progress bars.
+    #[arg(long)]
+    #[serde(default)]
+    pub json: bool,
+}
+
+/// How the disk and memory travel (both `migrator disk migrate` and
+/// `migrator migrate`).
+#[derive(Args, Clone, Debug, Serialize, Deserialize)]
+pub struct Tuning {
     /// How writes during the migration travel: `dirty` (resend dirty blocks in
     /// rounds) or `deltas` (forward every write, as the research prototype did).
     #[arg(long, value_enum, default_value = "dirty")]
@@ -64,28 +83,34 @@ pub struct MigrateArgs {
     /// Send blocks uncompressed.
     #[arg(long)]
     pub no_compress: bool,
-    /// Migrate the VM using this disk too: the source QEMU's QMP socket (as
-    /// the disk server sees it). The destination agent starts the VM from its
-    /// `DIR/NAME.qemu`. `--downtime-ms` and `--max-rate-mbit` apply to its
-    /// memory as well.
-    #[arg(long, requires = "control")]
-    #[serde(default)]
-    pub qmp: Option<PathBuf>,
     /// Do not slow the guest's vCPUs when its memory does not converge.
-    #[arg(long, requires = "qmp")]
+    #[arg(long)]
     #[serde(default)]
     pub no_auto_converge: bool,
     /// Switch to post-copy after this many memory passes without converging.
-    #[arg(long, requires = "qmp")]
-    #[serde(default)]
-    pub postcopy_after: Option<u64>,
-    /// JSON lines on stdout instead of progress bars.
     #[arg(long)]
     #[serde(default)]
-    pub json: bool,
+    pub postcopy_after: Option<u64>,
 }
 
-#[derive(Clone, Copy, Default, clap::ValueEnum, Serialize, Deserialize)]
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            mode: ModeArg::Dirty,
+            no_throttle: false,
+            throttle_ratio: 0.5,
+            max_delay_ms: 100,
+            max_rounds: 30,
+            downtime_ms: 300,
+            max_rate_mbit: None,
+            no_compress: false,
+            no_auto_converge: false,
+            postcopy_after: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModeArg {
     #[default]
@@ -102,10 +127,10 @@ impl MigrateArgs {
             .iter()
             .map(|p| parse_fingerprint(p))
             .collect::<Result<Vec<_>, _>>()?;
-        if !(self.throttle_ratio > 0.0 && self.throttle_ratio <= 1.0) {
+        if !(self.tuning.throttle_ratio > 0.0 && self.tuning.throttle_ratio <= 1.0) {
             bail!(
                 "--throttle-ratio must be in (0, 1], got {}",
-                self.throttle_ratio
+                self.tuning.throttle_ratio
             );
         }
         Ok(MigrateOptions {
@@ -113,27 +138,27 @@ impl MigrateArgs {
             identity,
             peers,
             precopy: precopy::Config {
-                mode: match self.mode {
+                mode: match self.tuning.mode {
                     ModeArg::Dirty => precopy::Mode::Dirty,
                     ModeArg::Deltas => precopy::Mode::Deltas,
                 },
-                max_rounds: self.max_rounds,
-                downtime_target: Duration::from_millis(self.downtime_ms),
-                throttle: (!self.no_throttle).then_some(ThrottleConfig {
-                    ratio: self.throttle_ratio,
-                    max_delay: Duration::from_millis(self.max_delay_ms),
+                max_rounds: self.tuning.max_rounds,
+                downtime_target: Duration::from_millis(self.tuning.downtime_ms),
+                throttle: (!self.tuning.no_throttle).then_some(ThrottleConfig {
+                    ratio: self.tuning.throttle_ratio,
+                    max_delay: Duration::from_millis(self.tuning.max_delay_ms),
                 }),
                 ..precopy::Config::default()
             },
-            compress: !self.no_compress,
-            max_rate: self.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
+            compress: !self.tuning.no_compress,
+            max_rate: self.tuning.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
             marker,
             vm: self.qmp.as_ref().map(|qmp| VmOptions {
                 qmp: qmp.clone(),
-                downtime: Duration::from_millis(self.downtime_ms),
-                max_bandwidth: self.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
-                auto_converge: !self.no_auto_converge,
-                postcopy_after_passes: self.postcopy_after,
+                downtime: Duration::from_millis(self.tuning.downtime_ms),
+                max_bandwidth: self.tuning.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
+                auto_converge: !self.tuning.no_auto_converge,
+                postcopy_after_passes: self.tuning.postcopy_after,
             }),
         })
     }

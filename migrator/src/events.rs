@@ -34,6 +34,10 @@ pub enum Event {
         wire_bytes: u64,
     },
     Summary(Summary),
+    /// Something worth telling the operator (a retry, a DNS change).
+    Note {
+        message: String,
+    },
     Error {
         message: String,
     },
@@ -42,6 +46,8 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    /// `migrator migrate`: gateways and DNS get ready.
+    Prepare,
     Connect,
     Bulk,
     Dirty,
@@ -49,18 +55,25 @@ pub enum Phase {
     Memory,
     Switchover,
     Committed,
+    /// `migrator migrate`: gateways and DNS switch to the new site.
+    Network,
+    /// `migrator migrate`: the old site's tunnel drains.
+    Drain,
     Done,
 }
 
 impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = match self {
+            Phase::Prepare => "prepare",
             Phase::Connect => "connect",
             Phase::Bulk => "bulk copy",
             Phase::Dirty => "dirty rounds",
             Phase::Memory => "memory",
             Phase::Switchover => "switchover",
             Phase::Committed => "final blocks",
+            Phase::Network => "network switch",
+            Phase::Drain => "drain",
             Phase::Done => "done",
         };
         f.write_str(s)

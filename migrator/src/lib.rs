@@ -18,6 +18,7 @@ pub mod events;
 pub mod image;
 pub mod memrelay;
 pub mod nbd;
+pub mod orchestrate;
 pub mod precopy;
 pub mod qmp;
 pub mod source;

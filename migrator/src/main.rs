@@ -11,13 +11,15 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tracing::info;
 
+use clap::Args;
 use migrator::agent::{Agent, AgentOptions};
-use migrator::args::{Keys, MigrateArgs};
+use migrator::args::{Keys, MigrateArgs, Tuning};
 use migrator::control;
 use migrator::disk::Disk;
 use migrator::events::{Event, EventSink, Phase};
 use migrator::image::Image;
 use migrator::nbd::server::{serve_tcp, serve_unix};
+use migrator::orchestrate;
 use migrator::source::{self, marker_path};
 use migrator::transport::tls::{parse_fingerprint, Identity};
 
@@ -42,6 +44,11 @@ enum Cmd {
     /// Disk server commands (source side).
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Move a VM to another site with its disk, its connections and its DNS
+    /// name: prepare (gateways, DNS TTL) → disk and memory → one switchover →
+    /// network switch (tunnel at the old site, translation at the new one,
+    /// DNS) → drain. The sites, gateways and VMs come from the config file.
+    Migrate(OrchestrateArgs),
     /// Destination agent: receive migrations into DIR and serve them over NBD.
     Receive {
         /// Address for the migration link, e.g. 0.0.0.0:7800.
@@ -56,6 +63,36 @@ enum Cmd {
         #[command(flatten)]
         keys: Keys,
     },
+}
+
+#[derive(Args)]
+struct OrchestrateArgs {
+    /// The VM (a `[vm.NAME]` of the config).
+    service: String,
+    /// The site to move it to (a `[site.NAME]`).
+    #[arg(long)]
+    to: String,
+    /// Sites, gateways, agents and VMs (see `migrator::orchestrate::Config`).
+    #[arg(
+        long,
+        default_value = "/etc/migrator/migrator.toml",
+        env = "MIGRATOR_CONFIG"
+    )]
+    config: PathBuf,
+    /// JSON lines on stdout instead of progress bars.
+    #[arg(long)]
+    json: bool,
+    /// Draw the timeline (link throughput, dirty rate, phases) into this SVG.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// The old site tunnels old connections at most this long.
+    #[arg(long, default_value_t = 3600)]
+    drain_deadline_s: u64,
+    /// Wait here this long for the drain (0: return after the switch).
+    #[arg(long, default_value_t = 600)]
+    drain_wait_s: u64,
+    #[command(flatten)]
+    tuning: Tuning,
 }
 
 #[derive(Subcommand)]
@@ -108,6 +145,7 @@ fn main() -> Result<()> {
                 control,
             }) => serve(image, socket, listen, name, control).await,
             Cmd::Disk(DiskCmd::Migrate(args)) => migrate_cli(args).await,
+            Cmd::Migrate(args) => orchestrate_cli(args).await,
         }
     })
 }
@@ -207,6 +245,57 @@ async fn migrate_cli(args: MigrateArgs) -> Result<()> {
     result
 }
 
+async fn orchestrate_cli(a: OrchestrateArgs) -> Result<()> {
+    let cfg = orchestrate::Config::load(&a.config)?;
+    let base = MigrateArgs {
+        control: None,
+        image: None,
+        to: String::new(),
+        keys: Keys {
+            identity: cfg.identity.clone(),
+            peers: Vec::new(),
+        },
+        qmp: None,
+        tuning: a.tuning.clone(),
+        json: false,
+    };
+    let mut plan = orchestrate::Plan::new(&cfg, &a.service, &a.to, &base)?;
+    plan.drain_deadline = Duration::from_secs(a.drain_deadline_s);
+    plan.drain_wait = Duration::from_secs(a.drain_wait_s);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let render = tokio::spawn(render(rx, a.json));
+    let result = orchestrate::run(plan, tx.clone()).await;
+    let out = match result {
+        Ok(report) => {
+            if a.json {
+                if let Ok(s) = serde_json::to_string(
+                    &serde_json::json!({"event": "report", "report": &report}),
+                ) {
+                    println!("{s}");
+                }
+            } else {
+                println!("{report}");
+            }
+            if let Some(svg) = &a.report {
+                orchestrate::report::write_svg(&report, svg)?;
+                if !a.json {
+                    println!("timeline: {}", svg.display());
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = tx.send(Event::Error {
+                message: format!("{e:#}"),
+            });
+            Err(e)
+        }
+    };
+    drop(tx);
+    let _ = render.await;
+    out
+}
+
 /// Progress bars on a terminal, JSON lines with `--json`, plain lines otherwise.
 async fn render(mut rx: mpsc::UnboundedReceiver<Event>, json: bool) {
     use indicatif::{ProgressBar, ProgressStyle};
@@ -285,6 +374,8 @@ async fn render(mut rx: mpsc::UnboundedReceiver<Event>, json: bool) {
                 ));
             }
             (Event::Memory { .. }, None) => {}
+            (Event::Note { message }, Some(b)) => b.println(format!("  {message}")),
+            (Event::Note { message }, None) => eprintln!("  {message}"),
             (Event::Summary(s), b) => {
                 if let Some(b) = b {
                     b.finish_and_clear();

@@ -21,8 +21,11 @@ pub const B_IP: &str = "10.77.0.2";
 pub struct Sites {
     pub a: Netns,
     pub b: Netns,
+    /// Each site's interface towards the other (its tx counter is the link's use).
     pub a_dev: String,
     pub b_dev: String,
+    /// Site B's address that site A reaches (the agent listens there).
+    pub b_ip: String,
 }
 
 impl Sites {
@@ -50,7 +53,13 @@ impl Sites {
                 ])?;
             }
         }
-        Ok(Self { a, b, a_dev, b_dev })
+        Ok(Self {
+            a,
+            b,
+            a_dev,
+            b_dev,
+            b_ip: B_IP.to_string(),
+        })
     }
 
     /// Bytes sent from site A into the link (everything: TCP, TLS, frames).
@@ -99,14 +108,18 @@ pub fn hash_file(path: &Path) -> Result<String> {
 }
 
 pub fn migrator_bin() -> PathBuf {
-    // In target/<profile>/, as cargo builds the workspace: next to a bench
-    // binary, one up from a test binary (in deps/).
+    workspace_bin("migrator")
+}
+
+/// A binary of the workspace, in target/<profile>/ as cargo builds it: next
+/// to a bench binary, one up from a test binary (in deps/).
+pub fn workspace_bin(name: &str) -> PathBuf {
     let me = std::env::current_exe().unwrap_or_default();
     let mut dir = me.parent().map(Path::to_path_buf).unwrap_or_default();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    dir.join("migrator")
+    dir.join(name)
 }
 
 #[derive(Clone)]
@@ -143,13 +156,18 @@ pub fn start_agent(sites: &Sites, dir: &Path, k: &Keys) -> Result<(ChildGuard, S
     let mut c = sites
         .b
         .command(migrator_bin().to_str().unwrap_or("migrator"));
-    c.args(["receive", "--listen", &format!("{B_IP}:7800"), "--dir"])
-        .arg(dir)
-        .arg("--identity")
-        .arg(&k.dst_dir)
-        .args(["--peer", &k.src_fp])
-        .stdout(Stdio::piped())
-        .stderr(log_file(&dir.join("agent.log")));
+    c.args([
+        "receive",
+        "--listen",
+        &format!("{}:7800", sites.b_ip),
+        "--dir",
+    ])
+    .arg(dir)
+    .arg("--identity")
+    .arg(&k.dst_dir)
+    .args(["--peer", &k.src_fp])
+    .stdout(Stdio::piped())
+    .stderr(log_file(&dir.join("agent.log")));
     let mut g = ChildGuard::spawn(&mut c)?;
     let out =
         g.0.as_mut()

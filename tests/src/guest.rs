@@ -8,7 +8,7 @@
 //! - root filesystem: an ext4 image made with `mke2fs -d` (no loop mounts)
 //!   holding busybox and an `/sbin/init` that configures `eth0` from the
 //!   kernel command line (`guest_ip=A/N guest_gw=G`), serves `/www` with
-//!   busybox httpd on port 80, appends `sequence uptime` lines to
+//!   busybox httpd on port 80, echoes on TCP port 7 (`nc -ll -e cat`), appends `sequence uptime` lines to
 //!   `/var/log/writer.log` with an fdatasync every 10 ms, and prints
 //!   `heartbeat N` on the console every 20 ms; with `guest_beats=N` it
 //!   shuts down cleanly after N heartbeats.
@@ -218,6 +218,8 @@ if [ -n "$(arg guest_ip)" ]; then
   [ -n "$(arg guest_gw)" ] && ip route add default via "$(arg guest_gw)"
 fi
 httpd -p 80 -h /www
+# an echo service for interactive sessions (each connection runs cat)
+nc -ll -p 7 -e /bin/cat &
 (
   i=$(tail -n 1 /var/log/writer.log 2>/dev/null | cut -d' ' -f1)
   i=${i:-0}
@@ -261,7 +263,7 @@ pub fn rootfs(image: &Path, size_mib: u64, www: &[(&str, &[u8])]) -> Result<()> 
     // the applets the init uses, as links to busybox
     for a in [
         "sh", "mount", "umount", "ip", "tr", "sed", "cut", "tail", "echo", "sync", "usleep",
-        "httpd", "cat", "ls", "poweroff", "sleep", "kill",
+        "httpd", "cat", "ls", "poweroff", "sleep", "kill", "nc",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(a))?;
     }

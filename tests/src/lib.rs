@@ -1,7 +1,9 @@
 //! Test bed helpers: network namespaces with Drop guards, child processes that are
 //! killed when their guard drops, and the QEMU guest test bed.
 pub mod bed;
+pub mod delay;
 pub mod guest;
 pub mod netns;
 pub mod proc;
+pub mod sysbed;
 pub mod vmbed;

@@ -35,7 +35,40 @@ pub struct VmBed {
     pub console: Console,
     /// The guest's kernel command line extra (its heartbeat count).
     pub append: String,
+    pub net: Option<GuestNet>,
     stop: Arc<AtomicBool>,
+}
+
+/// What the guest is like.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// It halts after this many heartbeats (20 ms apart).
+    pub beats: u64,
+    pub disk_mib: u64,
+    /// Files httpd serves.
+    pub www: Vec<(String, Vec<u8>)>,
+    pub net: Option<GuestNet>,
+}
+
+impl Default for Guest {
+    fn default() -> Self {
+        Self {
+            beats: 1500,
+            disk_mib: 64,
+            www: Vec::new(),
+            net: None,
+        }
+    }
+}
+
+/// The guest's network: its address, its gateway, and the tap device it
+/// uses at each site (which must exist in that site's namespace).
+#[derive(Debug, Clone)]
+pub struct GuestNet {
+    pub ip: String,
+    pub gw: String,
+    pub tap_a: String,
+    pub tap_b: String,
 }
 
 impl Drop for VmBed {
@@ -49,19 +82,42 @@ impl VmBed {
     /// link) and the agent's launch file. The guest halts after `beats`
     /// heartbeats (20 ms apart).
     pub fn new(beats: u64, rate_mbit: Option<u32>) -> Result<VmBed> {
+        Self::build(
+            Sites::new(rate_mbit)?,
+            &Guest {
+                beats,
+                ..Guest::default()
+            },
+        )
+    }
+
+    /// The bed on `sites`, for `guest`.
+    pub fn build(sites: Sites, g: &Guest) -> Result<VmBed> {
         let k = guest::kernel(&guest::cache_dir())?;
         let dir = tempfile::tempdir()?;
         let image = dir.path().join("root.img");
-        guest::rootfs(&image, 64, &[])?;
+        let www: Vec<(&str, &[u8])> = g
+            .www
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        guest::rootfs(&image, g.disk_mib, &www)?;
         let keys = keys(dir.path())?;
         let agent_dir = dir.path().join("agent");
         std::fs::create_dir_all(&agent_dir)?;
-        let append = format!("guest_beats={beats}");
+        let mut append = format!("guest_beats={}", g.beats);
+        if let Some(n) = &g.net {
+            append += &format!(" guest_ip={} guest_gw={}", n.ip, n.gw);
+        }
         // the destination QEMU: the same machine, its disk the agent's export
-        let launch = guest::qemu_nbd_command(&k, "{disk}", "root", &append);
+        let mut launch = guest::qemu_nbd_command(&k, "{disk}", "root", &append);
+        if let Some(n) = &g.net {
+            guest::add_tap(&mut launch, &n.tap_b);
+        }
         std::fs::write(agent_dir.join("root.qemu"), guest::launch_file(&launch))?;
         Ok(VmBed {
-            sites: Sites::new(rate_mbit)?,
+            net: g.net.clone(),
+            sites,
             dir,
             k,
             keys,
@@ -138,8 +194,11 @@ impl VmBed {
     pub fn start_vm(&self) -> Result<(ChildGuard, ChildGuard)> {
         let (sock, ctl) = (self.path("root.sock"), self.path("ctl.sock"));
         let server = start_source(&self.sites, &self.image, &sock, &ctl)?;
-        let cmd =
+        let mut cmd =
             guest::qemu_nbd_command(&self.k, &sock.display().to_string(), "root", &self.append);
+        if let Some(n) = &self.net {
+            guest::add_tap(&mut cmd, &n.tap_a);
+        }
         let qemu = self.spawn_qemu(&self.sites.a, &cmd, &self.path("a.qmp"), &[], "src")?;
         Ok((server, qemu))
     }

@@ -263,7 +263,10 @@ impl Engine {
     fn charge(&mut self, new_bytes: u64, now: Instant) -> Duration {
         self.dirtying.record(new_bytes, now);
         let delay = match (&mut self.throttle, &self.phase) {
-            (Some(t), Phase::Bulk { .. } | Phase::Round { .. } | Phase::Following) => {
+            // Following: the link carries the memory now, so the disk's drain
+            // rate says nothing; QEMU's auto-converge slows a guest that
+            // outruns the link.
+            (Some(t), Phase::Bulk { .. } | Phase::Round { .. }) => {
                 t.charge(new_bytes, self.drain.rate(), now)
             }
             _ => Duration::ZERO,

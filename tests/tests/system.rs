@@ -1,0 +1,234 @@
+//! The whole system, as the demo runs it: `migrator migrate web1 --to
+//! siteB` moves the running guest across the emulated WAN while a client
+//! downloads a file from it and holds an interactive session open; the
+//! gateways keep both alive through the tunnel, DNS moves the name, a new
+//! connection reaches the guest at its new address, the tunnel drains.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tests::bed::start_agent;
+use tests::netns::available;
+use tests::proc::ChildGuard;
+use tests::sysbed::{download, random_file, session, SysBed, SysOpts, GUEST_IP, PUBLIC_IP};
+use tests::vmbed::{wait_exit, Guest};
+
+const MIB: usize = 1 << 20;
+
+fn bed(file: &[u8], rate_mbit: Option<u32>, delay_ms: u64) -> SysBed {
+    assert!(available(), "needs root (network namespaces)");
+    SysBed::new(SysOpts {
+        rate_mbit,
+        delay: Duration::from_millis(delay_ms),
+        guest: Guest {
+            beats: 4000,
+            disk_mib: 96,
+            www: vec![("big.bin".into(), file.to_vec())],
+            net: None,
+        },
+    })
+    .expect("system test bed")
+}
+
+/// Runs `migrator migrate … --json`, its events into the returned list.
+fn migrate(bed: &SysBed, extra: &[&str]) -> (ChildGuard, Arc<Mutex<Vec<serde_json::Value>>>) {
+    let mut c = bed.migrate_command(extra);
+    c.arg("--json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut g = ChildGuard::spawn(&mut c).expect("migrator migrate");
+    let out = g.0.as_mut().and_then(|c| c.stdout.take()).expect("stdout");
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e = events.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                e.lock().expect("lock").push(v);
+            }
+        }
+    });
+    (g, events)
+}
+
+fn saw_phase(events: &Mutex<Vec<serde_json::Value>>, phase: &str) -> bool {
+    events
+        .lock()
+        .expect("lock")
+        .iter()
+        .any(|e| e["event"] == "phase" && e["phase"] == phase)
+}
+
+#[test]
+fn the_vm_moves_with_its_connections_and_its_name() {
+    let file = Arc::new(random_file(24 * MIB, 7));
+    let mut bed = bed(&file, Some(100), 25);
+    let (_server, mut src) = bed.vm.start_vm().expect("source VM");
+    bed.vm
+        .wait_beats("src", 20, Duration::from_secs(60))
+        .expect("guest runs");
+    let (_agent, _) = start_agent(&bed.vm.sites, &bed.vm.agent_dir, &bed.vm.keys).expect("agent");
+    bed.vm.tail_destination();
+    bed.start_gateways().expect("gateways");
+    assert_eq!(bed.dig().expect("dig"), GUEST_IP);
+
+    // the client: a download paced to span the move, and an interactive session
+    let first = bed
+        .connect(&format!("{GUEST_IP}:80"))
+        .unwrap_or_else(|e| panic!("connect: {e}\n{}\n{}", bed.diag(), bed.logs()));
+    let dl = download(first, "/big.bin", file.clone(), 800_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sess, lines) = session(
+        bed.connect(&format!("{GUEST_IP}:7")).expect("connect"),
+        Duration::from_millis(50),
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        lines.load(Ordering::Relaxed) > 5,
+        "the session works before the move"
+    );
+
+    let svg = bed.vm.path("timeline.svg");
+    let (mut m, events) = migrate(
+        &bed,
+        &[
+            "--report",
+            svg.to_str().expect("path"),
+            "--drain-wait-s",
+            "120",
+        ],
+    );
+    let t = Instant::now();
+    while !saw_phase(&events, "drain") {
+        if let Some(st) = m.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!(
+                "migrate exited ({st}) before the drain\n{:?}\n{}",
+                events.lock().expect("lock"),
+                bed.logs()
+            );
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "no network switch\n{}",
+            bed.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // both client connections are still open across the move
+    let d = dl.lock().expect("lock").clone();
+    assert!(
+        !d.done && d.error.is_none(),
+        "the download must span the move: {d:?}"
+    );
+    // the name points to the new site; a new connection lands there
+    assert_eq!(bed.dig().expect("dig"), PUBLIC_IP);
+    let mut fresh = bed.connect(&format!("{PUBLIC_IP}:7")).unwrap_or_else(|e| {
+        panic!(
+            "a new connection to the new address: {e}\ngateway B: {:?}\n{}\n{}",
+            bed.gateway_status("siteB"),
+            bed.diag(),
+            bed.logs()
+        )
+    });
+    fresh
+        .write_all(b"hello from a new client\n")
+        .expect("write");
+    let mut back = [0u8; 24];
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    fresh
+        .read_exact(&mut back)
+        .expect("echo through the new address");
+    assert_eq!(&back, b"hello from a new client\n");
+    drop(fresh);
+
+    // the old connections carried on through the tunnel: the download ends
+    // whole, then the session closes, and the old site drains
+    let t = Instant::now();
+    loop {
+        let s = dl.lock().expect("lock").clone();
+        if s.done || s.error.is_some() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the download stalled: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(40) {
+        let s = sess.lock().expect("lock").clone();
+        if s.done || s.error.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (d, s) = (
+        dl.lock().expect("lock").clone(),
+        sess.lock().expect("lock").clone(),
+    );
+    eprintln!(
+        "download: {d:?}\nsession: {s:?} ({} lines)",
+        lines.load(Ordering::Relaxed)
+    );
+    assert!(
+        d.done && d.error.is_none(),
+        "download: {d:?}\n{}",
+        bed.logs()
+    );
+    assert!(
+        d.bytes as usize > file.len(),
+        "every byte of the file arrived"
+    );
+    assert!(
+        s.done && s.error.is_none(),
+        "session: {s:?}\n{}",
+        bed.logs()
+    );
+
+    let st = wait_exit(&mut m, Duration::from_secs(180)).expect("migrate exits");
+    let ev = events.lock().expect("lock").clone();
+    assert!(st.success(), "migrate failed: {ev:?}\n{}", bed.logs());
+    let report = ev
+        .iter()
+        .find(|e| e["event"] == "report")
+        .map(|e| e["report"].clone())
+        .expect("a report");
+    eprintln!("report: {report}");
+    assert!(
+        report["drained_after_s"].as_f64().is_some(),
+        "{report}\ngateway A: {:?}\ngateway B: {:?}\n{}",
+        bed.gateway_status("siteA"),
+        bed.gateway_status("siteB"),
+        bed.logs()
+    );
+    assert!(
+        report["tunnelled_flows"].as_u64().unwrap_or(0) >= 1,
+        "{report}"
+    );
+    let gw_a = bed.gateway_status("siteA").expect("gateway A");
+    assert_eq!(gw_a["migrations"][0]["phase"], "drained", "{gw_a}");
+    let svg_text = std::fs::read_to_string(&svg).expect("timeline");
+    assert!(svg_text.contains("<svg") && svg_text.contains("memory"));
+
+    // the VM: moved, running on from where it stopped, its disk whole
+    assert!(wait_exit(&mut src, Duration::from_secs(30))
+        .expect("source QEMU exits")
+        .success());
+    let gap = bed.vm.continuity().expect("continuity");
+    eprintln!(
+        "guest-visible pause: {gap:?}; client stalls: download {:?}, session {:?}",
+        d.stall, s.stall
+    );
+    assert!(gap < Duration::from_secs(5), "{gap:?}");
+    bed.vm
+        .check_disk_after_halt(&bed.vm.agent_dir.join("root.img"))
+        .expect("the destination's disk");
+}
