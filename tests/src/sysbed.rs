@@ -257,13 +257,29 @@ impl SysBed {
 
     /// `migrator migrate web1 --to siteB` at site A, with `extra` options.
     pub fn migrate_command(&self, extra: &[&str]) -> Command {
+        self.migrate_command_with(&self.config, extra)
+    }
+
+    /// A copy of `migrator.toml` with `from` replaced by `to`.
+    pub fn config_variant(&self, name: &str, from: &str, to: &str) -> Result<PathBuf> {
+        let text = std::fs::read_to_string(&self.config)?;
+        if !text.contains(from) {
+            bail!("{from:?} is not in {}", self.config.display());
+        }
+        let p = self.vm.path(name);
+        std::fs::write(&p, text.replace(from, to))?;
+        Ok(p)
+    }
+
+    /// [`SysBed::migrate_command`] with another config file.
+    pub fn migrate_command_with(&self, config: &Path, extra: &[&str]) -> Command {
         let mut c = self
             .vm
             .sites
             .a
             .command(workspace_bin("migrator").to_str().unwrap_or("migrator"));
         c.args(["migrate", "web1", "--to", "siteB", "--config"])
-            .arg(&self.config)
+            .arg(config)
             .args(extra);
         c
     }
@@ -277,6 +293,22 @@ impl SysBed {
             .output()
             .context("cannot run dig (install bind9-dnsutils)")?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// The name's answer as the client sees it: (TTL, address).
+    pub fn dig_record(&self) -> Result<(u32, String)> {
+        let out = self
+            .client
+            .command("dig")
+            .args(["+noall", "+answer", "+time=2", &format!("@{A_WAN}"), NAME])
+            .output()
+            .context("cannot run dig (install bind9-dnsutils)")?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let f: Vec<&str> = text.split_whitespace().collect();
+        match f.as_slice() {
+            [_, ttl, "IN", "A", addr, ..] => Ok((ttl.parse()?, addr.to_string())),
+            _ => bail!("unexpected dig answer {text:?}"),
+        }
     }
 
     /// A gateway's `/v1/status`, asked from inside its site.

@@ -287,6 +287,7 @@ impl VmBed {
     pub fn wait_beats(&self, tag: &str, n: u64, within: Duration) -> Result<()> {
         let t = Instant::now();
         while self.last_beat(tag) <= n {
+            crate::interrupt::check()?;
             if t.elapsed() > within {
                 bail!("{tag}: no heartbeat {n} within {within:?}");
             }
@@ -303,6 +304,7 @@ impl VmBed {
             .iter()
             .any(|(_, t, l)| *t == tag && l.ends_with(suffix))
         {
+            crate::interrupt::check()?;
             if t.elapsed() > within {
                 bail!("{tag} never printed {suffix:?}");
             }
@@ -362,6 +364,7 @@ pub fn wait_exit(g: &mut ChildGuard, within: Duration) -> Result<ExitStatus> {
         if let Some(st) = g.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
             return Ok(st);
         }
+        crate::interrupt::check()?;
         if t.elapsed() > within {
             bail!("process still running after {within:?}");
         }

@@ -232,3 +232,110 @@ fn the_vm_moves_with_its_connections_and_its_name() {
         .check_disk_after_halt(&bed.vm.agent_dir.join("root.img"))
         .expect("the destination's disk");
 }
+
+/// Before the commit point nothing changes for good: a wrong gateway token,
+/// a wrong transport key, an unreachable gateway and a destination agent
+/// killed in the middle of the bulk copy each leave the VM serving at site A
+/// with its old DNS answer (TTL included) and no route switched.
+#[test]
+fn refused_or_failed_migrations_leave_everything_as_it_was() {
+    let file = Arc::new(random_file(24 * MIB, 9));
+    let mut bed = bed(&file, Some(50), 0);
+    let (_server, _src) = bed.vm.start_vm().expect("source VM");
+    bed.vm
+        .wait_beats("src", 20, Duration::from_secs(60))
+        .expect("guest runs");
+    let (mut agent, _) =
+        start_agent(&bed.vm.sites, &bed.vm.agent_dir, &bed.vm.keys).expect("agent");
+    bed.start_gateways().expect("gateways");
+    let before = bed.dig_record().expect("dig");
+    assert_eq!(before, (300, GUEST_IP.to_string()));
+
+    let unchanged = |bed: &SysBed, what: &str| {
+        assert_eq!(
+            bed.dig_record().expect("dig"),
+            before,
+            "{what}: the DNS answer changed"
+        );
+        let beat = bed.vm.last_beat("src");
+        bed.vm
+            .wait_beats("src", beat + 5, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{what}: the guest stopped at site A: {e}"));
+        assert!(
+            !bed.vm.path("root.img.moved").exists(),
+            "{what}: the source disk moved"
+        );
+        for site in ["siteA", "siteB"] {
+            let st = bed.gateway_status(site).expect("gateway status");
+            let switched = st["migrations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["phase"] != "prepared");
+            assert!(!switched, "{what}: {site} switched: {st}");
+        }
+        // the guest still serves at its old address
+        let mut c = bed.connect(&format!("{GUEST_IP}:7")).expect("connect");
+        c.write_all(b"still here\n").expect("write");
+        let mut b = [0u8; 11];
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        c.read_exact(&mut b).expect("echo");
+        assert_eq!(&b, b"still here\n");
+    };
+    let run = |config: &std::path::Path| {
+        let out = bed
+            .migrate_command_with(config, &["--drain-wait-s", "0"])
+            .output()
+            .expect("migrate");
+        assert!(!out.status.success(), "the migration must fail");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+
+    // a wrong token for gateway B: refused before anything changes
+    let c = bed
+        .config_variant(
+            "bad-token.toml",
+            "token = \"bed-token",
+            "token = \"wrong-token",
+        )
+        .expect("config");
+    let err = run(&c);
+    assert!(err.contains("401") || err.contains("token"), "{err}");
+    unchanged(&bed, "wrong gateway token");
+
+    // a wrong key for the destination agent: the TLS handshake fails
+    let fp = bed.vm.keys.dst_fp.clone();
+    let other = bed.vm.keys.src_fp.clone();
+    let c = bed
+        .config_variant("bad-key.toml", &fp, &other)
+        .expect("config");
+    let err = run(&c);
+    assert!(err.contains("TLS") || err.contains("handshake"), "{err}");
+    unchanged(&bed, "wrong transport key");
+
+    // gateway B unreachable at prepare
+    let c = bed
+        .config_variant("no-gateway.toml", "203.0.113.2:7300", "203.0.113.2:7399")
+        .expect("config");
+    let err = run(&c);
+    assert!(err.contains("cannot reach gateway"), "{err}");
+    unchanged(&bed, "unreachable gateway");
+
+    // the destination agent dies in the middle of the bulk copy
+    let (mut m, events) = migrate(&bed, &["--drain-wait-s", "0"]);
+    let t = Instant::now();
+    while !saw_phase(&events, "bulk") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no bulk copy: {:?}",
+            events.lock().expect("lock")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    agent.kill();
+    let st = wait_exit(&mut m, Duration::from_secs(60)).expect("migrate exits");
+    assert!(!st.success(), "the migration must fail");
+    unchanged(&bed, "agent killed mid-bulk");
+}

@@ -557,16 +557,20 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
         if Instant::now() >= wait_until {
             let _ = events.send(Event::Note {
                 message: format!(
-                    "{} still tunnels {} flows; it tears the tunnel down by itself when they end",
-                    plan.from, last_traffic["live_flows"]
+                    "{} tunnels the old connections until they end (at most {} s), then reports drained in its /v1/status",
+                    plan.from,
+                    plan.drain_deadline.as_secs()
                 ),
             });
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    report.tunnelled_flows = Some(max_flows);
-    report.tunnelled_bytes = last_traffic["bytes"].as_u64();
+    report.tunnelled_flows =
+        (max_flows > 0 || report.drained_after_s.is_some()).then_some(max_flows);
+    report.tunnelled_bytes = last_traffic["bytes"]
+        .as_u64()
+        .filter(|_| report.tunnelled_flows.is_some());
     if let (Some((c, zone, name, p)), true) = (&dns, report.drained_after_s.is_some()) {
         // the old answer has expired everywhere: the TTL goes back
         match dyndns::ops::finish(c, zone, name, p.original_ttl).await {
