@@ -37,6 +37,10 @@ pub enum QmpError {
     Timeout { command: String, timeout: Duration },
 }
 
+/// The event a subscriber sees when the QMP connection has closed (QEMU
+/// exited); [`Qmp::wait_event`] turns it into [`QmpError::Closed`].
+pub const CLOSED: &str = "QMP_CONNECTION_CLOSED";
+
 /// An asynchronous QMP event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -129,6 +133,11 @@ impl Qmp {
             let mut waiting = p.lock().unwrap_or_else(|e| e.into_inner());
             c.store(true, Ordering::SeqCst);
             waiting.clear();
+            // and so do those waiting for events
+            let _ = ev.send(Event {
+                name: CLOSED.to_string(),
+                data: Value::Null,
+            });
         });
         let qmp = Self {
             writer: tokio::sync::Mutex::new(write),
@@ -219,6 +228,11 @@ impl Qmp {
             loop {
                 match rx.recv().await {
                     Ok(e) if e.name == name => return Ok(e),
+                    Ok(e) if e.name == CLOSED => {
+                        return Err(QmpError::Closed(format!(
+                            "QEMU went away while we waited for {name}"
+                        )))
+                    }
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => {
@@ -233,5 +247,54 @@ impl Qmp {
                 command: format!("event {name}"),
                 timeout,
             })?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A QMP server that greets, accepts the capabilities, and on the next
+    /// command sends one event and exits without answering.
+    async fn short_lived_qemu(path: std::path::PathBuf) {
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        let (s, _) = l.accept().await.expect("accept");
+        let (r, mut w) = s.into_split();
+        let mut lines = BufReader::new(r).lines();
+        w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, \"minor\": 2, \"micro\": 0}}, \"capabilities\": []}}\n")
+            .await
+            .expect("greeting");
+        let l = lines.next_line().await.expect("read").expect("a command");
+        let id: Value = serde_json::from_str(&l).expect("json");
+        w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", id["id"]).as_bytes())
+            .await
+            .expect("answer");
+        lines.next_line().await.expect("read").expect("a command");
+        w.write_all(b"{\"event\": \"STOP\", \"data\": {}}\n")
+            .await
+            .expect("event");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_an_event_ends_when_qemu_exits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.qmp");
+        let server = tokio::spawn(short_lived_qemu(path.clone()));
+        while !path.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let q = Arc::new(Qmp::connect(&path).await.expect("connect"));
+        let mut rx = q.events();
+        let q2 = q.clone();
+        let unanswered = tokio::spawn(async move { q2.execute("query-status", None).await });
+        server.await.expect("server");
+        let e = Qmp::wait_event(&mut rx, "STOP", Duration::from_secs(5))
+            .await
+            .expect("the event before the exit");
+        assert_eq!(e.name, "STOP");
+        let r = Qmp::wait_event(&mut rx, "MIGRATION", Duration::from_secs(60)).await;
+        assert!(matches!(r, Err(QmpError::Closed(_))), "{r:?}");
+        assert!(unanswered.await.expect("join").is_err());
+        assert!(q.execute("query-status", None).await.is_err());
     }
 }

@@ -126,6 +126,8 @@ impl SourceVm {
                             return;
                         }
                     }
+                    // QEMU is gone: the channel closes, the reader says so
+                    Ok(e) if e.name == crate::qmp::CLOSED => return,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return,
                 }

@@ -403,6 +403,83 @@ impl SysBed {
     }
 }
 
+/// The client's two connections to the guest: a paced download and an
+/// echo session.
+pub struct Clients {
+    pub download: Arc<Mutex<Seen>>,
+    pub session: Arc<Mutex<Seen>>,
+    /// Lines the session has had echoed.
+    pub lines: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SysBed {
+    /// Starts the download of `/big.bin` (`file`) at `rate` bytes per second
+    /// and the echo session (a line every 50 ms), then lets them run a second.
+    pub fn start_clients(&self, file: Arc<Vec<u8>>, rate: u64) -> Result<Clients> {
+        let download = download(
+            self.connect(&format!("{GUEST_IP}:80"))?,
+            "/big.bin",
+            file,
+            rate,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let (session, lines) = session(
+            self.connect(&format!("{GUEST_IP}:7"))?,
+            Duration::from_millis(50),
+            stop.clone(),
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(Clients {
+            download,
+            session,
+            lines,
+            stop,
+        })
+    }
+}
+
+impl Clients {
+    pub fn download_seen(&self) -> Seen {
+        self.download.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    pub fn session_seen(&self) -> Seen {
+        self.session.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the download ended, or made no progress for `idle`.
+    pub fn settle_download(&self, idle: Duration) -> Result<Seen> {
+        let mut last = (0u64, Instant::now());
+        loop {
+            crate::interrupt::check()?;
+            let d = self.download_seen();
+            if d.done || d.error.is_some() {
+                return Ok(d);
+            }
+            if d.bytes != last.0 {
+                last = (d.bytes, Instant::now());
+            } else if last.1.elapsed() > idle {
+                return Ok(d);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ends the session (after the line in flight) and returns what it saw.
+    pub fn stop_session(&self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        let t = Instant::now();
+        loop {
+            let s = self.session_seen();
+            if s.done || s.error.is_some() || t.elapsed() > Duration::from_secs(40) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// What a client connection saw.
 #[derive(Debug, Default, Clone)]
 pub struct Seen {

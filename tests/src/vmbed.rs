@@ -39,6 +39,17 @@ pub struct VmBed {
     stop: Arc<AtomicBool>,
 }
 
+/// The processes of a started bed; they stop when dropped.
+pub struct Running {
+    /// `migrator disk serve` at site A.
+    pub server: ChildGuard,
+    /// The source QEMU.
+    pub src: ChildGuard,
+    /// `migrator receive` at site B, and its address.
+    pub agent: ChildGuard,
+    pub addr: String,
+}
+
 /// What the guest is like.
 #[derive(Debug, Clone)]
 pub struct Guest {
@@ -139,6 +150,8 @@ impl VmBed {
             self.agent_dir.join("agent.log"),
             self.path("ctl.log"),
             self.agent_dir.join("root.log"),
+            self.path("qemu-src.log"),
+            self.path("qemu-dst.log"),
         ]
         .iter()
         .map(|p| {
@@ -169,7 +182,7 @@ impl VmBed {
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(crate::bed::log_file(&self.path(&format!("qemu-{tag}.log"))))
             .stdin(Stdio::null());
         let mut qemu = ChildGuard::spawn(&mut c).context("cannot start qemu-system-x86_64")?;
         let out = qemu
@@ -201,6 +214,21 @@ impl VmBed {
         }
         let qemu = self.spawn_qemu(&self.sites.a, &cmd, &self.path("a.qmp"), &[], "src")?;
         Ok((server, qemu))
+    }
+
+    /// The guest running at site A (heartbeats seen), the agent at site B,
+    /// the destination's console followed.
+    pub fn start_all(&self) -> Result<Running> {
+        let (server, src) = self.start_vm()?;
+        self.wait_beats("src", 20, Duration::from_secs(120))?;
+        let (agent, addr) = crate::bed::start_agent(&self.sites, &self.agent_dir, &self.keys)?;
+        self.tail_destination();
+        Ok(Running {
+            server,
+            src,
+            agent,
+            addr,
+        })
     }
 
     /// Follows the destination QEMU's console (its log file at the agent).

@@ -6,14 +6,13 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tests::bed::start_agent;
 use tests::netns::available;
 use tests::proc::ChildGuard;
-use tests::sysbed::{download, random_file, session, SysBed, SysOpts, GUEST_IP, PUBLIC_IP};
+use tests::sysbed::{random_file, SysBed, SysOpts, GUEST_IP, PUBLIC_IP};
 use tests::vmbed::{wait_exit, Guest};
 
 const MIB: usize = 1 << 20;
@@ -66,29 +65,16 @@ fn saw_phase(events: &Mutex<Vec<serde_json::Value>>, phase: &str) -> bool {
 fn the_vm_moves_with_its_connections_and_its_name() {
     let file = Arc::new(random_file(24 * MIB, 7));
     let mut bed = bed(&file, Some(100), 25);
-    let (_server, mut src) = bed.vm.start_vm().expect("source VM");
-    bed.vm
-        .wait_beats("src", 20, Duration::from_secs(60))
-        .expect("guest runs");
-    let (_agent, _) = start_agent(&bed.vm.sites, &bed.vm.agent_dir, &bed.vm.keys).expect("agent");
-    bed.vm.tail_destination();
+    let mut run = bed.vm.start_all().expect("guest and agent");
     bed.start_gateways().expect("gateways");
     assert_eq!(bed.dig().expect("dig"), GUEST_IP);
 
     // the client: a download paced to span the move, and an interactive session
-    let first = bed
-        .connect(&format!("{GUEST_IP}:80"))
-        .unwrap_or_else(|e| panic!("connect: {e}\n{}\n{}", bed.diag(), bed.logs()));
-    let dl = download(first, "/big.bin", file.clone(), 800_000);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sess, lines) = session(
-        bed.connect(&format!("{GUEST_IP}:7")).expect("connect"),
-        Duration::from_millis(50),
-        stop.clone(),
-    );
-    std::thread::sleep(Duration::from_secs(1));
+    let clients = bed
+        .start_clients(file.clone(), 600_000)
+        .unwrap_or_else(|e| panic!("clients: {e}\n{}\n{}", bed.diag(), bed.logs()));
     assert!(
-        lines.load(Ordering::Relaxed) > 5,
+        clients.lines.load(Ordering::Relaxed) > 5,
         "the session works before the move"
     );
 
@@ -119,7 +105,7 @@ fn the_vm_moves_with_its_connections_and_its_name() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // both client connections are still open across the move
-    let d = dl.lock().expect("lock").clone();
+    let d = clients.download_seen();
     assert!(
         !d.done && d.error.is_none(),
         "the download must span the move: {d:?}"
@@ -149,34 +135,13 @@ fn the_vm_moves_with_its_connections_and_its_name() {
 
     // the old connections carried on through the tunnel: the download ends
     // whole, then the session closes, and the old site drains
-    let t = Instant::now();
-    loop {
-        let s = dl.lock().expect("lock").clone();
-        if s.done || s.error.is_some() {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "the download stalled: {s:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    stop.store(true, Ordering::Relaxed);
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(40) {
-        let s = sess.lock().expect("lock").clone();
-        if s.done || s.error.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (d, s) = (
-        dl.lock().expect("lock").clone(),
-        sess.lock().expect("lock").clone(),
-    );
+    let d = clients
+        .settle_download(Duration::from_secs(30))
+        .expect("download");
+    let s = clients.stop_session();
     eprintln!(
         "download: {d:?}\nsession: {s:?} ({} lines)",
-        lines.load(Ordering::Relaxed)
+        clients.lines.load(Ordering::Relaxed)
     );
     assert!(
         d.done && d.error.is_none(),
@@ -219,7 +184,7 @@ fn the_vm_moves_with_its_connections_and_its_name() {
     assert!(svg_text.contains("<svg") && svg_text.contains("memory"));
 
     // the VM: moved, running on from where it stopped, its disk whole
-    assert!(wait_exit(&mut src, Duration::from_secs(30))
+    assert!(wait_exit(&mut run.src, Duration::from_secs(30))
         .expect("source QEMU exits")
         .success());
     let gap = bed.vm.continuity().expect("continuity");
@@ -241,12 +206,7 @@ fn the_vm_moves_with_its_connections_and_its_name() {
 fn refused_or_failed_migrations_leave_everything_as_it_was() {
     let file = Arc::new(random_file(24 * MIB, 9));
     let mut bed = bed(&file, Some(50), 0);
-    let (_server, _src) = bed.vm.start_vm().expect("source VM");
-    bed.vm
-        .wait_beats("src", 20, Duration::from_secs(60))
-        .expect("guest runs");
-    let (mut agent, _) =
-        start_agent(&bed.vm.sites, &bed.vm.agent_dir, &bed.vm.keys).expect("agent");
+    let mut run = bed.vm.start_all().expect("guest and agent");
     bed.start_gateways().expect("gateways");
     let before = bed.dig_record().expect("dig");
     assert_eq!(before, (300, GUEST_IP.to_string()));
@@ -283,7 +243,7 @@ fn refused_or_failed_migrations_leave_everything_as_it_was() {
         c.read_exact(&mut b).expect("echo");
         assert_eq!(&b, b"still here\n");
     };
-    let run = |config: &std::path::Path| {
+    let refused = |config: &std::path::Path| {
         let out = bed
             .migrate_command_with(config, &["--drain-wait-s", "0"])
             .output()
@@ -300,7 +260,7 @@ fn refused_or_failed_migrations_leave_everything_as_it_was() {
             "token = \"wrong-token",
         )
         .expect("config");
-    let err = run(&c);
+    let err = refused(&c);
     assert!(err.contains("401") || err.contains("token"), "{err}");
     unchanged(&bed, "wrong gateway token");
 
@@ -310,7 +270,7 @@ fn refused_or_failed_migrations_leave_everything_as_it_was() {
     let c = bed
         .config_variant("bad-key.toml", &fp, &other)
         .expect("config");
-    let err = run(&c);
+    let err = refused(&c);
     assert!(err.contains("TLS") || err.contains("handshake"), "{err}");
     unchanged(&bed, "wrong transport key");
 
@@ -318,7 +278,7 @@ fn refused_or_failed_migrations_leave_everything_as_it_was() {
     let c = bed
         .config_variant("no-gateway.toml", "203.0.113.2:7300", "203.0.113.2:7399")
         .expect("config");
-    let err = run(&c);
+    let err = refused(&c);
     assert!(err.contains("cannot reach gateway"), "{err}");
     unchanged(&bed, "unreachable gateway");
 
@@ -334,7 +294,7 @@ fn refused_or_failed_migrations_leave_everything_as_it_was() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(500));
-    agent.kill();
+    run.agent.kill();
     let st = wait_exit(&mut m, Duration::from_secs(60)).expect("migrate exits");
     assert!(!st.success(), "the migration must fail");
     unchanged(&bed, "agent killed mid-bulk");

@@ -44,11 +44,8 @@ fn check_moved(bed: &VmBed) {
 #[test]
 fn a_running_guest_moves_with_its_disk_through_our_link() {
     let bed = bed(1500);
-    let (_server, mut src) = bed.start_vm().expect("source VM");
-    bed.wait_beats("src", 20, Duration::from_secs(60))
-        .expect("guest runs");
-    let (_agent, addr) = start_agent(&bed.sites, &bed.agent_dir, &bed.keys).expect("agent");
-    bed.tail_destination();
+    let mut run = bed.start_all().expect("guest and agent");
+    let addr = run.addr.clone();
 
     let sum = migrate_ok(&bed, &addr, &[]);
     let vm = &sum["vm"];
@@ -63,7 +60,7 @@ fn a_running_guest_moves_with_its_disk_through_our_link() {
     );
     assert!(vm["paused_ms"].as_f64().is_some(), "{sum}");
     // the source QEMU is gone and its copy of the disk refuses to serve again
-    assert!(wait_exit(&mut src, Duration::from_secs(30))
+    assert!(wait_exit(&mut run.src, Duration::from_secs(30))
         .expect("source QEMU exits")
         .success());
     assert!(bed.path("root.img.moved").exists());
@@ -162,11 +159,8 @@ fn killing_the_agent_mid_memory_leaves_the_guest_running_at_the_source() {
 #[test]
 fn post_copy_moves_the_guest_too() {
     let bed = bed(1500);
-    let (_server, mut src) = bed.start_vm().expect("source VM");
-    bed.wait_beats("src", 20, Duration::from_secs(60))
-        .expect("guest runs");
-    let (_agent, addr) = start_agent(&bed.sites, &bed.agent_dir, &bed.keys).expect("agent");
-    bed.tail_destination();
+    let mut run = bed.start_all().expect("guest and agent");
+    let addr = run.addr.clone();
     // slow memory, and post-copy from the first pass on
     let sum = migrate_ok(
         &bed,
@@ -174,7 +168,7 @@ fn post_copy_moves_the_guest_too() {
         &["--postcopy-after", "1", "--max-rate-mbit", "200"],
     );
     assert_eq!(sum["vm"]["postcopy"], true, "{sum}");
-    assert!(wait_exit(&mut src, Duration::from_secs(30))
+    assert!(wait_exit(&mut run.src, Duration::from_secs(30))
         .expect("source QEMU exits")
         .success());
     check_moved(&bed);

@@ -12,13 +12,10 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
-use serde_json::json;
 
-use migrator::qmp::Qmp;
-use tests::bed::{cpu_model, require_root, start_agent, B_IP};
-use tests::guest;
+use tests::bed::{cpu_model, require_root, start_agent};
 use tests::vmbed::{summary, wait_exit, VmBed};
 
 #[derive(Parser)]
@@ -192,148 +189,17 @@ fn ours(rate: Option<u32>, link: &str, downtime_ms: u64) -> Result<Row> {
     })
 }
 
-async fn connect(path: &std::path::Path) -> Result<Qmp> {
-    let t = Instant::now();
-    loop {
-        match Qmp::connect(path).await {
-            Ok(q) => return Ok(q),
-            Err(_) if t.elapsed() < Duration::from_secs(30) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// Waits for event `name` whose `data[key] == value`.
-async fn wait_for(
-    rx: &mut tokio::sync::broadcast::Receiver<migrator::qmp::Event>,
-    name: &str,
-    key: &str,
-    value: &str,
-) -> Result<serde_json::Value> {
-    loop {
-        let e = Qmp::wait_event(rx, name, Duration::from_secs(600)).await?;
-        if e.data[key] == value {
-            return Ok(e.data);
-        }
-        if e.data["status"] == "failed" {
-            bail!("{name}: {}", e.data);
-        }
-    }
-}
-
 async fn native(rate: Option<u32>, link: &str, downtime_ms: u64) -> Result<Row> {
     let bed = VmBed::new(3000, rate)?;
-    let src_cmd = guest::qemu_command(&bed.k, &bed.image, &bed.append);
-    let (qa, qb) = (bed.path("a.qmp"), bed.path("b.qmp"));
-    let _src = bed.spawn_qemu(&bed.sites.a, &src_cmd, &qa, &[], "src")?;
-    let src = connect(&qa).await?;
-    tokio::task::block_in_place(|| bed.wait_beats("src", 50, TO))?;
-    let dst_img = bed.path("dst.img");
-    std::fs::File::create(&dst_img)?.set_len(std::fs::metadata(&bed.image)?.len())?;
-    let dst_cmd = guest::qemu_command(&bed.k, &dst_img, &bed.append);
-    let _dst = bed.spawn_qemu(&bed.sites.b, &dst_cmd, &qb, &["-incoming", "defer"], "dst")?;
-    let dst = connect(&qb).await?;
-    dst.execute_timeout(
-        "nbd-server-start",
-        Some(json!({"addr": {"type": "inet", "data": {"host": B_IP, "port": "10809"}}})),
-        TO,
-    )
-    .await?;
-    dst.execute_timeout(
-        "nbd-server-add",
-        Some(json!({"device": "virtio0", "writable": true})),
-        TO,
-    )
-    .await?;
-    let caps = |pause: bool| {
-        json!({"capabilities": [
-            {"capability": "events", "state": true},
-            {"capability": "pause-before-switchover", "state": pause},
-        ]})
-    };
-    dst.execute_timeout("migrate-set-capabilities", Some(caps(false)), TO)
-        .await?;
-    dst.execute_timeout(
-        "migrate-incoming",
-        Some(json!({"uri": format!("tcp:{B_IP}:4444")})),
-        TO,
-    )
-    .await?;
-    src.execute_timeout("migrate-set-capabilities", Some(caps(true)), TO)
-        .await?;
-    src.execute_timeout(
-        "migrate-set-parameters",
-        Some(json!({"downtime-limit": downtime_ms, "max-bandwidth": 1u64 << 40})),
-        TO,
-    )
-    .await?;
-    let mut ev = src.events();
-    let tx0 = bed.sites.a_tx_bytes()?;
-    let t = Instant::now();
-    src.execute_timeout(
-        "drive-mirror",
-        Some(json!({
-            "device": "virtio0",
-            "target": format!("nbd:{B_IP}:10809:exportname=virtio0"),
-            "format": "raw",
-            "sync": "full",
-            "mode": "existing",
-        })),
-        TO,
-    )
-    .await?;
-    let ready = wait_for(&mut ev, "BLOCK_JOB_READY", "device", "virtio0").await?;
-    src.execute_timeout(
-        "migrate",
-        Some(json!({"uri": format!("tcp:{B_IP}:4444")})),
-        TO,
-    )
-    .await?;
-    wait_for(&mut ev, "MIGRATION", "status", "pre-switchover").await?;
-    // the guest is paused: the synced mirror completes, then the memory
-    let jobs = src.execute_timeout("query-block-jobs", None, TO).await?;
-    src.execute_timeout("block-job-cancel", Some(json!({"device": "virtio0"})), TO)
-        .await?;
-    wait_for(&mut ev, "BLOCK_JOB_COMPLETED", "device", "virtio0").await?;
-    src.execute_timeout(
-        "migrate-continue",
-        Some(json!({"state": "pre-switchover"})),
-        TO,
-    )
-    .await?;
-    wait_for(&mut ev, "MIGRATION", "status", "completed").await?;
-    let info = src.execute_timeout("query-migrate", None, TO).await?;
-    // the destination runs on its own disk
-    let t_run = Instant::now();
-    loop {
-        let s = dst.execute_timeout("query-status", None, TO).await?;
-        if s["status"] == "running" {
-            break;
-        }
-        if t_run.elapsed() > TO {
-            bail!("the destination did not run: {s}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let total_s = t.elapsed().as_secs_f64();
-    dst.execute_timeout("nbd-server-stop", None, TO).await?;
-    let wire = bed.sites.a_tx_bytes()? - tx0;
-    let _ = src.execute_timeout("quit", None, TO).await;
-    let gap = tokio::task::block_in_place(|| bed.continuity())?;
-    let disk = jobs[0]["offset"]
-        .as_f64()
-        .or_else(|| ready["offset"].as_f64())
-        .context("mirror job length")?;
+    let n = tests::native::migrate(&bed, downtime_ms).await?;
     Ok(Row {
         path: "QEMU native",
         link: link.into(),
-        total_s,
-        qemu_downtime_ms: info["downtime"].as_u64(),
-        guest_gap_ms: gap.as_secs_f64() * 1e3,
-        disk_mib: disk / MIB,
-        memory_mib: info["ram"]["transferred"].as_f64().unwrap_or(0.0) / MIB,
-        wire_mib: wire as f64 / MIB,
+        total_s: n.total_s,
+        qemu_downtime_ms: n.qemu_downtime_ms,
+        guest_gap_ms: n.guest_gap.as_secs_f64() * 1e3,
+        disk_mib: n.disk_bytes as f64 / MIB,
+        memory_mib: n.memory_bytes as f64 / MIB,
+        wire_mib: n.wire_bytes as f64 / MIB,
     })
 }

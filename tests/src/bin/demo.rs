@@ -12,15 +12,15 @@
 
 use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tests::bed::{require_root, start_agent};
+use tests::bed::require_root;
 use tests::interrupt;
-use tests::sysbed::{download, random_file, session, SysBed, SysOpts, GUEST_IP, PUBLIC_IP};
+use tests::sysbed::{random_file, SysBed, SysOpts, PUBLIC_IP};
 use tests::vmbed::{wait_exit, Guest};
 
 #[derive(Parser)]
@@ -69,11 +69,8 @@ fn run(args: Args) -> Result<()> {
         },
     })?;
     println!("2. site A: `migrator disk serve` exports the guest's disk; QEMU (TCG) boots the guest on it, on a tap in site A's LAN");
-    let (_server, mut src) = bed.vm.start_vm()?;
-    bed.vm.wait_beats("src", 20, Duration::from_secs(120))?;
     println!("   site B: `migrator receive` with the guest's launch file; both sites run `gateway run` (site A's serves example.test.)");
-    let (_agent, _) = start_agent(&bed.vm.sites, &bed.vm.agent_dir, &bed.vm.keys)?;
-    bed.vm.tail_destination();
+    let mut run = bed.vm.start_all()?;
     bed.start_gateways()?;
     println!("   dig web1.example.test → {}", bed.dig()?);
 
@@ -81,19 +78,7 @@ fn run(args: Args) -> Result<()> {
         "3. the client downloads a {} MiB file from the guest (paced to 800 kB/s, so it spans the move) and holds an echo session open (a line every 50 ms)",
         args.file_mib
     );
-    let dl = download(
-        bed.connect(&format!("{GUEST_IP}:80"))?,
-        "/big.bin",
-        file.clone(),
-        800_000,
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sess, lines) = session(
-        bed.connect(&format!("{GUEST_IP}:7"))?,
-        Duration::from_millis(50),
-        stop.clone(),
-    );
-    std::thread::sleep(Duration::from_secs(1));
+    let clients = bed.start_clients(file.clone(), 800_000)?;
 
     println!(
         "4. migrator migrate web1 --to siteB --report {}",
@@ -129,21 +114,8 @@ fn run(args: Args) -> Result<()> {
         String::from_utf8_lossy(&back).trim()
     );
     drop(fresh);
-    let t = Instant::now();
-    loop {
-        interrupt::check()?;
-        let d = dl.lock().map(|d| d.clone()).unwrap_or_default();
-        if d.done || d.error.is_some() || t.elapsed() > Duration::from_secs(120) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    stop.store(true, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(500));
-    let (d, s) = (
-        dl.lock().map(|d| d.clone()).unwrap_or_default(),
-        sess.lock().map(|s| s.clone()).unwrap_or_default(),
-    );
+    let d = clients.settle_download(Duration::from_secs(30))?;
+    let s = clients.stop_session();
     match (&d.error, d.done) {
         (None, true) => println!(
             "   the download finished through the tunnel: {} bytes, identical to the file; longest stall {:.0} ms",
@@ -155,7 +127,7 @@ fn run(args: Args) -> Result<()> {
     match &s.error {
         None => println!(
             "   the echo session never broke: {} lines, each echoed whole; longest wait {:.0} ms",
-            lines.load(Ordering::Relaxed),
+            clients.lines.load(Ordering::Relaxed),
             s.stall.as_secs_f64() * 1e3
         ),
         Some(e) => bail!("the session broke: {e}"),
@@ -176,7 +148,7 @@ fn run(args: Args) -> Result<()> {
         "   gateway A reports drained {:.1} s after the last old connection closed: the old address is no longer tunnelled",
         drained.as_secs_f64()
     );
-    if !wait_exit(&mut src, Duration::from_secs(30))?.success() {
+    if !wait_exit(&mut run.src, Duration::from_secs(30))?.success() {
         bail!("the source QEMU did not quit cleanly");
     }
     let gap = bed.vm.continuity()?;
