@@ -4,9 +4,10 @@
 //!
 //! A VM migration (`VmStart`) also starts the destination QEMU from
 //! `DIR/NAME.qemu` (see [`crate::vm::DestVm`]). Its disk is the NBD export,
-//! listening from the start so QEMU can open it, but holding every request
-//! until the commit point; the memory stream arrives as `Mem` frames on the
-//! same link. At `Commit` the disk opens and the VM is resumed.
+//! listening from the start so QEMU can open it, but holding writes until
+//! the commit point; the memory stream arrives as `Mem` frames on the same
+//! link. At `Commit` the disk opens and the VM is resumed. A VM that moved
+//! here runs as the agent's child and stops with it.
 //!
 //! Per-disk state lives in `DIR/NAME.state` (JSON, replaced atomically):
 //! `partial` (resumable: the next migration of NAME compares block hashes),
@@ -126,16 +127,6 @@ impl Agent {
 
     fn state_path(&self, name: &str) -> PathBuf {
         self.opts.dir.join(format!("{name}.state"))
-    }
-
-    /// PIDs of the VMs that migrated here, by name.
-    pub fn vm_pids(&self) -> HashMap<String, u32> {
-        self.vms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(|(n, v)| v.pid().map(|p| (n.clone(), p)))
-            .collect()
     }
 
     /// A disk this agent serves (after its commit point).
