@@ -444,13 +444,23 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
         Ok(s) => s,
         Err(e) => {
             // before the commit point: the VM runs at the source; undo the TTL
+            let mut dns_state = "its DNS answer unchanged".to_string();
             if let Some((c, zone, name, p)) = &dns {
                 if let Err(de) = dyndns::ops::finish(c, zone, name, p.original_ttl).await {
                     warn!("cannot restore the TTL of {name}: {de}");
+                    let server = plan
+                        .dns
+                        .as_ref()
+                        .map(|d| d.server.to_string())
+                        .unwrap_or_default();
+                    dns_state = format!(
+                        "its DNS address unchanged but its TTL still {} (restore it: `dyndns finish {name} --ttl {} --server {server}` with the key in $DYNDNS_KEY)",
+                        p.lowered_ttl, p.original_ttl
+                    );
                 }
             }
             return Err(e.context(format!(
-                "{} did not move: it runs at {} as before, its DNS answer unchanged",
+                "{} did not move: it runs at {} as before, {dns_state}",
                 plan.service, plan.from
             )));
         }
