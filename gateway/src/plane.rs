@@ -224,14 +224,7 @@ impl Plane {
             let Ok(i) = Inner::parse(pkt) else {
                 return Out::Drop(DropReason::InnerMalformed);
             };
-            // A TCP segment of a connection neither table knows, that is not
-            // opening one, belongs to a connection from before the move (the
-            // guest may speak first after resuming, before any packet of it
-            // came through the tunnel): translating it would make the client
-            // reset the connection.
-            let established_before = !translated.knows(&i)
-                && matches!(i.transport, Transport::Tcp { flags, .. } if !flags.syn || flags.ack);
-            if tunnelled.knows(&i) || established_before {
+            if from_guest_via_tunnel(tunnelled.knows(&i), translated.knows(&i), &i.transport) {
                 tunnelled.observe(&i, now);
                 return Out::Tunnel(*peer);
             }
@@ -294,5 +287,55 @@ impl Plane {
             self.tun.send(inner.bytes).await?;
             self.counters.decapsulated(inner.bytes.len());
         }
+    }
+}
+
+/// New site: does a packet from the guest go back through the tunnel (or out
+/// translated)? Through the tunnel when its flow came through it, and for a
+/// TCP segment of a connection neither table knows that is not opening one:
+/// that connection is from before the move (the guest may speak first after
+/// resuming, before any packet of it came through the tunnel), and
+/// translated, the client would reset it.
+fn from_guest_via_tunnel(tunnelled: bool, translated: bool, t: &Transport) -> bool {
+    let established_before =
+        !translated && matches!(t, Transport::Tcp { flags, .. } if !flags.syn || flags.ack);
+    tunnelled || established_before
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tunnel::packet::TcpFlags;
+
+    fn tcp(syn: bool, ack: bool) -> Transport {
+        Transport::Tcp {
+            sport: 7,
+            dport: 40000,
+            flags: TcpFlags {
+                syn,
+                ack,
+                ..TcpFlags::default()
+            },
+        }
+    }
+
+    #[test]
+    fn guest_packets_choose_tunnel_or_translation() {
+        let udp = Transport::Udp {
+            sport: 53,
+            dport: 5353,
+        };
+        // flows that came through the tunnel go back through it
+        assert!(from_guest_via_tunnel(true, false, &udp));
+        assert!(from_guest_via_tunnel(true, true, &tcp(true, false)));
+        // a new connection of the guest's, or new UDP: translated
+        assert!(!from_guest_via_tunnel(false, false, &tcp(true, false)));
+        assert!(!from_guest_via_tunnel(false, false, &udp));
+        // translated flows stay translated
+        assert!(!from_guest_via_tunnel(false, true, &tcp(false, true)));
+        // a segment of a connection from before the move, the guest speaking
+        // first after it resumed: back through the tunnel, not translated
+        assert!(from_guest_via_tunnel(false, false, &tcp(false, true)));
+        assert!(from_guest_via_tunnel(false, false, &tcp(true, true)));
     }
 }
