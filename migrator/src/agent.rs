@@ -481,6 +481,7 @@ impl Agent {
         let mut disk: Option<Arc<Disk>> = None;
         let mut prepared: Option<HashSet<u64>> = None;
         let mut vm: Option<IncomingVm> = None;
+        let mut flusher = Flusher::default();
         // Done handled; a VM's memory stream may still be running (post-copy).
         let mut complete = false;
         let result = loop {
@@ -523,6 +524,7 @@ impl Agent {
                     {
                         break Err(e);
                     }
+                    flusher.landed(&image, raw_len as u64);
                 }
                 Frame::Zero { offset, len } => {
                     if offset.checked_add(len).is_none_or(|e| e > size) {
@@ -720,6 +722,33 @@ impl Drop for ActiveGuard {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.1);
+    }
+}
+
+/// Writes the image back in the background as blocks land, so the fsync
+/// at `Prepare` (inside the switchover's pause) finds little left to do.
+#[derive(Default)]
+struct Flusher {
+    unsynced: u64,
+    in_flight: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Flusher {
+    const EVERY: u64 = 32 << 20;
+
+    fn landed(&mut self, image: &Arc<Image>, bytes: u64) {
+        self.unsynced += bytes;
+        if self.unsynced < Self::EVERY || self.in_flight.as_ref().is_some_and(|t| !t.is_finished())
+        {
+            return;
+        }
+        self.unsynced = 0;
+        let img = image.clone();
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = img.sync() {
+                warn!("background flush of the image failed: {e} (the fsync at Prepare will report it)");
+            }
+        }));
     }
 }
 

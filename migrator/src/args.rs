@@ -73,8 +73,9 @@ pub struct Tuning {
     /// Roll back if the dirty set is still too large after this many rounds.
     #[arg(long, default_value_t = 30)]
     pub max_rounds: u32,
-    /// Switch over when the dirty set drains in this many milliseconds.
-    #[arg(long, default_value_t = 300)]
+    /// The pause budget, milliseconds: the disk switches over when its dirty
+    /// set drains in this long, and it is QEMU's `downtime-limit` for memory.
+    #[arg(long, default_value_t = 100)]
     pub downtime_ms: u64,
     /// Cap the migration link at this many megabits per second.
     #[arg(long)]
@@ -101,7 +102,7 @@ impl Default for Tuning {
             throttle_ratio: 0.5,
             max_delay_ms: 100,
             max_rounds: 30,
-            downtime_ms: 300,
+            downtime_ms: 100,
             max_rate_mbit: None,
             no_compress: false,
             no_auto_converge: false,

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::transport::{unpack, Compressor, Frame, LinkError};
 
 /// Up to this many stream bytes per frame.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 64 * 1024;
 
 /// Reads the hypervisor's stream until it ends and sends it as frames,
 /// `MemEnd` last. Returns the stream bytes read. Stops early (error) when the

@@ -374,6 +374,7 @@ async fn transfer(
             source,
         })?;
     let _ = tcp.set_nodelay(true);
+    limit_unsent(&tcp);
     let cfg = tls::client_config(&opts.identity, opts.peers.clone())
         .map_err(|e| MigrateError::Refused(e.to_string()))?;
     let stream = tokio_rustls::TlsConnector::from(cfg)
@@ -660,6 +661,8 @@ async fn transfer(
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut vm_info = serde_json::Value::Null;
+    // where the pause goes, for the operator
+    let mut marks: Vec<(&str, Duration)> = vec![("final disk set sent", t_freeze.elapsed())];
     while !(ready && loaded && completed) {
         let status = async {
             match (&mut mem, completed) {
@@ -669,14 +672,21 @@ async fn transfer(
         };
         tokio::select! {
             msg = inbound.recv() => match msg {
-                Some(Inbound::Ready) => ready = true,
-                Some(Inbound::VmLoaded) => loaded = true,
+                Some(Inbound::Ready) => {
+                    ready = true;
+                    marks.push(("destination disk ready", t_freeze.elapsed()));
+                }
+                Some(Inbound::VmLoaded) => {
+                    loaded = true;
+                    marks.push(("destination VM loaded", t_freeze.elapsed()));
+                }
                 Some(other) => return Err(inbound_error(other)),
                 None => return Err(MigrateError::LinkClosed),
             },
             st = status => {
                 if st.as_deref() == Some("completed") {
                     completed = true;
+                    marks.push(("source QEMU sent all", t_freeze.elapsed()));
                     // QEMU's own account, before the source QEMU quits
                     if let Some(vm) = &vm {
                         vm_info = vm.info().await.unwrap_or_default();
@@ -695,6 +705,18 @@ async fn transfer(
             path: path.clone(),
             source,
         })?;
+    }
+    if vm.is_some() {
+        events.send(Event::Note {
+            message: format!(
+                "switchover: {}",
+                marks
+                    .iter()
+                    .map(|(what, t)| format!("{what} +{:.0} ms", t.as_secs_f64() * 1e3))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
     }
     // ---- commit point ----
     disk.commit_moved(opts.to.clone());
@@ -829,7 +851,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (q_rd, q_wr) = qemu.into_split();
-    let (tx, mut rx) = mpsc::channel::<Frame>(8);
+    let (tx, mut rx) = mpsc::channel::<Frame>(2);
     let stream_bytes = Arc::new(AtomicU64::new(0));
     let wire_bytes = Arc::new(AtomicU64::new(0));
     let mut tasks = vec![tokio::spawn(memrelay::outbound(q_rd, tx, compress))];
@@ -913,6 +935,27 @@ fn write_marker(path: &Path, to: &str) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Keeps little unsent data in the link's socket buffer, so the writers
+/// (QEMU above all, whose downtime estimate is the rate at which it can write)
+/// feel the link's real rate instead of filling megabytes of buffer.
+fn limit_unsent(tcp: &TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let v: libc::c_int = 128 * 1024;
+    // SAFETY: a valid socket and a properly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!("TCP_NOTSENT_LOWAT: {}", std::io::Error::last_os_error());
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -166,6 +166,9 @@ fn the_vm_moves_with_its_connections_and_its_name() {
         .find(|e| e["event"] == "report")
         .map(|e| e["report"].clone())
         .expect("a report");
+    for e in ev.iter().filter(|e| e["event"] == "note") {
+        eprintln!("note: {}", e["message"]);
+    }
     eprintln!("report: {report}");
     assert!(
         report["drained_after_s"].as_f64().is_some(),
