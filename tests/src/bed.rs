@@ -36,21 +36,7 @@ impl Sites {
         let (a_dev, b_dev) = veth(&a, &format!("{A_IP}/24"), &b, &format!("{B_IP}/24"))?;
         if let Some(r) = rate_mbit {
             for (ns, dev) in [(&a, &a_dev), (&b, &b_dev)] {
-                ns.exec(&[
-                    "tc",
-                    "qdisc",
-                    "add",
-                    "dev",
-                    dev,
-                    "root",
-                    "tbf",
-                    "rate",
-                    &format!("{r}mbit"),
-                    "burst",
-                    "64kb",
-                    "latency",
-                    "50ms",
-                ])?;
+                tbf(ns, dev, r, 50)?;
             }
         }
         Ok(Self {
@@ -281,6 +267,26 @@ pub fn log_file(path: &Path) -> Stdio {
         .open(path)
         .map(Stdio::from)
         .unwrap_or_else(|_| Stdio::null())
+}
+
+/// Shapes `dev`'s egress in `ns` to `mbit` with `tc tbf` (64 KiB burst,
+/// `latency_ms` of queue).
+pub fn tbf(ns: &Netns, dev: &str, mbit: u32, latency_ms: u32) -> Result<()> {
+    ns.exec(&[
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        dev,
+        "root",
+        "tbf",
+        "rate",
+        &format!("{mbit}mbit"),
+        "burst",
+        "64kb",
+        "latency",
+        &format!("{latency_ms}ms"),
+    ])
 }
 
 pub fn require_root() -> Result<()> {

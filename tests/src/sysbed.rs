@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::bed::{log_file, workspace_bin, Sites};
+use crate::bed::{log_file, tbf, workspace_bin, Sites};
 use crate::delay::{self, DelayLine};
 use crate::netns::{in_netns, unique, veth, Netns};
 use crate::proc::ChildGuard;
@@ -58,24 +58,6 @@ pub struct SysBed {
 
 fn sysctl(ns: &Netns, kv: &str) -> Result<()> {
     ns.exec(&["sysctl", "-qw", kv])
-}
-
-fn tbf(ns: &Netns, dev: &str, mbit: u32) -> Result<()> {
-    ns.exec(&[
-        "tc",
-        "qdisc",
-        "add",
-        "dev",
-        dev,
-        "root",
-        "tbf",
-        "rate",
-        &format!("{mbit}mbit"),
-        "burst",
-        "64kb",
-        "latency",
-        "100ms",
-    ])
 }
 
 impl SysBed {
@@ -131,7 +113,7 @@ impl SysBed {
                 (&a, &aw),
                 (&b, &bw),
             ] {
-                tbf(ns, dev, r)?;
+                tbf(ns, dev, r, 100)?;
             }
         }
         let delay_line = if o.delay.is_zero() {
