@@ -379,7 +379,11 @@ fn qemu_with_drive(k: &GuestKernel, drive: &str, append_extra: &str) -> Command 
     .arg("-initrd")
     .arg(&k.initrd)
     .arg("-append")
-    .arg(format!("console=ttyS0 quiet panic=-1 {append_extra}"))
+    // no lockup watchdogs: a TCG guest on a loaded host, or one that was
+    // paused for a migration, is slow, not stuck
+    .arg(format!(
+        "console=ttyS0 quiet panic=-1 nowatchdog nosoftlockup rcupdate.rcu_cpu_stall_suppress=1 {append_extra}"
+    ))
     .arg("-drive")
     .arg(drive);
     c
