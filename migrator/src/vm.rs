@@ -79,13 +79,12 @@ impl SourceVm {
                 return Err(VmError::Busy(s.to_string()));
             }
         }
+        // unique per migration: one disk server may move several VMs at once
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let sock = std::env::temp_dir().join(format!(
             "migrator-{}-{}.mig",
             std::process::id(),
-            opts.qmp
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("vm")
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         Ok(Self { qmp, opts, sock })
     }
