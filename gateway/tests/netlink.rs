@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 
 use gateway::netlink::{Net, REVERSE_TABLE};
-use tests::netns::{available, in_netns, unique, Netns};
+use tests::netns::{available, block_on_in, unique, Netns};
 
 fn ip(ns: &Netns, args: &[&str]) -> String {
     let out = Command::new("ip")
@@ -30,22 +30,16 @@ fn routes_rules_and_proxy_arp_are_applied_idempotently() {
     ns.exec(&["ip", "link", "set", &l2, "up"]).expect("up");
     let g = Ipv4Addr::new(10, 1, 0, 10);
     let (a, b) = (l1.clone(), l2.clone());
-    in_netns(&ns.name, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        rt.block_on(async {
-            let net = Net::connect().expect("netlink");
-            for _ in 0..2 {
-                net.add_host_route(g, &a, None).await.expect("route");
-                net.add_default_route(&a, REVERSE_TABLE)
-                    .await
-                    .expect("default");
-                net.add_rule_from(g, &b, REVERSE_TABLE).await.expect("rule");
-                net.add_proxy_arp(g, &b).await.expect("proxy");
-            }
-        })
+    block_on_in(&ns.name, move || async move {
+        let net = Net::connect().expect("netlink");
+        for _ in 0..2 {
+            net.add_host_route(g, &a, None).await.expect("route");
+            net.add_default_route(&a, REVERSE_TABLE)
+                .await
+                .expect("default");
+            net.add_rule_from(g, &b, REVERSE_TABLE).await.expect("rule");
+            net.add_proxy_arp(g, &b).await.expect("proxy");
+        }
     })
     .expect("netns");
     assert!(
@@ -67,21 +61,15 @@ fn routes_rules_and_proxy_arp_are_applied_idempotently() {
     );
 
     let (a, b) = (l1.clone(), l2.clone());
-    in_netns(&ns.name, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        rt.block_on(async {
-            let net = Net::connect().expect("netlink");
-            for _ in 0..2 {
-                net.del_host_route(g, &a, None).await.expect("del route");
-                net.del_rule_from(g, &b, REVERSE_TABLE)
-                    .await
-                    .expect("del rule");
-                net.del_proxy_arp(g, &b).await.expect("del proxy");
-            }
-        })
+    block_on_in(&ns.name, move || async move {
+        let net = Net::connect().expect("netlink");
+        for _ in 0..2 {
+            net.del_host_route(g, &a, None).await.expect("del route");
+            net.del_rule_from(g, &b, REVERSE_TABLE)
+                .await
+                .expect("del rule");
+            net.del_proxy_arp(g, &b).await.expect("del proxy");
+        }
     })
     .expect("netns");
     assert!(!ip(&ns, &["route"]).contains("10.1.0.10"));

@@ -118,3 +118,19 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     .join()
     .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
 }
+
+/// Runs the future `f` makes to completion on a single-threaded runtime in
+/// namespace `ns` (sockets it opens live there).
+pub fn block_on_in<F, Fut>(ns: &str, f: F) -> Result<Fut::Output>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future,
+    Fut::Output: Send + 'static,
+{
+    in_netns(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(rt.block_on(f()))
+    })?
+}

@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::bed::{log_file, tbf, workspace_bin, Sites};
 use crate::delay::{self, DelayLine};
-use crate::netns::{in_netns, unique, veth, Netns};
+use crate::netns::{block_on_in, in_netns, unique, veth, Netns};
 use crate::proc::ChildGuard;
 use crate::vmbed::{Guest, GuestNet, VmBed};
 
@@ -36,6 +36,21 @@ pub const NAME: &str = "web1.example.test.";
 /// The MAC address of the guest's gateway at either site.
 pub const GATEWAY_MAC: &str = "02:00:0a:01:00:01";
 const DNS_KEY: &str = "hmac-sha256:mig-key:c2VjcmV0LWtleS1mb3ItdGhlLXRlc3QtYmVkLTAxMjM0NTY3";
+
+/// The emulated WAN and the client's file, as the demo and the system
+/// benchmark take them on their command lines.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WanArgs {
+    /// The WAN's rate, Mbit/s.
+    #[arg(long, default_value_t = 100)]
+    pub rate_mbit: u32,
+    /// The WAN's round-trip time, ms.
+    #[arg(long, default_value_t = 50)]
+    pub rtt_ms: u64,
+    /// The file the client downloads, MiB.
+    #[arg(long, default_value_t = 24)]
+    pub file_mib: usize,
+}
 
 pub struct SysOpts {
     /// The WAN's rate (`None`: unlimited).
@@ -304,12 +319,10 @@ impl SysBed {
             migrator::orchestrate::gateway::Endpoint::Tcp(format!("{addr}:7300")),
             TOKEN.into(),
         );
-        in_netns(&ns.name, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(gw.status()).map_err(anyhow::Error::from)
-        })?
+        Ok(block_on_in(
+            &ns.name,
+            move || async move { gw.status().await },
+        )??)
     }
 
     /// The gateways' and the migration's logs, for failure messages.

@@ -14,17 +14,13 @@ use clap::Parser;
 
 use tests::bed::{cpu_model, require_root};
 use tests::interrupt;
-use tests::sysbed::{random_file, Seen, SysBed, SysOpts};
+use tests::sysbed::{random_file, Seen, SysBed, SysOpts, WanArgs};
 use tests::vmbed::Guest;
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, default_value_t = 100)]
-    rate_mbit: u32,
-    #[arg(long, default_value_t = 50)]
-    rtt_ms: u64,
-    #[arg(long, default_value_t = 24)]
-    file_mib: usize,
+    #[command(flatten)]
+    wan: WanArgs,
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
     /// Give up on QEMU's native path after this long.
@@ -65,7 +61,7 @@ fn bed(a: &Args, file: &[u8], rate: Option<u32>) -> Result<SysBed> {
     SysBed::new(SysOpts {
         rate_mbit: rate,
         delay: if rate.is_some() {
-            Duration::from_millis(a.rtt_ms / 2)
+            Duration::from_millis(a.wan.rtt_ms / 2)
         } else {
             Duration::ZERO
         },
@@ -92,12 +88,12 @@ fn fate(s: &Seen, broken_after: Duration) -> String {
 
 fn run(a: Args) -> Result<()> {
     require_root()?;
-    let file = Arc::new(random_file(a.file_mib << 20, 7));
+    let file = Arc::new(random_file(a.wan.file_mib << 20, 7));
     let rt = tokio::runtime::Runtime::new()?;
     let idle = Duration::from_secs(15);
     let mut rows = Vec::new();
     let mut failed: Vec<String> = Vec::new();
-    for rate in [Some(a.rate_mbit), None] {
+    for rate in [Some(a.wan.rate_mbit), None] {
         if !a
             .links
             .iter()
@@ -106,7 +102,7 @@ fn run(a: Args) -> Result<()> {
             continue;
         }
         let link = match rate {
-            Some(r) => format!("{r} Mbit/s, {} ms RTT", a.rtt_ms),
+            Some(r) => format!("{r} Mbit/s, {} ms RTT", a.wan.rtt_ms),
             None => "unlimited, no delay".into(),
         };
         for native in [false, true] {
@@ -236,13 +232,13 @@ fn run(a: Args) -> Result<()> {
         Total: the migration command (ours: prepare to network switch; native: mirror start to the destination running). Guest-visible pause: the largest gap between the guest's heartbeats. \
         Client: the download's and the session's fate and largest gap. Wire: site A's tx counter during the migration (the client's download leaving site A is in it too). To move: disk data + the memory stream, before compression; time ÷ (to move ÷ link rate) is the issue's 1.2 target.\n\n\
         | path | link | total s | guest-visible pause ms | download | session | wire MiB | to move MiB | time ÷ (to move ÷ rate) |\n|---|---|---|---|---|---|---|---|---|\n",
-        a.file_mib,
-        a.rate_mbit,
-        a.rtt_ms,
+        a.wan.file_mib,
+        a.wan.rate_mbit,
+        a.wan.rtt_ms,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         cpu_model(),
-        a.rate_mbit,
-        a.rtt_ms
+        a.wan.rate_mbit,
+        a.wan.rtt_ms
     );
     for r in &rows {
         md += &format!(

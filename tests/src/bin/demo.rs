@@ -20,20 +20,13 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tests::bed::require_root;
 use tests::interrupt;
-use tests::sysbed::{random_file, SysBed, SysOpts, PUBLIC_IP};
+use tests::sysbed::{random_file, SysBed, SysOpts, WanArgs, PUBLIC_IP};
 use tests::vmbed::{wait_exit, Guest};
 
 #[derive(Parser)]
 struct Args {
-    /// The WAN's rate.
-    #[arg(long, default_value_t = 100)]
-    rate_mbit: u32,
-    /// The WAN's round-trip time.
-    #[arg(long, default_value_t = 50)]
-    rtt_ms: u64,
-    /// The file the client downloads, MiB.
-    #[arg(long, default_value_t = 24)]
-    file_mib: usize,
+    #[command(flatten)]
+    wan: WanArgs,
     /// Where the timeline goes.
     #[arg(long, default_value = "demo-timeline.svg")]
     report: PathBuf,
@@ -49,18 +42,18 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     require_root()?;
-    let file = Arc::new(random_file(args.file_mib << 20, 7));
+    let file = Arc::new(random_file(args.wan.file_mib << 20, 7));
     println!(
         "1. the test bed: namespaces client, wan, siteA, siteB; the WAN router limits each link to {} Mbit/s (tc tbf), \
          delays packets {} ms each way (a userspace delay line: this kernel has no netem) and drops packets whose \
          source is not routed via the interface they arrive on",
-        args.rate_mbit,
-        args.rtt_ms / 2
+        args.wan.rate_mbit,
+        args.wan.rtt_ms / 2
     );
     println!("   the guest: Debian's cloud kernel and a busybox root on ext4, built from packages (cached)");
     let mut bed = SysBed::new(SysOpts {
-        rate_mbit: Some(args.rate_mbit),
-        delay: Duration::from_millis(args.rtt_ms / 2),
+        rate_mbit: Some(args.wan.rate_mbit),
+        delay: Duration::from_millis(args.wan.rtt_ms / 2),
         guest: Guest {
             beats: 3000,
             disk_mib: 96,
@@ -76,7 +69,7 @@ fn run(args: Args) -> Result<()> {
 
     println!(
         "3. the client downloads a {} MiB file from the guest (paced to 800 kB/s, so it spans the move) and holds an echo session open (a line every 50 ms)",
-        args.file_mib
+        args.wan.file_mib
     );
     let clients = bed.start_clients(file.clone(), 800_000)?;
 
