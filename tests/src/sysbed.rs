@@ -37,8 +37,9 @@ pub const NAME: &str = "web1.example.test.";
 pub const GATEWAY_MAC: &str = "02:00:0a:01:00:01";
 const DNS_KEY: &str = "hmac-sha256:mig-key:c2VjcmV0LWtleS1mb3ItdGhlLXRlc3QtYmVkLTAxMjM0NTY3";
 
-/// The emulated WAN and the client's file, as the demo and the system
-/// benchmark take them on their command lines.
+// The emulated WAN and the client's file, as the demo and the system
+// benchmark take them on their command lines (a plain comment: clap would
+// show a doc comment as the programs' description).
 #[derive(clap::Args, Debug, Clone)]
 pub struct WanArgs {
     /// The WAN's rate, Mbit/s.
