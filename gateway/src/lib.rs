@@ -267,13 +267,13 @@ fn start_plane(config: &Config, wan: std::net::IpAddr) -> anyhow::Result<Arc<pla
 /// register with that runtime's reactor).
 fn open_plane(config: &Config, wan: std::net::IpAddr) -> anyhow::Result<plane::Plane> {
     let t = &config.tunnel;
-    let tun = tunnel::io::open_tun(&t.device, t.path_mtu)?;
+    let tun = tunnel::tundev::open(&t.device, t.path_mtu)?;
     let kind = if t.kind == "fou" {
         tunnel::encap::Kind::Fou { port: t.fou_port }
     } else {
         tunnel::encap::Kind::Ipip
     };
-    let outer = tunnel::io::Outer::open(kind, wan)?;
+    let outer = tunnel::io::Outer::open(kind, wan, t.path_mtu)?;
     let overhead = if wan.is_ipv6() { 40 } else { 20 } + if t.kind == "fou" { 8 } else { 0 };
     let icmp = if t.signal_pmtu {
         Some(tunnel::io::IcmpSender::open().context("cannot open raw ICMP sockets")?)

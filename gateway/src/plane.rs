@@ -113,7 +113,7 @@ fn v4(a: IpAddr) -> Option<Ipv4Addr> {
 pub struct Plane {
     /// The configured peer gateways: the only outer sources accepted.
     pub peers: Vec<IpAddr>,
-    pub tun: tunnel::TunDevice,
+    pub tun: tunnel::tundev::Tun,
     pub outer: Outer,
     /// Send ICMP too-big for DF packets that do not fit, from this address.
     pub signal_pmtu: Option<IpAddr>,
@@ -148,48 +148,65 @@ impl Plane {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// TUN → tunnel (or back into the TUN device, translated), a batch at
+    /// a time.
     async fn tun_to_tunnel(&self) -> std::io::Result<()> {
-        let mut buf = vec![0u8; 65_536];
-        let tunnel_mtu = self.path_mtu.saturating_sub(self.overhead);
+        let mut rx = tunnel::tundev::RecvBatch::default();
+        let mut back = tunnel::tundev::SendBatch::default();
+        let (mut keep, mut refused) = (Vec::new(), Vec::new());
         loop {
-            let n = self.tun.recv(&mut buf).await?;
-            let pkt = &mut buf[..n];
-            let decision = self.decide_out(pkt);
-            match decision {
-                Out::Drop(why) => self.counters.dropped(why),
-                Out::Back => {
-                    self.tun.send(pkt).await?;
-                }
-                Out::Tunnel(peer) => {
-                    let ipv6 = pkt.first().is_some_and(|b| b >> 4 == 6);
-                    if self.clamp_mss && mss::clamp(pkt, mss::mss_for(tunnel_mtu, ipv6)).is_some() {
-                        self.counters.mss_clamped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let Ok(inner) = Inner::parse(pkt) else {
-                        self.counters.dropped(DropReason::InnerMalformed);
-                        continue;
-                    };
-                    if let Some(from) = self
-                        .signal_pmtu
-                        .filter(|_| inner.bytes.len() > usize::from(tunnel_mtu))
-                    {
-                        if let (Some(err), Some(sender)) =
-                            (tunnel::icmp::too_big(&inner, tunnel_mtu, from), &self.icmp)
-                        {
-                            self.counters.icmp_too_big.fetch_add(1, Ordering::Relaxed);
-                            if let Err(e) = sender.send(&err) {
-                                tracing::debug!(error = %e, "cannot send ICMP too-big");
-                            }
-                            continue;
+            self.tun.recv(&mut rx).await?;
+            keep.clear();
+            for i in 0..rx.len() {
+                let pkt = rx.packet_mut(i);
+                match self.decide_out(pkt) {
+                    Out::Drop(why) => self.counters.dropped(why),
+                    Out::Back => back.push(pkt),
+                    Out::Tunnel(peer) => {
+                        if self.prepare_for_tunnel(pkt) {
+                            keep.push((i, peer));
                         }
-                    }
-                    match self.outer.send(&inner, peer).await {
-                        Ok(()) => self.counters.encapsulated(inner.bytes.len()),
-                        Err(e) => tracing::debug!(error = %e, "cannot send into the tunnel"),
                     }
                 }
             }
+            if !self.tun.send(&mut back).await? {
+                self.counters.dropped(DropReason::Refused);
+            }
+            let pkts: Vec<(&[u8], IpAddr)> =
+                keep.iter().map(|&(i, peer)| (rx.packet(i), peer)).collect();
+            refused.clear();
+            self.outer.send(&pkts, &mut refused).await?;
+            self.counters.sent(&pkts, &refused);
         }
+    }
+
+    /// MSS clamping, and ICMP "too big" instead of the packet when so
+    /// configured: true when the packet goes into the tunnel.
+    fn prepare_for_tunnel(&self, pkt: &mut [u8]) -> bool {
+        let tunnel_mtu = self.path_mtu.saturating_sub(self.overhead);
+        let ipv6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+        if self.clamp_mss && mss::clamp(pkt, mss::mss_for(tunnel_mtu, ipv6)).is_some() {
+            self.counters.mss_clamped.fetch_add(1, Ordering::Relaxed);
+        }
+        let Ok(inner) = Inner::parse(pkt) else {
+            self.counters.dropped(DropReason::InnerMalformed);
+            return false;
+        };
+        if let Some(from) = self
+            .signal_pmtu
+            .filter(|_| inner.bytes.len() > usize::from(tunnel_mtu))
+        {
+            if let (Some(err), Some(sender)) =
+                (tunnel::icmp::too_big(&inner, tunnel_mtu, from), &self.icmp)
+            {
+                self.counters.icmp_too_big.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = sender.send(&err) {
+                    tracing::debug!(error = %e, "cannot send ICMP too-big");
+                }
+                return false;
+            }
+        }
+        true
     }
 
     fn decide_out(&self, pkt: &mut [u8]) -> Out {
@@ -250,42 +267,53 @@ impl Plane {
         Out::Drop(DropReason::UnregisteredDestination)
     }
 
+    /// Tunnel → TUN, a batch at a time.
     async fn tunnel_to_tun(&self) -> std::io::Result<()> {
-        let mut buf = vec![0u8; 65_536];
+        let mut rx = tunnel::io::OuterBatch::default();
+        let mut tx = tunnel::tundev::SendBatch::default();
         loop {
-            let res = self.outer.recv(&mut buf, &self.peers).await?;
-            let Some(inner) = self.counters.admit(res) else {
-                continue;
-            };
-            let accepted = {
-                let now = self.now_ms();
-                let mut t = self.lock();
-                match (
-                    v4(inner.dst).and_then(|d| t.sides.get_mut(&d).map(|s| (d, s))),
-                    v4(inner.src),
-                ) {
-                    // new site: from the old site, to the guest
-                    (Some((_, Side::New { tunnelled, .. })), _) => {
-                        tunnelled.observe(&inner, now);
-                        true
-                    }
-                    _ => match v4(inner.src).and_then(|s| t.sides.get_mut(&s)) {
-                        // old site: the guest's replies, reverse-tunnelled
-                        Some(Side::Old { flows, last_ms, .. }) => {
-                            flows.observe(&inner, now);
-                            *last_ms = now;
-                            true
-                        }
-                        _ => false,
-                    },
+            self.outer.recv(&mut rx).await?;
+            for i in 0..rx.len() {
+                let Some(inner) = self.counters.admit(rx.decapsulate(i, &self.peers)) else {
+                    continue;
+                };
+                if !self.accept_from_tunnel(&inner) {
+                    self.counters.dropped(DropReason::UnregisteredDestination);
+                    continue;
                 }
-            };
-            if !accepted {
-                self.counters.dropped(DropReason::UnregisteredDestination);
-                continue;
+                tx.push(inner.bytes);
+                self.counters.decapsulated(inner.bytes.len());
             }
-            self.tun.send(inner.bytes).await?;
-            self.counters.decapsulated(inner.bytes.len());
+            if !self.tun.send(&mut tx).await? {
+                self.counters.dropped(DropReason::Refused);
+            }
+        }
+    }
+
+    /// Is a packet out of the tunnel for us to deliver? New site: for the
+    /// guest; old site: the guest's reverse-tunnelled replies. Its flow is
+    /// counted.
+    fn accept_from_tunnel(&self, inner: &Inner<'_>) -> bool {
+        let now = self.now_ms();
+        let mut t = self.lock();
+        match (
+            v4(inner.dst).and_then(|d| t.sides.get_mut(&d).map(|s| (d, s))),
+            v4(inner.src),
+        ) {
+            // new site: from the old site, to the guest
+            (Some((_, Side::New { tunnelled, .. })), _) => {
+                tunnelled.observe(inner, now);
+                true
+            }
+            _ => match v4(inner.src).and_then(|s| t.sides.get_mut(&s)) {
+                // old site: the guest's replies, reverse-tunnelled
+                Some(Side::Old { flows, last_ms, .. }) => {
+                    flows.observe(inner, now);
+                    *last_ms = now;
+                    true
+                }
+                _ => false,
+            },
         }
     }
 }

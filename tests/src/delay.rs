@@ -2,8 +2,7 @@
 //! routed into a TUN device come back out of it `delay` later, in order, and
 //! the kernel forwards them on.
 
-use std::io::{Read as _, Write as _};
-use std::os::fd::{AsRawFd as _, FromRawFd as _};
+use std::os::fd::AsRawFd as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -28,24 +27,18 @@ impl Drop for DelayLine {
 pub fn start(ns: &Netns, dev: &str, delay: Duration) -> Result<DelayLine> {
     let name = dev.to_string();
     let device = in_netns(&ns.name, move || {
-        let mut c = tun::Configuration::default();
-        c.tun_name(&name).mtu(1500).up();
-        tun::create(&c)
+        tun_rs::DeviceBuilder::new()
+            .name(name)
+            .mtu(1500)
+            .build_sync()
     })?
     .with_context(|| format!("cannot create TUN device {dev}"))?;
-    let fd = device.as_raw_fd();
-    // SAFETY: dup of a valid descriptor we own; the File owns the copy.
-    let dup = unsafe { libc::dup(fd) };
-    if dup < 0 {
-        return Err(std::io::Error::last_os_error()).context("dup");
-    }
-    // SAFETY: `dup` is a fresh descriptor nobody else owns.
-    let mut out = unsafe { std::fs::File::from_raw_fd(dup) };
+    let device = Arc::new(device);
+    let out = device.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     let s = stop.clone();
     std::thread::spawn(move || {
-        let mut device = device;
         let mut buf = vec![0u8; 65536];
         while !s.load(Ordering::Relaxed) {
             let mut pfd = libc::pollfd {
@@ -58,7 +51,7 @@ pub fn start(ns: &Netns, dev: &str, delay: Duration) -> Result<DelayLine> {
             if n <= 0 {
                 continue;
             }
-            match device.read(&mut buf) {
+            match device.recv(&mut buf) {
                 Ok(n) if n > 0 => {
                     if tx
                         .send((Instant::now() + delay, buf[..n].to_vec()))
@@ -81,7 +74,7 @@ pub fn start(ns: &Netns, dev: &str, delay: Duration) -> Result<DelayLine> {
             if due > now {
                 std::thread::sleep(due - now);
             }
-            if out.write_all(&pkt).is_err() {
+            if out.send(&pkt).is_err() {
                 return;
             }
         }

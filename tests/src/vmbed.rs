@@ -128,6 +128,8 @@ impl VmBed {
         if let Some(n) = &g.net {
             guest::add_tap(&mut launch, &n.tap_b);
         }
+        // a human monitor too, for the state dump in failure messages
+        launch.args(["-monitor", "unix:{dir}/{name}.hmp,server=on,wait=off"]);
         std::fs::write(agent_dir.join("root.qemu"), guest::launch_file(&launch))?;
         Ok(VmBed {
             _slot: slot,
@@ -148,9 +150,10 @@ impl VmBed {
         self.dir.path().join(name)
     }
 
-    /// The agent's, the disk server's and the destination QEMU's last messages.
+    /// The agent's, the disk server's and the destination QEMU's last
+    /// messages, and both QEMUs' state as their monitors and threads show it.
     pub fn logs(&self) -> String {
-        [
+        let mut s: String = [
             self.agent_dir.join("agent.log"),
             self.path("ctl.log"),
             self.agent_dir.join("root.log"),
@@ -160,14 +163,24 @@ impl VmBed {
         .iter()
         .map(|p| {
             let text = std::fs::read_to_string(p).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            let tail: Vec<&str> = text.lines().rev().take(120).collect();
             format!(
                 "--- {}\n{}\n",
                 p.display(),
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             )
         })
-        .collect()
+        .collect();
+        for hmp in [self.path("a.hmp"), self.agent_dir.join("root.hmp")] {
+            s += &format!("--- {}\n", hmp.display());
+            for cmd in ["info status", "info cpus", "info registers"] {
+                s += &match hmp_command(&hmp, cmd) {
+                    Ok(out) => out,
+                    Err(e) => format!("{cmd}: {e:#}\n"),
+                };
+            }
+        }
+        s + &qemu_threads()
     }
 
     /// Runs `cmd` (a QEMU command line) in `ns` with a QMP socket at `qmp`,
@@ -216,7 +229,14 @@ impl VmBed {
         if let Some(n) = &self.net {
             guest::add_tap(&mut cmd, &n.tap_a);
         }
-        let qemu = self.spawn_qemu(&self.sites.a, &cmd, &self.path("a.qmp"), &[], "src")?;
+        let hmp = format!("unix:{},server=on,wait=off", self.path("a.hmp").display());
+        let qemu = self.spawn_qemu(
+            &self.sites.a,
+            &cmd,
+            &self.path("a.qmp"),
+            &["-monitor", &hmp],
+            "src",
+        )?;
         Ok((server, qemu))
     }
 
@@ -409,6 +429,64 @@ pub fn qemu_slot() -> Result<std::fs::File> {
         crate::interrupt::check()?;
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// One human-monitor command's output (a few seconds at most: a QEMU whose
+/// main loop is stuck does not answer, which is worth knowing too).
+fn hmp_command(path: &Path, cmd: &str) -> Result<String> {
+    use std::io::Write as _;
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("cannot connect to {}", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(format!("{cmd}\n").as_bytes())?;
+    let (mut out, mut buf, t) = (Vec::new(), [0u8; 4096], Instant::now());
+    // the answer ends with the next prompt after the echoed command
+    while t.elapsed() < Duration::from_secs(3) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => bail!(
+                "{cmd}: no answer ({e}) after {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+        let text = String::from_utf8_lossy(&out);
+        if text.matches("(qemu)").count() >= 2 {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).replace('\r', ""))
+}
+
+/// Every QEMU thread's name, state and kernel wait channel.
+fn qemu_threads() -> String {
+    let mut out = String::from("--- QEMU threads (pid/tid name state wchan)\n");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.filter_map(|e| e.ok()) {
+        let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("qemu-system") {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.filter_map(|e| e.ok()) {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ...: the name may hold spaces, so split at ')'
+            let (name, rest) = stat.rsplit_once(')').unwrap_or(("", ""));
+            let name = name.split_once('(').map(|(_, n)| n).unwrap_or("");
+            let state = rest.split_whitespace().next().unwrap_or("?");
+            let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            out += &format!(
+                "{}/{} {name} {state} {wchan}\n",
+                p.file_name().to_string_lossy(),
+                t.file_name().to_string_lossy()
+            );
+        }
+    }
+    out
 }
 
 /// The heartbeat number in a console line.

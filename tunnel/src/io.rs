@@ -9,7 +9,6 @@
 //! of connections opened before the switch cross the tunnel whole, with no
 //! ICMP needed (RFC 4459 §3.1). Outer addresses may be IPv4 or IPv6.
 
-use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,14 +16,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use crate::encap::{self, Kind, Via};
 use crate::flow::FlowTable;
 use crate::packet::{DropReason, Inner};
-use crate::{icmp, mss};
+use crate::tundev::{self, RecvBatch, SendBatch, Tun};
+use crate::{icmp, mmsg, mss};
 
 /// Outer IPv4 + IP-in-IP header bytes; FOU adds a UDP header.
 pub fn overhead(kind: Kind) -> u16 {
@@ -92,6 +93,18 @@ impl Counters {
             .fetch_add(len as u64, Ordering::Relaxed);
         self.largest_encapsulated
             .fetch_max(len as u64, Ordering::Relaxed);
+    }
+
+    /// A batch handed to [`Outer::send`]: all but the `refused` positions
+    /// went into the tunnel.
+    pub fn sent(&self, pkts: &[(&[u8], IpAddr)], refused: &[usize]) {
+        for (i, (p, _)) in pkts.iter().enumerate() {
+            if refused.contains(&i) {
+                self.dropped(DropReason::Refused);
+            } else {
+                self.encapsulated(p.len());
+            }
+        }
     }
 
     /// One inner packet of `len` bytes delivered out of the tunnel.
@@ -178,6 +191,21 @@ fn allow_fragmentation(fd: &impl AsRawFd, ipv6: bool) -> std::io::Result<()> {
     }
 }
 
+/// Socket buffers that absorb a burst (a 64 KiB super-packet is 45
+/// packets; the default 208 KiB receive buffer overflows while the reader
+/// is busy writing into the TUN device, and every drop costs a TCP flow a
+/// retransmission). The kernel caps the size at `net.core.rmem_max` /
+/// `wmem_max`; a smaller buffer still works.
+fn deep_buffers(s: &Socket) {
+    const SIZE: usize = 4 << 20;
+    if let Err(e) = s.set_recv_buffer_size(SIZE) {
+        tracing::debug!(error = %e, "cannot enlarge the receive buffer");
+    }
+    if let Err(e) = s.set_send_buffer_size(SIZE) {
+        tracing::debug!(error = %e, "cannot enlarge the send buffer");
+    }
+}
+
 fn raw_socket(proto: u8, local: IpAddr) -> std::io::Result<AsyncFd<Socket>> {
     let domain = if local.is_ipv6() {
         Domain::IPV6
@@ -187,26 +215,11 @@ fn raw_socket(proto: u8, local: IpAddr) -> std::io::Result<AsyncFd<Socket>> {
     let s = Socket::new(domain, Type::RAW, Some(Protocol::from(i32::from(proto))))?;
     s.bind(&SocketAddr::new(local, 0).into())?;
     allow_fragmentation(&s, local.is_ipv6())?;
+    deep_buffers(&s);
     s.set_nonblocking(true)?;
     // SAFETY: the socket owns its fd, which stays open and the same until the
     // AsyncFd (which owns the socket) is dropped.
     unsafe { AsyncFd::register(s) }.map_err(|e| std::io::Error::other(e.to_string()))
-}
-
-/// Creates TUN device `name` (IP packets, no packet-information header)
-/// with `mtu`, brings it up and sets loose reverse-path filtering on it
-/// (packets written to it come from anywhere; strict filtering would drop
-/// what we deliver). Needs CAP_NET_ADMIN.
-pub fn open_tun(name: &str, mtu: u16) -> anyhow::Result<tun::AsyncDevice> {
-    use anyhow::Context as _;
-    let mut tc = tun::Configuration::default();
-    tc.tun_name(name).mtu(mtu).up();
-    let tun = tun::create_as_async(&tc).with_context(|| {
-        format!("cannot create TUN device {name} (run as root; is /dev/net/tun there?)")
-    })?;
-    let rp = format!("/proc/sys/net/ipv4/conf/{name}/rp_filter");
-    std::fs::write(&rp, "2").with_context(|| format!("cannot write {rp}"))?;
-    Ok(tun)
 }
 
 /// Raw IP-in-IP sockets: protocol 4 (IPv4 inside) and 41 (IPv6 inside),
@@ -227,55 +240,6 @@ impl RawTunnel {
                 .context("cannot open a raw socket for protocol 41 (needs CAP_NET_RAW)")?,
             outer_v6: local.is_ipv6(),
         })
-    }
-
-    /// Sends `inner` to `peer`; the kernel adds the outer header.
-    pub async fn send(&self, inner: &Inner<'_>, peer: IpAddr) -> std::io::Result<()> {
-        let sock = if inner.is_v4() { &self.v4 } else { &self.v6 };
-        send_raw(sock, inner.bytes, SocketAddr::new(peer, 0)).await
-    }
-
-    /// The next packet out of the tunnel, checked ([`encap::decapsulate`]).
-    /// An IPv4 raw socket delivers the outer header, an IPv6 one only the
-    /// payload (and the source as the sender's address).
-    pub async fn recv<'b>(
-        &self,
-        buf: &'b mut [u8],
-        peers: &[IpAddr],
-    ) -> std::io::Result<Result<Inner<'b>, DropReason>> {
-        loop {
-            let (mut guard, proto) = tokio::select! {
-                g = self.v4.readable() => (g?, encap::PROTO_IPV4),
-                g = self.v6.readable() => (g?, encap::PROTO_IPV6),
-            };
-            if !self.outer_v6 {
-                match guard.try_io(|s| s.get_ref().read(buf)) {
-                    Ok(r) => {
-                        let n = r?;
-                        return Ok(encap::decapsulate_ipv4_packet(peers, &buf[..n]));
-                    }
-                    Err(_would_block) => continue,
-                }
-            }
-            // SAFETY: initialised bytes viewed as MaybeUninit<u8>: same
-            // layout, and recv_from only writes into them.
-            let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
-            match guard.try_io(|s| s.get_ref().recv_from(uninit)) {
-                Ok(r) => {
-                    let (n, from) = r?;
-                    let Some(src) = from.as_socket().map(|a| a.ip()) else {
-                        return Ok(Err(DropReason::OuterMalformed));
-                    };
-                    return Ok(encap::decapsulate(
-                        peers,
-                        src,
-                        Via::IpProto(proto),
-                        &buf[..n],
-                    ));
-                }
-                Err(_would_block) => continue,
-            }
-        }
     }
 }
 
@@ -322,14 +286,93 @@ impl IcmpSender {
 }
 
 /// The outside of a tunnel: raw IP-in-IP sockets, or a FOU UDP socket.
+/// Packets go and come in batches (`sendmmsg`, `recvmmsg`).
 pub enum Outer {
     Raw(RawTunnel),
-    Fou { sock: UdpSocket, port: u16 },
+    Fou {
+        sock: UdpSocket,
+        port: u16,
+        /// Packets up to this size go out as UDP GSO trains (one message
+        /// per run of equal-size packets; the kernel cuts it into the same
+        /// datagrams it would send one by one); 0: off.
+        gso_max: usize,
+    },
+}
+
+/// Encapsulated packets received in one go, for [`Outer::recv`].
+#[derive(Default)]
+pub struct OuterBatch {
+    bufs: mmsg::RecvBufs,
+    /// The packets: (buffer, offset, length); a UDP GRO buffer holds several.
+    segs: Vec<(usize, usize, usize)>,
+    /// How they were received (which decapsulation applies).
+    via: Received,
+}
+
+#[derive(Default, Clone, Copy)]
+enum Received {
+    /// A raw IPv4 socket: the outer header is in the buffer.
+    #[default]
+    RawV4,
+    /// A raw IPv6 socket of this protocol: only the payload is.
+    RawV6(u8),
+    Fou,
+}
+
+impl OuterBatch {
+    pub fn len(&self) -> usize {
+        self.segs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segs.is_empty()
+    }
+
+    /// Lists the packets of the `n` buffers just received.
+    fn split(&mut self, n: usize) {
+        self.segs.clear();
+        let b = &self.bufs;
+        for i in 0..n {
+            let (len, gro) = (b.lens[i], b.gro[i]);
+            if gro == 0 || gro >= len {
+                self.segs.push((i, 0, len));
+                continue;
+            }
+            let mut off = 0;
+            while off < len {
+                let l = gro.min(len - off);
+                self.segs.push((i, off, l));
+                off += l;
+            }
+        }
+    }
+
+    /// Packet `i` out of the tunnel, checked ([`encap::decapsulate`]): its
+    /// outer source must be one of `peers`.
+    pub fn decapsulate(&self, i: usize, peers: &[IpAddr]) -> Result<Inner<'_>, DropReason> {
+        let b = &self.bufs;
+        let (i, off, len) = self.segs[i];
+        if b.truncated[i] {
+            return Err(DropReason::OuterMalformed);
+        }
+        let bytes = &b.bufs[i][off..off + len];
+        match (self.via, b.from[i]) {
+            (Received::RawV4, _) => encap::decapsulate_ipv4_packet(peers, bytes),
+            (Received::RawV6(proto), Some(src)) => {
+                encap::decapsulate(peers, src, Via::IpProto(proto), bytes)
+            }
+            (Received::Fou, Some(src)) => {
+                encap::decapsulate(peers, src, Via::Fou { ipproto: None }, bytes)
+            }
+            (_, None) => Err(DropReason::OuterMalformed),
+        }
+    }
 }
 
 impl Outer {
-    /// Opens the sockets for `kind` on `local`.
-    pub fn open(kind: Kind, local: IpAddr) -> anyhow::Result<Self> {
+    /// Opens the sockets for `kind` on `local`; `path_mtu` is the MTU of
+    /// the path to the peers (FOU sends trains of packets that fit it whole).
+    pub fn open(kind: Kind, local: IpAddr, path_mtu: u16) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         Ok(match kind {
             Kind::Ipip => Outer::Raw(RawTunnel::open(local)?),
@@ -337,45 +380,165 @@ impl Outer {
                 let std = std::net::UdpSocket::bind(SocketAddr::new(local, port))
                     .with_context(|| format!("cannot bind FOU port {local}:{port}"))?;
                 allow_fragmentation(&std, local.is_ipv6())?;
+                let std: std::net::UdpSocket = {
+                    let s = Socket::from(std);
+                    deep_buffers(&s);
+                    s.into()
+                };
                 std.set_nonblocking(true)?;
+                let outer_header = if local.is_ipv6() { 40 } else { 20 } + 8;
+                let gso_max = if mmsg::gso_supported(std.as_raw_fd()) {
+                    usize::from(path_mtu).saturating_sub(outer_header)
+                } else {
+                    0
+                };
+                if !mmsg::enable_gro(std.as_raw_fd()) {
+                    tracing::debug!("no UDP GRO on this kernel: one datagram per read");
+                }
                 Outer::Fou {
                     sock: UdpSocket::from_std(std)?,
                     port,
+                    gso_max,
                 }
             }
         })
     }
 
-    /// Sends `inner` to `peer`.
-    pub async fn send(&self, inner: &Inner<'_>, peer: IpAddr) -> std::io::Result<()> {
-        match self {
-            Outer::Raw(raw) => raw.send(inner, peer).await,
-            Outer::Fou { sock, port } => sock
-                .send_to(inner.bytes, SocketAddr::new(peer, *port))
-                .await
-                .map(|_| ()),
-        }
-    }
-
-    /// The next packet out of the tunnel, checked against `peers`.
-    pub async fn recv<'b>(
+    /// Sends each inner packet to its peer gateway. The positions of those
+    /// the kernel refused (no route, say) go to `refused`; a router loses
+    /// such a packet too, so that is not an error. Errors: the sockets failed.
+    pub async fn send(
         &self,
-        buf: &'b mut [u8],
-        peers: &[IpAddr],
-    ) -> std::io::Result<Result<Inner<'b>, DropReason>> {
+        pkts: &[(&[u8], IpAddr)],
+        refused: &mut Vec<usize>,
+    ) -> std::io::Result<()> {
         match self {
-            Outer::Raw(raw) => raw.recv(buf, peers).await,
-            Outer::Fou { sock, .. } => {
-                let (n, from) = sock.recv_from(buf).await?;
-                Ok(encap::decapsulate(
-                    peers,
-                    from.ip(),
-                    Via::Fou { ipproto: None },
-                    &buf[..n],
-                ))
+            Outer::Raw(raw) => {
+                // IPv4 inside goes through the protocol-4 socket, IPv6 the 41 one
+                for (sock, v4) in [(&raw.v4, true), (&raw.v6, false)] {
+                    let (idx, group): (Vec<usize>, Vec<(&[u8], SockAddr)>) = pkts
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (b, _))| (b.first().map(|x| x >> 4) == Some(4)) == v4)
+                        .map(|(i, (b, peer))| (i, (*b, mmsg::to(*peer, 0))))
+                        .unzip();
+                    let mut errs = Vec::new();
+                    let mut done = 0;
+                    while done < group.len() {
+                        let mut guard = sock.writable().await?;
+                        let start = done;
+                        if let Ok(r) = guard.try_io(|s| {
+                            mmsg::send(s.get_ref().as_raw_fd(), &group[start..], &mut errs)
+                        }) {
+                            done += r?;
+                        }
+                        for (at, e) in errs.drain(..) {
+                            tracing::debug!(error = %e, "cannot send into the tunnel");
+                            refused.push(idx[start + at]);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Outer::Fou {
+                sock,
+                port,
+                gso_max,
+            } => {
+                let group: Vec<(&[u8], SockAddr)> = pkts
+                    .iter()
+                    .map(|(b, peer)| (*b, mmsg::to(*peer, *port)))
+                    .collect();
+                let trains = trains(pkts, *gso_max);
+                let mut errs = Vec::new();
+                let mut done = 0;
+                while done < trains.len() {
+                    sock.writable().await?;
+                    let start = done;
+                    match sock.try_io(Interest::WRITABLE, || {
+                        mmsg::send_groups(sock.as_raw_fd(), &group, &trains[start..], &mut errs)
+                    }) {
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                    for (at, e) in errs.drain(..) {
+                        tracing::debug!(error = %e, "cannot send into the tunnel");
+                        refused.extend(trains[start + at].clone());
+                    }
+                }
+                Ok(())
             }
         }
     }
+
+    /// The next encapsulated packets (at least one), into `b`.
+    pub async fn recv(&self, b: &mut OuterBatch) -> std::io::Result<()> {
+        loop {
+            let got = match self {
+                Outer::Raw(raw) => {
+                    let (mut guard, proto) = tokio::select! {
+                        g = raw.v4.readable() => (g?, encap::PROTO_IPV4),
+                        g = raw.v6.readable() => (g?, encap::PROTO_IPV6),
+                    };
+                    b.via = if raw.outer_v6 {
+                        Received::RawV6(proto)
+                    } else {
+                        Received::RawV4
+                    };
+                    match guard.try_io(|s| mmsg::recv(s.get_ref().as_raw_fd(), &mut b.bufs)) {
+                        Ok(r) => Some(r?),
+                        Err(_would_block) => None,
+                    }
+                }
+                Outer::Fou { sock, .. } => {
+                    sock.readable().await?;
+                    b.via = Received::Fou;
+                    match sock.try_io(Interest::READABLE, || {
+                        mmsg::recv(sock.as_raw_fd(), &mut b.bufs)
+                    }) {
+                        Ok(n) => Some(n),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            if let Some(n) = got {
+                b.split(n);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Runs of packets that can go as one UDP GSO message: the same peer, the
+/// same size (the last may be shorter), each no larger than `max`, at most
+/// 64 and 64 KB in all. With `max` 0, one packet per run.
+fn trains(pkts: &[(&[u8], IpAddr)], max: usize) -> Vec<std::ops::Range<usize>> {
+    const SEGMENTS: usize = 64;
+    const BYTES: usize = 65_000;
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < pkts.len() {
+        let (first, peer) = (pkts[i].0.len(), pkts[i].1);
+        let (mut j, mut total) = (i + 1, first);
+        if first <= max {
+            while j < pkts.len() && j - i < SEGMENTS {
+                let (len, p) = (pkts[j].0.len(), pkts[j].1);
+                if p != peer || len > first || len == 0 || total + len > BYTES {
+                    break;
+                }
+                total += len;
+                j += 1;
+                if len < first {
+                    break;
+                }
+            }
+        }
+        out.push(i..j);
+        i = j;
+    }
+    out
 }
 
 /// A running userspace tunnel endpoint.
@@ -383,7 +546,7 @@ pub struct Pipe {
     pub config: PipeConfig,
     pub counters: Arc<Counters>,
     pub flows: Arc<Mutex<FlowTable>>,
-    tun: tun::AsyncDevice,
+    tun: Tun,
     outer: Outer,
     icmp: Option<IcmpSender>,
     started: Instant,
@@ -393,8 +556,8 @@ impl Pipe {
     /// Creates the TUN device and the outer sockets (needs CAP_NET_ADMIN and
     /// CAP_NET_RAW). Routes into the TUN device are the caller's.
     pub fn open(config: PipeConfig) -> anyhow::Result<Self> {
-        let tun = open_tun(&config.tun, config.path_mtu)?;
-        let outer = Outer::open(config.kind, config.local)?;
+        let tun = tundev::open(&config.tun, config.path_mtu)?;
+        let outer = Outer::open(config.kind, config.local, config.path_mtu)?;
         let icmp = if config.signal_pmtu {
             Some(
                 IcmpSender::open()
@@ -429,87 +592,89 @@ impl Pipe {
 
     /// TUN → tunnel.
     async fn outbound_loop(&self) -> std::io::Result<()> {
-        let mut buf = vec![0u8; 65_536];
+        let mut rx = RecvBatch::default();
+        let (mut keep, mut refused) = (Vec::new(), Vec::new());
+        loop {
+            self.tun.recv(&mut rx).await?;
+            keep.clear();
+            for i in 0..rx.len() {
+                if self.outbound(rx.packet_mut(i)) {
+                    keep.push(i);
+                }
+            }
+            let pkts: Vec<(&[u8], IpAddr)> = keep
+                .iter()
+                .map(|&i| (rx.packet(i), self.config.peer))
+                .collect();
+            refused.clear();
+            self.outer.send(&pkts, &mut refused).await?;
+            self.counters.sent(&pkts, &refused);
+        }
+    }
+
+    /// Decides about one packet from the TUN device: true to send it into
+    /// the tunnel (clamped), false when dropped or answered with ICMP.
+    fn outbound(&self, pkt: &mut [u8]) -> bool {
         let tunnel_mtu = self
             .config
             .path_mtu
             .saturating_sub(overhead(self.config.kind));
-        loop {
-            let n = self.tun.recv(&mut buf).await?;
-            let pkt = &mut buf[..n];
-            if self.config.clamp_mss {
-                let ipv6 = pkt.first().is_some_and(|b| b >> 4 == 6);
-                if mss::clamp(pkt, mss::mss_for(tunnel_mtu, ipv6)).is_some() {
-                    self.counters.mss_clamped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            let Some(inner) = self.counters.admit(Inner::parse(pkt)) else {
-                continue;
-            };
-            if self.config.signal_pmtu && inner.bytes.len() > usize::from(tunnel_mtu) {
-                if let (Some(err), Some(sender)) = (
-                    icmp::too_big(&inner, tunnel_mtu, self.config.local),
-                    &self.icmp,
-                ) {
-                    self.counters.icmp_too_big.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = sender.send(&err) {
-                        tracing::debug!(error = %e, "cannot send ICMP too-big");
-                    }
-                    continue;
-                }
-            }
-            if let Ok(mut f) = self.flows.lock() {
-                f.observe(&inner, self.now_ms());
-            }
-            tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "into the tunnel");
-            let sent = self.outer.send(&inner, self.config.peer).await;
-            match sent {
-                Ok(()) => self.counters.encapsulated(inner.bytes.len()),
-                // a transient send error (no route yet, buffer full) loses
-                // one packet, as a router would; keep the loop alive
-                Err(e) => tracing::debug!(error = %e, "cannot send into the tunnel"),
+        if self.config.clamp_mss {
+            let ipv6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+            if mss::clamp(pkt, mss::mss_for(tunnel_mtu, ipv6)).is_some() {
+                self.counters.mss_clamped.fetch_add(1, Ordering::Relaxed);
             }
         }
+        let Some(inner) = self.counters.admit(Inner::parse(pkt)) else {
+            return false;
+        };
+        if self.config.signal_pmtu && inner.bytes.len() > usize::from(tunnel_mtu) {
+            if let (Some(err), Some(sender)) = (
+                icmp::too_big(&inner, tunnel_mtu, self.config.local),
+                &self.icmp,
+            ) {
+                self.counters.icmp_too_big.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = sender.send(&err) {
+                    tracing::debug!(error = %e, "cannot send ICMP too-big");
+                }
+                return false;
+            }
+        }
+        if let Ok(mut f) = self.flows.lock() {
+            f.observe(&inner, self.now_ms());
+        }
+        tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "into the tunnel");
+        true
     }
 
     /// Tunnel → TUN.
     async fn inbound_loop(&self) -> std::io::Result<()> {
         let mut peers: Vec<IpAddr> = vec![self.config.peer];
         peers.extend(self.config.extra_peers.iter().copied());
-        let mut buf = vec![0u8; 65_536];
+        let mut rx = OuterBatch::default();
+        let mut tx = SendBatch::default();
         loop {
-            let res = self.outer.recv(&mut buf, &peers).await?;
-            self.deliver(res).await?;
-        }
-    }
-
-    async fn deliver(&self, res: Result<Inner<'_>, DropReason>) -> std::io::Result<()> {
-        let Some(inner) = self.counters.admit(res) else {
-            return Ok(());
-        };
-        if !self.config.deliver.is_empty()
-            && !self.config.deliver.iter().any(|p| in_prefix(inner.dst, *p))
-        {
-            self.counters.dropped(DropReason::UnregisteredDestination);
-            return Ok(());
-        }
-        if let Ok(mut f) = self.flows.lock() {
-            f.observe(&inner, self.now_ms());
-        }
-        tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "out of the tunnel");
-        self.tun.send(inner.bytes).await?;
-        self.counters.decapsulated(inner.bytes.len());
-        Ok(())
-    }
-}
-
-async fn send_raw(sock: &AsyncFd<Socket>, bytes: &[u8], to: SocketAddr) -> std::io::Result<()> {
-    let to = socket2::SockAddr::from(to);
-    loop {
-        let mut guard = sock.writable().await?;
-        match guard.try_io(|s| s.get_ref().send_to(bytes, &to)) {
-            Ok(r) => return r.map(|_| ()),
-            Err(_would_block) => continue,
+            self.outer.recv(&mut rx).await?;
+            for i in 0..rx.len() {
+                let Some(inner) = self.counters.admit(rx.decapsulate(i, &peers)) else {
+                    continue;
+                };
+                if !self.config.deliver.is_empty()
+                    && !self.config.deliver.iter().any(|p| in_prefix(inner.dst, *p))
+                {
+                    self.counters.dropped(DropReason::UnregisteredDestination);
+                    continue;
+                }
+                if let Ok(mut f) = self.flows.lock() {
+                    f.observe(&inner, self.now_ms());
+                }
+                tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "out of the tunnel");
+                tx.push(inner.bytes);
+                self.counters.decapsulated(inner.bytes.len());
+            }
+            if !self.tun.send(&mut tx).await? {
+                self.counters.dropped(DropReason::Refused);
+            }
         }
     }
 }
@@ -542,6 +707,31 @@ pub fn snapshot(counters: &Counters, flows: Option<&Mutex<FlowTable>>) -> Counte
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trains_are_runs_of_equal_packets_to_one_peer() {
+        let (a, b) = (IpAddr::from([192, 0, 2, 1]), IpAddr::from([192, 0, 2, 2]));
+        let (big, small, huge) = (vec![0u8; 1400], vec![0u8; 600], vec![0u8; 1600]);
+        fn p(v: &[u8], peer: IpAddr) -> (&[u8], IpAddr) {
+            (v, peer)
+        }
+        let pkts = vec![
+            p(&big, a),
+            p(&big, a),
+            p(&small, a), // a shorter one ends the train
+            p(&big, a),
+            p(&big, b),  // another peer
+            p(&huge, b), // too big for a train
+            p(&small, b),
+            p(&small, b),
+        ];
+        assert_eq!(trains(&pkts, 1472), vec![0..3, 3..4, 4..5, 5..6, 6..8]);
+        assert_eq!(trains(&pkts, 0).len(), pkts.len());
+        let many = vec![p(&small, a); 150];
+        assert_eq!(trains(&many, 1472), vec![0..64, 64..128, 128..150]);
+        let ranges = trains(&pkts, 1472);
+        assert_eq!(ranges.iter().map(|r| r.len()).sum::<usize>(), pkts.len());
+    }
 
     #[test]
     fn prefixes() {

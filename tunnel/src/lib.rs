@@ -1,5 +1,5 @@
-//! The tunnel's data plane as pure functions and state machines (no I/O):
-//! what the gateways do to each packet.
+//! The tunnel's data plane: what the gateways do to each packet, as pure
+//! functions and state machines (no I/O), and the shell that moves packets.
 //!
 //! - [`packet`]: parse and validate an inner IP packet; its flow key
 //! - [`encap`]: the encapsulations (IPIP, 6in4, 4in6/6in6, FOU) and the
@@ -14,18 +14,22 @@
 //! sends the encapsulated payload through a raw socket (protocol 4 or 41) or
 //! a UDP socket (FOU) with path-MTU discovery off, so an oversize outer packet
 //! is fragmented and the far kernel reassembles it (RFC 4459 §3.1: connections
-//! opened before the switch keep their full-size segments). Not yet built: the
-//! TUN and socket I/O shell, and the gateway's use of it (network-continuity
-//! issue; see ARCHITECTURE.md).
+//! opened before the switch keep their full-size segments).
+//!
+//! The I/O shell: [`tundev`] (the TUN device with offloads: TCP super-packets
+//! split on read, segments coalesced on write), [`mmsg`] (many datagrams per
+//! system call) and [`io`] (the outer sockets, counters, and [`io::Pipe`],
+//! the endpoint `tunnel-pipe` runs; the gateway's plane is its own).
 
 pub mod checksum;
 pub mod encap;
 pub mod flow;
-pub use tun::AsyncDevice as TunDevice;
 pub mod icmp;
 pub mod io;
+pub mod mmsg;
 pub mod mss;
 pub mod nat;
 pub mod packet;
+pub mod tundev;
 
 pub use packet::{DropReason, Inner};

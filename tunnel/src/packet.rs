@@ -38,10 +38,12 @@ pub enum DropReason {
     TtlExpired,
     #[error("link-local inner packet (routers do not forward it)")]
     LinkLocal,
+    #[error("the kernel refused the packet (no route, too big for the device)")]
+    Refused,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::UnknownPeer,
         DropReason::OuterMalformed,
         DropReason::InnerMalformed,
@@ -50,6 +52,7 @@ impl DropReason {
         DropReason::Drained,
         DropReason::TtlExpired,
         DropReason::LinkLocal,
+        DropReason::Refused,
     ];
 
     /// The metrics label.
@@ -63,6 +66,7 @@ impl DropReason {
             DropReason::Drained => "drained",
             DropReason::TtlExpired => "ttl_expired",
             DropReason::LinkLocal => "link_local",
+            DropReason::Refused => "refused",
         }
     }
 }
