@@ -601,13 +601,28 @@ impl Agent {
                             self.mark_served(v.disk.clone());
                             // Not awaited here: during post-copy the VM's state
                             // still arrives through this loop.
-                            if let Some(resume) = v.dest.as_ref().map(|d| d.resume()) {
+                            if let Some((resume, stopped)) =
+                                v.dest.as_ref().map(|d| (d.resume(), d.stopped()))
+                            {
                                 let (out, vm_name) = (out_tx.clone(), name.to_string());
                                 tokio::spawn(async move {
                                     match resume.await {
                                         Ok(()) => {
                                             info!(vm = vm_name, "VM resumed at the destination");
                                             let _ = out.send(Frame::VmResumed);
+                                            // the guest is ours now: say when it stops
+                                            let (alarm, what) = stopped.await;
+                                            if alarm {
+                                                warn!(
+                                                    vm = vm_name,
+                                                    "the VM stopped at the destination: {what}"
+                                                );
+                                            } else {
+                                                info!(
+                                                    vm = vm_name,
+                                                    "the VM stopped at the destination: {what}"
+                                                );
+                                            }
                                         }
                                         // committed: the disk is served here; say so loudly
                                         Err(e) => warn!(

@@ -437,6 +437,35 @@ impl DestVm {
         }
     }
 
+    /// Resolves when the guest stops for good (shut down, reset under
+    /// `-no-reboot`, or QEMU gone): whether an operator should hear about
+    /// it (anything but a clean guest or host shutdown), and what happened
+    /// with the end of the console. Subscribe before resuming.
+    pub fn stopped(&self) -> impl std::future::Future<Output = (bool, String)> + Send + 'static {
+        let mut events = self.qmp.events();
+        let log = self.log.clone();
+        async move {
+            let (alarm, why) = loop {
+                match events.recv().await {
+                    Ok(e) if e.name == "SHUTDOWN" => {
+                        let reason = e.data["reason"].as_str().unwrap_or("no reason given");
+                        let clean =
+                            matches!(reason, "guest-shutdown" | "host-qmp-quit" | "host-signal");
+                        break (!clean, format!("it shut down ({reason})"));
+                    }
+                    Ok(e) if e.name == crate::qmp::CLOSED => {
+                        break (true, "its QEMU exited".to_string())
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        break (true, "its QEMU exited".to_string())
+                    }
+                }
+            };
+            (alarm, format!("{why}; {}", log_tail(&log)))
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }

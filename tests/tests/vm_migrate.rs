@@ -39,6 +39,24 @@ fn check_moved(bed: &VmBed) {
         .check_disk_after_halt(&bed.agent_dir.join("root.img"))
         .expect("the destination's disk");
     assert!(lines > 100, "only {lines} log lines");
+    // the agent watched the guest it resumed and saw it shut down cleanly
+    let agent_log = bed.agent_dir.join("agent.log");
+    let t = std::time::Instant::now();
+    let said = loop {
+        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.contains("the VM stopped at the destination"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the agent never said the VM stopped\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(said.contains("guest-shutdown") && said.contains("INFO"), "{said}");
 }
 
 #[test]
