@@ -56,7 +56,10 @@ fn check_moved(bed: &VmBed) {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(said.contains("guest-shutdown") && said.contains("INFO"), "{said}");
+    assert!(
+        said.contains("guest-shutdown") && said.contains("INFO"),
+        "{said}"
+    );
 }
 
 #[test]
