@@ -126,6 +126,8 @@ fn throughput(t: &Topo, flows: usize, secs: u64, port: u16) -> Result<f64> {
         let mut s = in_netns(&t.c.name, move || {
             TcpStream::connect_timeout(&at, Duration::from_secs(5))
         })??;
+        // a dead path must not hold a sender in write() forever
+        s.set_write_timeout(Some(Duration::from_secs(2)))?;
         let stop = stop.clone();
         senders.push(std::thread::spawn(move || {
             let buf = vec![0x5au8; 1 << 16];
@@ -139,13 +141,16 @@ fn throughput(t: &Topo, flows: usize, secs: u64, port: u16) -> Result<f64> {
     std::thread::sleep(Duration::from_millis(500)); // ramp up
     let start_bytes = received.load(Ordering::Relaxed);
     let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs(secs));
+    while t0.elapsed() < Duration::from_secs(secs) && !tests::interrupt::interrupted() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let bytes = received.load(Ordering::Relaxed) - start_bytes;
     let rate = bytes as f64 / t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for s in senders {
         let _ = s.join();
     }
+    tests::interrupt::check()?;
     Ok(rate)
 }
 
@@ -164,6 +169,7 @@ fn latency(t: &Topo, n: usize, port: u16) -> Result<(f64, f64)> {
     let mut rtts = Vec::with_capacity(n);
     let mut buf = [0u8; 256];
     for i in 0..n + 100 {
+        tests::interrupt::check()?;
         let t0 = Instant::now();
         cli.send_to(&(i as u64).to_be_bytes(), at)?;
         let (got, _) = cli.recv_from(&mut buf)?;
@@ -187,6 +193,8 @@ struct Row {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Ctrl-C or a TERM: the guards still remove the namespaces
+    tests::interrupt::install();
     if !tests::netns::available() {
         bail!("needs root (network namespaces)");
     }
