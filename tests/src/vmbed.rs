@@ -310,14 +310,7 @@ impl VmBed {
             g.0.as_mut()
                 .and_then(|c| c.stdout.take())
                 .context("migrate's stdout")?;
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let (Ok(v), Ok(mut e)) = (serde_json::from_str(&line), events.lock()) {
-                    e.push(v);
-                }
-            }
-        });
+        std::thread::spawn(move || read_events(out, &events));
         Ok(g)
     }
 
@@ -510,11 +503,42 @@ pub fn wait_exit(g: &mut ChildGuard, within: Duration) -> Result<ExitStatus> {
     }
 }
 
+/// Collects the JSON lines of a `--json` run's stdout into `events`, then
+/// an `{"event": "eof"}` of its own once the output has ended.
+pub fn read_events(out: impl std::io::Read, events: &Mutex<Vec<serde_json::Value>>) {
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        if let (Ok(v), Ok(mut e)) = (serde_json::from_str(&line), events.lock()) {
+            e.push(v);
+        }
+    }
+    if let Ok(mut e) = events.lock() {
+        e.push(serde_json::json!({"event": "eof"}));
+    }
+}
+
+/// The first event named `name`, waiting for it: the process may have
+/// exited while its last lines are still being read. Fails once the output
+/// has ended without one, or after `within`.
+pub fn wait_event(
+    events: &Mutex<Vec<serde_json::Value>>,
+    name: &str,
+    within: Duration,
+) -> Result<serde_json::Value> {
+    let t = Instant::now();
+    loop {
+        let e = events.lock().map(|e| e.clone()).unwrap_or_default();
+        if let Some(v) = e.iter().find(|e| e["event"] == name) {
+            return Ok(v.clone());
+        }
+        if e.iter().any(|e| e["event"] == "eof") || t.elapsed() > within {
+            bail!("no {name} in {e:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The `summary` event of a `--json` run.
 pub fn summary(events: &Events) -> Result<serde_json::Value> {
-    let e = events.lock().map(|e| e.clone()).unwrap_or_default();
-    e.iter()
-        .find(|e| e["event"] == "summary")
-        .cloned()
-        .with_context(|| format!("no summary in {e:?}"))
+    wait_event(events, "summary", Duration::from_secs(30))
 }

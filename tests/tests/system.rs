@@ -4,7 +4,7 @@
 //! gateways keep both alive through the tunnel, DNS moves the name, a new
 //! connection reaches the guest at its new address, the tunnel drains.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tests::netns::available;
 use tests::proc::ChildGuard;
 use tests::sysbed::{random_file, SysBed, SysOpts, GUEST_IP, PUBLIC_IP};
-use tests::vmbed::{wait_exit, Guest};
+use tests::vmbed::{read_events, wait_event, wait_exit, Guest};
 
 const MIB: usize = 1 << 20;
 
@@ -42,14 +42,7 @@ fn migrate(bed: &SysBed, extra: &[&str]) -> (ChildGuard, Arc<Mutex<Vec<serde_jso
     let out = g.0.as_mut().and_then(|c| c.stdout.take()).expect("stdout");
     let events = Arc::new(Mutex::new(Vec::new()));
     let e = events.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                e.lock().expect("lock").push(v);
-            }
-        }
-    });
+    std::thread::spawn(move || read_events(out, &e));
     (g, events)
 }
 
@@ -162,13 +155,11 @@ fn the_vm_moves_with_its_connections_and_its_name() {
     );
 
     let st = wait_exit(&mut m, Duration::from_secs(180)).expect("migrate exits");
+    let report =
+        wait_event(&events, "report", Duration::from_secs(30)).map(|e| e["report"].clone());
     let ev = events.lock().expect("lock").clone();
     assert!(st.success(), "migrate failed: {ev:?}\n{}", bed.logs());
-    let report = ev
-        .iter()
-        .find(|e| e["event"] == "report")
-        .map(|e| e["report"].clone())
-        .expect("a report");
+    let report = report.expect("a report");
     for e in ev.iter().filter(|e| e["event"] == "note") {
         eprintln!("note: {}", e["message"]);
     }
