@@ -134,7 +134,14 @@ pub struct RecvBufs {
     /// On a UDP socket with `UDP_GRO`: the size of the datagrams the kernel
     /// coalesced into this buffer (all but the last), 0 for one datagram.
     pub gro: Vec<usize>,
+    /// Where the kernel writes each sender's address and control messages
+    /// (kept here: a receive is on the hot path and need not allocate).
+    names: Vec<libc::sockaddr_storage>,
+    control: Vec<u64>,
 }
+
+/// `u64`s of control buffer per datagram: room for one int cmsg.
+const CONTROL: usize = 8;
 
 impl Default for RecvBufs {
     fn default() -> Self {
@@ -144,6 +151,9 @@ impl Default for RecvBufs {
             from: vec![None; BATCH],
             truncated: vec![false; BATCH],
             gro: vec![0; BATCH],
+            // SAFETY: all-zero sockaddr_storage is a valid (unspecified) address.
+            names: vec![unsafe { std::mem::zeroed() }; BATCH],
+            control: vec![0; BATCH * CONTROL],
         }
     }
 }
@@ -151,8 +161,6 @@ impl Default for RecvBufs {
 /// Receives what is waiting, up to [`BATCH`] datagrams, into `r`; returns
 /// how many. Fails with `WouldBlock` when nothing is.
 pub fn recv(fd: RawFd, r: &mut RecvBufs) -> io::Result<usize> {
-    // SAFETY: all-zero sockaddr_storage is a valid (unspecified) address.
-    let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut iov: Vec<libc::iovec> = r
         .bufs
         .iter_mut()
@@ -161,12 +169,11 @@ pub fn recv(fd: RawFd, r: &mut RecvBufs) -> io::Result<usize> {
             iov_len: b.len(),
         })
         .collect();
-    const CONTROL: usize = 8; // u64s: room for one int cmsg
-    let mut control: Vec<u64> = vec![0; BATCH * CONTROL];
-    let mut msgs: Vec<libc::mmsghdr> = names
+    let mut msgs: Vec<libc::mmsghdr> = r
+        .names
         .iter_mut()
         .zip(iov.iter_mut())
-        .zip(control.chunks_mut(CONTROL))
+        .zip(r.control.chunks_mut(CONTROL))
         .map(|((name, iov), control)| {
             // SAFETY: an all-zero msghdr is a valid empty one.
             let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -183,8 +190,8 @@ pub fn recv(fd: RawFd, r: &mut RecvBufs) -> io::Result<usize> {
         })
         .collect();
     let n = loop {
-        // SAFETY: `msgs` points to initialised mmsghdrs whose names and
-        // iovecs point into `names` and `r.bufs`, which outlive the call.
+        // SAFETY: `msgs` points to initialised mmsghdrs whose names, iovecs
+        // and control buffers point into `r`, which outlives the call.
         let rc = unsafe {
             libc::recvmmsg(
                 fd,
@@ -205,7 +212,7 @@ pub fn recv(fd: RawFd, r: &mut RecvBufs) -> io::Result<usize> {
     for (i, m) in msgs.iter().take(n).enumerate() {
         r.lens[i] = m.msg_len as usize;
         r.truncated[i] = m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-        r.from[i] = ip_of(&names[i], m.msg_hdr.msg_namelen);
+        r.from[i] = ip_of(&r.names[i], m.msg_hdr.msg_namelen);
         r.gro[i] = gro_size(&m.msg_hdr);
     }
     if n == 0 {
