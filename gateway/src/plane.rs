@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tunnel::flow::FlowTable;
@@ -124,6 +124,8 @@ pub struct Plane {
     pub counters: Arc<Counters>,
     pub path_mtu: u16,
     pub clamp_mss: bool,
+    /// Polling after the last packet before sleeping ([`tunnel::poll`]).
+    pub spin: Duration,
     pub started: Instant,
 }
 
@@ -140,44 +142,70 @@ impl Plane {
         self.started.elapsed().as_millis() as u64
     }
 
-    pub async fn run(&self) -> std::io::Result<()> {
-        tokio::try_join!(self.tun_to_tunnel(), self.tunnel_to_tun()).map(|_| ())
+    /// Moves packets until an I/O error, on the calling thread: a batch
+    /// from each side per pass; after the last packet it keeps polling for
+    /// `spin`, then sleeps until a socket has input.
+    pub fn run(&self) -> std::io::Result<()> {
+        let mut fds = vec![self.tun.fd()];
+        fds.extend(self.outer.fds());
+        let mut idle = tunnel::poll::Idle::new(self.spin, &fds);
+        let mut from_tun = self.tun.recv_batch();
+        let mut from_outer = tunnel::io::OuterBatch::default();
+        let (mut keep, mut refused) = (Vec::new(), Vec::new());
+        loop {
+            idle.wait()?;
+            if idle.ready(0) && self.tun.try_recv(&mut from_tun)? {
+                if from_tun.resegmented {
+                    self.counters.resegmented.fetch_add(1, Ordering::Relaxed);
+                }
+                self.tun_to_tunnel(&mut from_tun, &mut keep, &mut refused)?;
+            }
+            if (1..fds.len()).any(|i| idle.ready(i)) && self.outer.try_recv(&mut from_outer)? {
+                self.tunnel_to_tun(&from_outer)?;
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// TUN → tunnel (or back into the TUN device, translated), a batch at
-    /// a time.
-    async fn tun_to_tunnel(&self) -> std::io::Result<()> {
-        let mut rx = tunnel::tundev::RecvBatch::default();
-        let mut back = tunnel::tundev::SendBatch::default();
-        let (mut keep, mut refused) = (Vec::new(), Vec::new());
-        loop {
-            self.tun.recv(&mut rx).await?;
-            keep.clear();
-            for i in 0..rx.len() {
-                let pkt = rx.packet_mut(i);
-                match self.decide_out(pkt) {
-                    Out::Drop(why) => self.counters.dropped(why),
-                    Out::Back => back.push(pkt),
-                    Out::Tunnel(peer) => {
-                        if self.prepare_for_tunnel(pkt) {
-                            keep.push((i, peer));
-                        }
+    /// TUN → tunnel (or back into the TUN device, translated), a batch.
+    fn tun_to_tunnel(
+        &self,
+        rx: &mut tunnel::tundev::RecvBatch,
+        keep: &mut Vec<(usize, IpAddr)>,
+        refused: &mut Vec<usize>,
+    ) -> std::io::Result<()> {
+        keep.clear();
+        let mut back = Vec::new();
+        for i in 0..rx.len() {
+            let pkt = rx.packet_mut(i);
+            match self.decide_out(pkt) {
+                Out::Drop(why) => self.counters.dropped(why),
+                Out::Back => back.push(i),
+                Out::Tunnel(peer) => {
+                    if self.prepare_for_tunnel(pkt) {
+                        keep.push((i, peer));
                     }
                 }
             }
-            if !self.tun.send(&mut back).await? {
+        }
+        if !back.is_empty() {
+            let mut c = tunnel::coalesce::Coalescer::new();
+            for &i in &back {
+                c.push(rx.packet(i));
+            }
+            for _ in 0..self.tun.write(&c)? {
                 self.counters.dropped(DropReason::Refused);
             }
-            let pkts: Vec<(&[u8], IpAddr)> =
-                keep.iter().map(|&(i, peer)| (rx.packet(i), peer)).collect();
-            refused.clear();
-            self.outer.send(&pkts, &mut refused).await?;
-            self.counters.sent(&pkts, &refused);
         }
+        let pkts: Vec<(&[u8], IpAddr)> =
+            keep.iter().map(|&(i, peer)| (rx.packet(i), peer)).collect();
+        refused.clear();
+        self.outer.send(&pkts, refused)?;
+        self.counters.sent(&pkts, refused);
+        Ok(())
     }
 
     /// MSS clamping, and ICMP "too big" instead of the packet when so
@@ -267,27 +295,24 @@ impl Plane {
         Out::Drop(DropReason::UnregisteredDestination)
     }
 
-    /// Tunnel → TUN, a batch at a time.
-    async fn tunnel_to_tun(&self) -> std::io::Result<()> {
-        let mut rx = tunnel::io::OuterBatch::default();
-        let mut tx = tunnel::tundev::SendBatch::default();
-        loop {
-            self.outer.recv(&mut rx).await?;
-            for i in 0..rx.len() {
-                let Some(inner) = self.counters.admit(rx.decapsulate(i, &self.peers)) else {
-                    continue;
-                };
-                if !self.accept_from_tunnel(&inner) {
-                    self.counters.dropped(DropReason::UnregisteredDestination);
-                    continue;
-                }
-                tx.push(inner.bytes);
-                self.counters.decapsulated(inner.bytes.len());
+    /// Tunnel → TUN, a batch.
+    fn tunnel_to_tun(&self, rx: &tunnel::io::OuterBatch) -> std::io::Result<()> {
+        let mut tx = tunnel::coalesce::Coalescer::new();
+        for i in 0..rx.len() {
+            let Some(inner) = self.counters.admit(rx.decapsulate(i, &self.peers)) else {
+                continue;
+            };
+            if !self.accept_from_tunnel(&inner) {
+                self.counters.dropped(DropReason::UnregisteredDestination);
+                continue;
             }
-            if !self.tun.send(&mut tx).await? {
-                self.counters.dropped(DropReason::Refused);
-            }
+            tx.push(inner.bytes);
+            self.counters.decapsulated(inner.bytes.len());
         }
+        for _ in 0..self.tun.write(&tx)? {
+            self.counters.dropped(DropReason::Refused);
+        }
+        Ok(())
     }
 
     /// Is a packet out of the tunnel for us to deliver? New site: for the

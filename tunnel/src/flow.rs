@@ -7,12 +7,13 @@
 //! RST, or after FINs from both sides (then a short linger for the last
 //! ACKs and retransmissions), or when idle past its protocol's timeout.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::packet::{Inner, Transport};
+use crate::packet::{Inner, TcpFlags, Transport};
 
 /// Both directions of a connection map to one key: the lower endpoint first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -25,17 +26,14 @@ pub struct FlowKey {
 impl FlowKey {
     /// The key and whether the packet goes lo → hi.
     pub fn of(p: &Inner<'_>) -> (Self, bool) {
-        let (sp, dp) = match p.transport {
-            Transport::Tcp { sport, dport, .. } | Transport::Udp { sport, dport } => (sport, dport),
-            Transport::Echo { id } => (id, id),
-            Transport::Other => (0, 0),
-        };
-        let a = (p.src, sp);
-        let b = (p.dst, dp);
+        Self::of_ends(p.proto, ends(p))
+    }
+
+    fn of_ends(proto: u8, (a, b): Ends) -> (Self, bool) {
         if a <= b {
             (
                 Self {
-                    proto: p.proto,
+                    proto,
                     lo: a,
                     hi: b,
                 },
@@ -44,13 +42,32 @@ impl FlowKey {
         } else {
             (
                 Self {
-                    proto: p.proto,
+                    proto,
                     lo: b,
                     hi: a,
                 },
                 false,
             )
         }
+    }
+}
+
+/// Source and destination (address, port) of a packet, as it goes.
+type Ends = ((IpAddr, u16), (IpAddr, u16));
+
+fn ends(p: &Inner<'_>) -> Ends {
+    let (sp, dp) = match p.transport {
+        Transport::Tcp { sport, dport, .. } | Transport::Udp { sport, dport } => (sport, dport),
+        Transport::Echo { id } => (id, id),
+        Transport::Other => (0, 0),
+    };
+    ((p.src, sp), (p.dst, dp))
+}
+
+fn tcp_flags(p: &Inner<'_>) -> Option<TcpFlags> {
+    match p.transport {
+        Transport::Tcp { flags, .. } => Some(flags),
+        _ => None,
     }
 }
 
@@ -116,14 +133,16 @@ pub struct Seen {
 
 #[derive(Debug, Default, Clone)]
 pub struct FlowTable {
-    flows: HashMap<FlowKey, Flow>,
+    /// aHash: fast (a lookup per packet) and randomly keyed per table, so
+    /// outside senders cannot aim for collisions.
+    flows: HashMap<FlowKey, Flow, ahash::RandomState>,
     pub timeouts: Timeouts,
 }
 
 impl FlowTable {
     pub fn new(timeouts: Timeouts) -> Self {
         Self {
-            flows: HashMap::new(),
+            flows: HashMap::default(),
             timeouts,
         }
     }
@@ -152,14 +171,24 @@ impl FlowTable {
     /// Records a packet.
     pub fn observe(&mut self, p: &Inner<'_>, now_ms: u64) -> Seen {
         let (key, forward) = FlowKey::of(p);
+        self.record(key, forward, tcp_flags(p), 1, p.bytes.len() as u64, now_ms)
+    }
+
+    /// Records `packets` packets of `bytes` in all, each with `flags`.
+    fn record(
+        &mut self,
+        key: FlowKey,
+        forward: bool,
+        flags: Option<TcpFlags>,
+        packets: u64,
+        bytes: u64,
+        now_ms: u64,
+    ) -> Seen {
         let dir = usize::from(!forward);
-        let flags = match p.transport {
-            Transport::Tcp { flags, .. } => Some(flags),
-            _ => None,
-        };
         let opening = flags.is_some_and(|f| f.syn && !f.ack);
-        let new = !self.flows.contains_key(&key);
-        let flow = self.flows.entry(key).or_insert_with(|| Flow {
+        let entry = self.flows.entry(key);
+        let new = matches!(entry, Entry::Vacant(_));
+        let flow = entry.or_insert_with(|| Flow {
             tcp: flags.map(|f| {
                 if f.syn && !f.ack {
                     TcpState::Opening
@@ -175,8 +204,8 @@ impl FlowTable {
             bytes: [0; 2],
         });
         flow.last_ms = now_ms;
-        flow.packets[dir] += 1;
-        flow.bytes[dir] += p.bytes.len() as u64;
+        flow.packets[dir] += packets;
+        flow.bytes[dir] += bytes;
         if let (Some(f), Some(state)) = (flags, flow.tcp) {
             let next = if f.rst {
                 TcpState::Closed
@@ -237,6 +266,60 @@ impl FlowTable {
             .values()
             .filter(|f| f.tcp != Some(TcpState::Closed))
             .count()
+    }
+}
+
+/// Records the packets of a batch in a [`FlowTable`], consecutive packets
+/// of a flow that change no state (no SYN, FIN or RST, the same ACK bit,
+/// the same direction) as one update: a bulk transfer's 45 segments per
+/// super-packet cost one lookup. The table is up to date after
+/// [`Observer::flush`]: call it at the end of each batch, whose packets
+/// share one clock reading.
+#[derive(Debug, Default)]
+pub struct Observer {
+    run: Option<Run>,
+}
+
+#[derive(Debug)]
+struct Run {
+    proto: u8,
+    ends: Ends,
+    flags: Option<TcpFlags>,
+    packets: u64,
+    bytes: u64,
+}
+
+impl Observer {
+    pub fn observe(&mut self, t: &mut FlowTable, p: &Inner<'_>, now_ms: u64) {
+        let flags = tcp_flags(p);
+        let plain = flags.is_none_or(|f| !f.syn && !f.fin && !f.rst);
+        let e = ends(p);
+        if let Some(r) = &mut self.run {
+            if plain && r.proto == p.proto && r.ends == e && r.flags == flags {
+                r.packets += 1;
+                r.bytes += p.bytes.len() as u64;
+                return;
+            }
+        }
+        self.flush(t, now_ms);
+        if plain {
+            self.run = Some(Run {
+                proto: p.proto,
+                ends: e,
+                flags,
+                packets: 1,
+                bytes: p.bytes.len() as u64,
+            });
+        } else {
+            t.observe(p, now_ms);
+        }
+    }
+
+    pub fn flush(&mut self, t: &mut FlowTable, now_ms: u64) {
+        if let Some(r) = self.run.take() {
+            let (key, forward) = FlowKey::of_ends(r.proto, r.ends);
+            t.record(key, forward, r.flags, r.packets, r.bytes, now_ms);
+        }
     }
 }
 
@@ -361,6 +444,45 @@ mod tests {
             prop_assert_eq!(f.bytes[0] + f.bytes[1], total);
             prop_assert_eq!(f.packets[0] + f.packets[1], seq.len() as u64);
             prop_assert_eq!(t.expire(u64::MAX / 2).len(), 1);
+        }
+    }
+
+    proptest! {
+        /// Folding runs changes nothing: the same flows, states and counts
+        /// as one update per packet.
+        #[test]
+        fn an_observer_records_what_observing_each_packet_does(
+            seq in prop::collection::vec((any::<bool>(), prop::sample::select(vec!["S", "SA", "A", "FA", "R", "PA", ""]), 0usize..300, any::<bool>()), 1..60)
+        ) {
+            let (mut each, mut folded) = (FlowTable::default(), FlowTable::default());
+            let mut o = Observer::default();
+            for (i, (dir, flags, len, udp)) in seq.iter().enumerate() {
+                let p = if *udp {
+                    let mut out = Vec::new();
+                    PacketBuilder::ipv4(C, S, 64).udp(5000, 53).write(&mut out, &vec![0; *len]).expect("udp");
+                    out
+                } else {
+                    tcp(*dir, flags, *len)
+                };
+                let inner = Inner::parse(&p).expect("parse");
+                // a batch of 7 packets shares one clock reading
+                let now = (i / 7) as u64;
+                each.observe(&inner, now);
+                o.observe(&mut folded, &inner, now);
+                if i % 7 == 6 {
+                    o.flush(&mut folded, now);
+                }
+            }
+            o.flush(&mut folded, ((seq.len() - 1) / 7) as u64);
+            prop_assert_eq!(each.len(), folded.len());
+            for (k, f) in each.iter() {
+                let g = folded.get(k).expect("same flows");
+                prop_assert_eq!(f.tcp, g.tcp);
+                prop_assert_eq!(f.packets, g.packets);
+                prop_assert_eq!(f.bytes, g.bytes);
+                prop_assert_eq!(f.first_ms, g.first_ms);
+                prop_assert_eq!(f.last_ms, g.last_ms);
+            }
         }
     }
 

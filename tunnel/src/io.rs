@@ -10,28 +10,29 @@
 //! ICMP needed (RFC 4459 §3.1). Outer addresses may be IPv4 or IPv6.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
 
+use crate::coalesce::Coalescer;
 use crate::encap::{self, Kind, Via};
-use crate::flow::FlowTable;
+use crate::flow::{FlowTable, Observer};
 use crate::packet::{DropReason, Inner};
-use crate::tundev::{self, RecvBatch, SendBatch, Tun};
+use crate::poll::{wait_for, Idle};
+use crate::tundev::{self, RecvBatch, Tun};
 use crate::{icmp, mmsg, mss};
 
-/// Outer IPv4 + IP-in-IP header bytes; FOU adds a UDP header.
-pub fn overhead(kind: Kind) -> u16 {
+/// Outer header bytes: the outer IP header (IPv4 or IPv6, as the outer
+/// address `local` is), and a UDP header for FOU.
+pub fn overhead(kind: Kind, local: IpAddr) -> u16 {
+    let ip = if local.is_ipv6() { 40 } else { 20 };
     match kind {
-        Kind::Ipip => 20,
-        Kind::Fou { .. } => 28,
+        Kind::Ipip => ip,
+        Kind::Fou { .. } => ip + 8,
     }
 }
 
@@ -55,6 +56,9 @@ pub struct PipeConfig {
     /// Inner destinations allowed out of the tunnel (address, prefix);
     /// empty: any.
     pub deliver: Vec<(IpAddr, u8)>,
+    /// How long the data-plane thread keeps polling after the last packet
+    /// before it sleeps ([`crate::poll`]); zero: sleep at once.
+    pub spin: Duration,
 }
 
 /// Counters, readable while the pipe runs.
@@ -66,6 +70,9 @@ pub struct Counters {
     pub decapsulated_bytes: AtomicU64,
     pub mss_clamped: AtomicU64,
     pub icmp_too_big: AtomicU64,
+    /// TCP super-packets from the TUN device cut into smaller segments
+    /// than their sender's, to fit the tunnel.
+    pub resegmented: AtomicU64,
     /// The largest inner packet sent into the tunnel.
     pub largest_encapsulated: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
@@ -79,6 +86,7 @@ pub struct CountersSnapshot {
     pub decapsulated_bytes: u64,
     pub mss_clamped: u64,
     pub icmp_too_big: u64,
+    pub resegmented: u64,
     pub largest_encapsulated: u64,
     pub drops: std::collections::BTreeMap<&'static str, u64>,
     pub flows: usize,
@@ -206,7 +214,7 @@ fn deep_buffers(s: &Socket) {
     }
 }
 
-fn raw_socket(proto: u8, local: IpAddr) -> std::io::Result<AsyncFd<Socket>> {
+fn raw_socket(proto: u8, local: IpAddr) -> std::io::Result<Socket> {
     let domain = if local.is_ipv6() {
         Domain::IPV6
     } else {
@@ -217,16 +225,14 @@ fn raw_socket(proto: u8, local: IpAddr) -> std::io::Result<AsyncFd<Socket>> {
     allow_fragmentation(&s, local.is_ipv6())?;
     deep_buffers(&s);
     s.set_nonblocking(true)?;
-    // SAFETY: the socket owns its fd, which stays open and the same until the
-    // AsyncFd (which owns the socket) is dropped.
-    unsafe { AsyncFd::register(s) }.map_err(|e| std::io::Error::other(e.to_string()))
+    Ok(s)
 }
 
 /// Raw IP-in-IP sockets: protocol 4 (IPv4 inside) and 41 (IPv6 inside),
 /// over an IPv4 or IPv6 outer address, fragmentation allowed.
 pub struct RawTunnel {
-    v4: AsyncFd<Socket>,
-    v6: AsyncFd<Socket>,
+    v4: Socket,
+    v6: Socket,
     outer_v6: bool,
 }
 
@@ -285,12 +291,12 @@ impl IcmpSender {
     }
 }
 
-/// The outside of a tunnel: raw IP-in-IP sockets, or a FOU UDP socket.
-/// Packets go and come in batches (`sendmmsg`, `recvmmsg`).
+/// The outside of a tunnel: raw IP-in-IP sockets, or a FOU UDP socket,
+/// non-blocking. Packets go and come in batches (`sendmmsg`, `recvmmsg`).
 pub enum Outer {
     Raw(RawTunnel),
     Fou {
-        sock: UdpSocket,
+        sock: std::net::UdpSocket,
         port: u16,
         /// Packets up to this size go out as UDP GSO trains (one message
         /// per run of equal-size packets; the kernel cuts it into the same
@@ -396,7 +402,7 @@ impl Outer {
                     tracing::debug!("no UDP GRO on this kernel: one datagram per read");
                 }
                 Outer::Fou {
-                    sock: UdpSocket::from_std(std)?,
+                    sock: std,
                     port,
                     gso_max,
                 }
@@ -404,14 +410,19 @@ impl Outer {
         })
     }
 
-    /// Sends each inner packet to its peer gateway. The positions of those
-    /// the kernel refused (no route, say) go to `refused`; a router loses
-    /// such a packet too, so that is not an error. Errors: the sockets failed.
-    pub async fn send(
-        &self,
-        pkts: &[(&[u8], IpAddr)],
-        refused: &mut Vec<usize>,
-    ) -> std::io::Result<()> {
+    /// The sockets' descriptors, to wait on.
+    pub fn fds(&self) -> Vec<RawFd> {
+        match self {
+            Outer::Raw(raw) => vec![raw.v4.as_raw_fd(), raw.v6.as_raw_fd()],
+            Outer::Fou { sock, .. } => vec![sock.as_raw_fd()],
+        }
+    }
+
+    /// Sends each inner packet to its peer gateway, waiting while the send
+    /// buffer is full. The positions of those the kernel refused (no route,
+    /// say) go to `refused`; a router loses such a packet too, so that is
+    /// not an error. Errors: the sockets failed.
+    pub fn send(&self, pkts: &[(&[u8], IpAddr)], refused: &mut Vec<usize>) -> std::io::Result<()> {
         match self {
             Outer::Raw(raw) => {
                 // IPv4 inside goes through the protocol-4 socket, IPv6 the 41 one
@@ -422,21 +433,11 @@ impl Outer {
                         .filter(|(_, (b, _))| (b.first().map(|x| x >> 4) == Some(4)) == v4)
                         .map(|(i, (b, peer))| (i, (*b, mmsg::to(*peer, 0))))
                         .unzip();
-                    let mut errs = Vec::new();
-                    let mut done = 0;
-                    while done < group.len() {
-                        let mut guard = sock.writable().await?;
-                        let start = done;
-                        if let Ok(r) = guard.try_io(|s| {
-                            mmsg::send(s.get_ref().as_raw_fd(), &group[start..], &mut errs)
-                        }) {
-                            done += r?;
-                        }
-                        for (at, e) in errs.drain(..) {
-                            tracing::debug!(error = %e, "cannot send into the tunnel");
-                            refused.push(idx[start + at]);
-                        }
-                    }
+                    let singles: Vec<std::ops::Range<usize>> =
+                        (0..group.len()).map(|i| i..i + 1).collect();
+                    send_all(sock.as_raw_fd(), &group, &singles, |at| {
+                        refused.push(idx[at]);
+                    })?;
                 }
                 Ok(())
             }
@@ -450,65 +451,80 @@ impl Outer {
                     .map(|(b, peer)| (*b, mmsg::to(*peer, *port)))
                     .collect();
                 let trains = trains(pkts, *gso_max);
-                let mut errs = Vec::new();
-                let mut done = 0;
-                while done < trains.len() {
-                    sock.writable().await?;
-                    let start = done;
-                    match sock.try_io(Interest::WRITABLE, || {
-                        mmsg::send_groups(sock.as_raw_fd(), &group, &trains[start..], &mut errs)
-                    }) {
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
-                    }
-                    for (at, e) in errs.drain(..) {
-                        tracing::debug!(error = %e, "cannot send into the tunnel");
-                        refused.extend(trains[start + at].clone());
-                    }
-                }
-                Ok(())
+                send_all(sock.as_raw_fd(), &group, &trains, |at| {
+                    refused.extend(trains[at].clone());
+                })
             }
         }
     }
 
-    /// The next encapsulated packets (at least one), into `b`.
-    pub async fn recv(&self, b: &mut OuterBatch) -> std::io::Result<()> {
-        loop {
-            let got = match self {
-                Outer::Raw(raw) => {
-                    let (mut guard, proto) = tokio::select! {
-                        g = raw.v4.readable() => (g?, encap::PROTO_IPV4),
-                        g = raw.v6.readable() => (g?, encap::PROTO_IPV6),
-                    };
+    /// The encapsulated packets waiting, into `b`: false when there are
+    /// none.
+    pub fn try_recv(&self, b: &mut OuterBatch) -> std::io::Result<bool> {
+        let attempt = |fd: RawFd, b: &mut OuterBatch| match mmsg::recv(fd, &mut b.bufs) {
+            Ok(n) => {
+                b.split(n);
+                Ok(n > 0)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        };
+        match self {
+            Outer::Raw(raw) => {
+                for (sock, proto) in [(&raw.v4, encap::PROTO_IPV4), (&raw.v6, encap::PROTO_IPV6)] {
                     b.via = if raw.outer_v6 {
                         Received::RawV6(proto)
                     } else {
                         Received::RawV4
                     };
-                    match guard.try_io(|s| mmsg::recv(s.get_ref().as_raw_fd(), &mut b.bufs)) {
-                        Ok(r) => Some(r?),
-                        Err(_would_block) => None,
+                    if attempt(sock.as_raw_fd(), b)? {
+                        return Ok(true);
                     }
                 }
-                Outer::Fou { sock, .. } => {
-                    sock.readable().await?;
-                    b.via = Received::Fou;
-                    match sock.try_io(Interest::READABLE, || {
-                        mmsg::recv(sock.as_raw_fd(), &mut b.bufs)
-                    }) {
-                        Ok(n) => Some(n),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
-                        Err(e) => return Err(e),
-                    }
-                }
-            };
-            if let Some(n) = got {
-                b.split(n);
-                return Ok(());
+                Ok(false)
+            }
+            Outer::Fou { sock, .. } => {
+                b.via = Received::Fou;
+                attempt(sock.as_raw_fd(), b)
             }
         }
     }
+}
+
+/// Sends every group of `pkts` on `fd` ([`mmsg::send_groups`]), waiting
+/// for room in the send buffer when it is full; `refused(k)` for each group
+/// the kernel refused.
+fn send_all(
+    fd: RawFd,
+    pkts: &[(&[u8], SockAddr)],
+    groups: &[std::ops::Range<usize>],
+    mut refused: impl FnMut(usize),
+) -> std::io::Result<()> {
+    let mut errs = Vec::new();
+    let mut done = 0;
+    while done < groups.len() {
+        let start = done;
+        match mmsg::send_groups(fd, pkts, &groups[start..], &mut errs) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                wait_for(&[fd], libc::POLLOUT, -1)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        for (at, e) in errs.drain(..) {
+            tracing::debug!(error = %e, "cannot send into the tunnel");
+            refused(start + at);
+        }
+    }
+    Ok(())
 }
 
 /// Runs of packets that can go as one UDP GSO message: the same peer, the
@@ -556,7 +572,14 @@ impl Pipe {
     /// Creates the TUN device and the outer sockets (needs CAP_NET_ADMIN and
     /// CAP_NET_RAW). Routes into the TUN device are the caller's.
     pub fn open(config: PipeConfig) -> anyhow::Result<Self> {
-        let tun = tundev::open(&config.tun, config.path_mtu)?;
+        let mut tun = tundev::open(&config.tun, config.path_mtu)?;
+        if !config.signal_pmtu {
+            // fragment only what cannot be cut finer
+            let tunnel_mtu = config
+                .path_mtu
+                .saturating_sub(overhead(config.kind, config.local));
+            tun.resegment(Some(tunnel_mtu));
+        }
         let outer = Outer::open(config.kind, config.local, config.path_mtu)?;
         let icmp = if config.signal_pmtu {
             Some(
@@ -585,40 +608,72 @@ impl Pipe {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Moves packets both ways until an I/O error.
-    pub async fn run(&self) -> std::io::Result<()> {
-        tokio::try_join!(self.inbound_loop(), self.outbound_loop()).map(|_| ())
+    /// Moves packets both ways until an I/O error, on the calling thread:
+    /// a batch from each side per pass, polling for a while after the last
+    /// packet before sleeping (`spin`).
+    pub fn run(&self) -> std::io::Result<()> {
+        let mut peers: Vec<IpAddr> = vec![self.config.peer];
+        peers.extend(self.config.extra_peers.iter().copied());
+        let mut fds = vec![self.tun.fd()];
+        fds.extend(self.outer.fds());
+        let mut idle = Idle::new(self.config.spin, &fds);
+        let (mut from_tun, mut from_outer) = (self.tun.recv_batch(), OuterBatch::default());
+        let (mut keep, mut refused) = (Vec::new(), Vec::new());
+        loop {
+            idle.wait()?;
+            if idle.ready(0) && self.tun.try_recv(&mut from_tun)? {
+                if from_tun.resegmented {
+                    self.counters.resegmented.fetch_add(1, Ordering::Relaxed);
+                }
+                self.outbound_batch(&mut from_tun, &mut keep, &mut refused)?;
+            }
+            if (1..fds.len()).any(|i| idle.ready(i)) && self.outer.try_recv(&mut from_outer)? {
+                self.inbound_batch(&from_outer, &peers)?;
+            }
+        }
     }
 
     /// TUN → tunnel.
-    async fn outbound_loop(&self) -> std::io::Result<()> {
-        let mut rx = RecvBatch::default();
-        let (mut keep, mut refused) = (Vec::new(), Vec::new());
-        loop {
-            self.tun.recv(&mut rx).await?;
-            keep.clear();
-            for i in 0..rx.len() {
-                if self.outbound(rx.packet_mut(i)) {
-                    keep.push(i);
-                }
+    fn outbound_batch(
+        &self,
+        rx: &mut RecvBatch,
+        keep: &mut Vec<usize>,
+        refused: &mut Vec<usize>,
+    ) -> std::io::Result<()> {
+        keep.clear();
+        let now = self.now_ms();
+        let mut flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = Observer::default();
+        for i in 0..rx.len() {
+            if self.outbound(rx.packet_mut(i), &mut flows, &mut seen, now) {
+                keep.push(i);
             }
-            let pkts: Vec<(&[u8], IpAddr)> = keep
-                .iter()
-                .map(|&i| (rx.packet(i), self.config.peer))
-                .collect();
-            refused.clear();
-            self.outer.send(&pkts, &mut refused).await?;
-            self.counters.sent(&pkts, &refused);
         }
+        seen.flush(&mut flows, now);
+        drop(flows);
+        let pkts: Vec<(&[u8], IpAddr)> = keep
+            .iter()
+            .map(|&i| (rx.packet(i), self.config.peer))
+            .collect();
+        refused.clear();
+        self.outer.send(&pkts, refused)?;
+        self.counters.sent(&pkts, refused);
+        Ok(())
     }
 
     /// Decides about one packet from the TUN device: true to send it into
     /// the tunnel (clamped), false when dropped or answered with ICMP.
-    fn outbound(&self, pkt: &mut [u8]) -> bool {
+    fn outbound(
+        &self,
+        pkt: &mut [u8],
+        flows: &mut FlowTable,
+        seen: &mut Observer,
+        now: u64,
+    ) -> bool {
         let tunnel_mtu = self
             .config
             .path_mtu
-            .saturating_sub(overhead(self.config.kind));
+            .saturating_sub(overhead(self.config.kind, self.config.local));
         if self.config.clamp_mss {
             let ipv6 = pkt.first().is_some_and(|b| b >> 4 == 6);
             if mss::clamp(pkt, mss::mss_for(tunnel_mtu, ipv6)).is_some() {
@@ -640,42 +695,38 @@ impl Pipe {
                 return false;
             }
         }
-        if let Ok(mut f) = self.flows.lock() {
-            f.observe(&inner, self.now_ms());
-        }
+        seen.observe(flows, &inner, now);
         tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "into the tunnel");
         true
     }
 
     /// Tunnel → TUN.
-    async fn inbound_loop(&self) -> std::io::Result<()> {
-        let mut peers: Vec<IpAddr> = vec![self.config.peer];
-        peers.extend(self.config.extra_peers.iter().copied());
-        let mut rx = OuterBatch::default();
-        let mut tx = SendBatch::default();
-        loop {
-            self.outer.recv(&mut rx).await?;
-            for i in 0..rx.len() {
-                let Some(inner) = self.counters.admit(rx.decapsulate(i, &peers)) else {
-                    continue;
-                };
-                if !self.config.deliver.is_empty()
-                    && !self.config.deliver.iter().any(|p| in_prefix(inner.dst, *p))
-                {
-                    self.counters.dropped(DropReason::UnregisteredDestination);
-                    continue;
-                }
-                if let Ok(mut f) = self.flows.lock() {
-                    f.observe(&inner, self.now_ms());
-                }
-                tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "out of the tunnel");
-                tx.push(inner.bytes);
-                self.counters.decapsulated(inner.bytes.len());
+    fn inbound_batch(&self, rx: &OuterBatch, peers: &[IpAddr]) -> std::io::Result<()> {
+        let mut tx = Coalescer::new();
+        let now = self.now_ms();
+        let mut flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = Observer::default();
+        for i in 0..rx.len() {
+            let Some(inner) = self.counters.admit(rx.decapsulate(i, peers)) else {
+                continue;
+            };
+            if !self.config.deliver.is_empty()
+                && !self.config.deliver.iter().any(|p| in_prefix(inner.dst, *p))
+            {
+                self.counters.dropped(DropReason::UnregisteredDestination);
+                continue;
             }
-            if !self.tun.send(&mut tx).await? {
-                self.counters.dropped(DropReason::Refused);
-            }
+            seen.observe(&mut flows, &inner, now);
+            tracing::trace!(src = %inner.src, dst = %inner.dst, proto = inner.proto, len = inner.bytes.len(), "out of the tunnel");
+            tx.push(inner.bytes);
+            self.counters.decapsulated(inner.bytes.len());
         }
+        seen.flush(&mut flows, now);
+        drop(flows);
+        for _ in 0..self.tun.write(&tx)? {
+            self.counters.dropped(DropReason::Refused);
+        }
+        Ok(())
     }
 }
 
@@ -693,6 +744,7 @@ pub fn snapshot(counters: &Counters, flows: Option<&Mutex<FlowTable>>) -> Counte
         decapsulated_bytes: get(&counters.decapsulated_bytes),
         mss_clamped: get(&counters.mss_clamped),
         icmp_too_big: get(&counters.icmp_too_big),
+        resegmented: get(&counters.resegmented),
         largest_encapsulated: get(&counters.largest_encapsulated),
         drops: DropReason::ALL
             .iter()

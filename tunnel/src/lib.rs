@@ -22,6 +22,7 @@
 //! the endpoint `tunnel-pipe` runs; the gateway's plane is its own).
 
 pub mod checksum;
+pub mod coalesce;
 pub mod encap;
 pub mod flow;
 pub mod icmp;
@@ -30,6 +31,7 @@ pub mod mmsg;
 pub mod mss;
 pub mod nat;
 pub mod packet;
+pub mod poll;
 pub mod tundev;
 
 pub use packet::{DropReason, Inner};

@@ -138,6 +138,11 @@ pub struct RecvBufs {
     /// (kept here: a receive is on the hot path and need not allocate).
     names: Vec<libc::sockaddr_storage>,
     control: Vec<u64>,
+    /// The headers handed to the kernel, pointing into the vectors above
+    /// (their heap storage never moves: none of them is resized), built
+    /// once: a data plane that polls calls [`recv`] very often.
+    iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
 }
 
 /// `u64`s of control buffer per datagram: room for one int cmsg.
@@ -145,7 +150,7 @@ const CONTROL: usize = 8;
 
 impl Default for RecvBufs {
     fn default() -> Self {
-        Self {
+        let mut r = Self {
             bufs: vec![vec![0u8; 65_536]; BATCH],
             lens: vec![0; BATCH],
             from: vec![None; BATCH],
@@ -154,41 +159,46 @@ impl Default for RecvBufs {
             // SAFETY: all-zero sockaddr_storage is a valid (unspecified) address.
             names: vec![unsafe { std::mem::zeroed() }; BATCH],
             control: vec![0; BATCH * CONTROL],
+            iovs: Vec::with_capacity(BATCH),
+            msgs: Vec::with_capacity(BATCH),
+        };
+        r.iovs.extend(r.bufs.iter_mut().map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        }));
+        let iovs = r.iovs.as_mut_ptr();
+        for (i, (name, control)) in r
+            .names
+            .iter_mut()
+            .zip(r.control.chunks_mut(CONTROL))
+            .enumerate()
+        {
+            // SAFETY: an all-zero msghdr is a valid empty one.
+            let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+            h.msg_name = (name as *mut libc::sockaddr_storage).cast();
+            // SAFETY: i < BATCH = iovs.len()
+            h.msg_iov = unsafe { iovs.add(i) };
+            h.msg_iovlen = 1;
+            h.msg_control = control.as_mut_ptr().cast();
+            r.msgs.push(libc::mmsghdr {
+                msg_hdr: h,
+                msg_len: 0,
+            });
         }
+        r
     }
 }
 
 /// Receives what is waiting, up to [`BATCH`] datagrams, into `r`; returns
 /// how many. Fails with `WouldBlock` when nothing is.
 pub fn recv(fd: RawFd, r: &mut RecvBufs) -> io::Result<usize> {
-    let mut iov: Vec<libc::iovec> = r
-        .bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr() as *mut libc::c_void,
-            iov_len: b.len(),
-        })
-        .collect();
-    let mut msgs: Vec<libc::mmsghdr> = r
-        .names
-        .iter_mut()
-        .zip(iov.iter_mut())
-        .zip(r.control.chunks_mut(CONTROL))
-        .map(|((name, iov), control)| {
-            // SAFETY: an all-zero msghdr is a valid empty one.
-            let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-            h.msg_name = (name as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_iov = iov;
-            h.msg_iovlen = 1;
-            h.msg_control = control.as_mut_ptr().cast();
-            h.msg_controllen = CONTROL * 8;
-            libc::mmsghdr {
-                msg_hdr: h,
-                msg_len: 0,
-            }
-        })
-        .collect();
+    // the kernel shortened these in the last call
+    for m in &mut r.msgs {
+        m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        m.msg_hdr.msg_controllen = CONTROL * 8;
+        m.msg_hdr.msg_flags = 0;
+    }
+    let msgs = &mut r.msgs;
     let n = loop {
         // SAFETY: `msgs` points to initialised mmsghdrs whose names, iovecs
         // and control buffers point into `r`, which outlives the call.

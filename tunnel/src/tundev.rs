@@ -1,21 +1,39 @@
 //! The TUN device with offloads (`IFF_VNET_HDR`, TSO/checksum): the kernel
 //! hands us TCP super-packets of up to 64 KiB in one read, which
-//! [`Tun::recv`] splits into MTU-sized packets with complete checksums; and
-//! [`Tun::send`] coalesces consecutive segments of a TCP flow back into one
-//! super-packet per write (GRO). Per 64 KiB of a bulk flow that is one
+//! [`Tun::try_recv`] splits into MTU-sized packets with complete checksums
+//! (tun-rs); and [`Tun::write`] writes consecutive segments of a TCP flow
+//! as one super-packet ([`crate::coalesce`], GRO). Per 64 KiB of a bulk flow that is one
 //! system call instead of forty-five, each way; on the wire between the
 //! gateways nothing changes (the packets are the ones a plain TUN device
 //! would carry).
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 
-use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{
+    gso_split, DeviceBuilder, SyncDevice, VirtioNetHdr, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_LEN,
+};
+
+use crate::checksum;
+use crate::coalesce::Coalescer;
+
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = VIRTIO_NET_HDR_GSO_TCPV4;
+const GSO_TCPV6: u8 = VIRTIO_NET_HDR_GSO_TCPV6;
+const GSO_ECN: u8 = 0x80;
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the transport checksum is partial.
+const NEEDS_CSUM: u8 = 1;
 
 /// Room in front of each packet for the virtio header the kernel expects.
 const HEADROOM: usize = VIRTIO_NET_HDR_LEN;
 
+/// Non-blocking: reads return at once (see [`crate::poll`] for waiting).
 pub struct Tun {
-    dev: AsyncDevice,
+    dev: SyncDevice,
+    mtu: u16,
+    /// See [`Tun::resegment`].
+    resegment: Option<u16>,
 }
 
 /// Creates TUN device `name` (IP packets, offloads on) with `mtu`, brings
@@ -28,13 +46,19 @@ pub fn open(name: &str, mtu: u16) -> anyhow::Result<Tun> {
         .name(name)
         .mtu(mtu)
         .offload(true)
-        .build_async()
+        .build_sync()
         .with_context(|| {
             format!("cannot create TUN device {name} (run as root; is /dev/net/tun there?)")
         })?;
+    dev.set_nonblocking(true)
+        .with_context(|| format!("cannot make TUN device {name} non-blocking"))?;
     let rp = format!("/proc/sys/net/ipv4/conf/{name}/rp_filter");
     std::fs::write(&rp, "2").with_context(|| format!("cannot write {rp}"))?;
-    Ok(Tun { dev })
+    Ok(Tun {
+        dev,
+        mtu,
+        resegment: None,
+    })
 }
 
 /// Packets read in one go (a split super-packet, or one plain packet).
@@ -43,15 +67,22 @@ pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     n: usize,
+    /// The last read was a TCP super-packet cut finer than its sender's
+    /// segments ([`Tun::resegment`]).
+    pub resegmented: bool,
 }
 
-impl Default for RecvBatch {
-    fn default() -> Self {
+impl RecvBatch {
+    /// Buffers for a device of this MTU: a segment is never larger. (Small
+    /// buffers close together: 64 KiB ones put every segment at the same
+    /// cache sets, and the copies that follow pay for it.)
+    pub fn new(mtu: u16) -> Self {
         Self {
             original: vec![0; VIRTIO_NET_HDR_LEN + 65_535],
-            bufs: vec![vec![0; HEADROOM + 65_535]; IDEAL_BATCH_SIZE],
+            bufs: vec![vec![0; HEADROOM + usize::from(mtu)]; IDEAL_BATCH_SIZE],
             sizes: vec![0; IDEAL_BATCH_SIZE],
             n: 0,
+            resegmented: false,
         }
     }
 }
@@ -74,79 +105,148 @@ impl RecvBatch {
     }
 }
 
-/// Packets to write, coalesced where they can be.
-#[derive(Default)]
-pub struct SendBatch {
-    bufs: Vec<Vec<u8>>,
-    n: usize,
-    gro: GROTable,
-}
-
-impl SendBatch {
-    pub fn push(&mut self, pkt: &[u8]) {
-        if self.n == self.bufs.len() {
-            self.bufs.push(Vec::with_capacity(HEADROOM + 1500));
-        }
-        let b = &mut self.bufs[self.n];
-        b.clear();
-        b.resize(HEADROOM, 0);
-        b.extend_from_slice(pkt);
-        self.n += 1;
-    }
-
-    pub fn len(&self) -> usize {
-        self.n
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
-    }
-}
-
 impl Tun {
-    /// The next packets from the kernel (at least one).
-    pub async fn recv(&self, b: &mut RecvBatch) -> io::Result<()> {
-        loop {
-            match self
-                .dev
-                .recv_multiple(&mut b.original, &mut b.bufs, &mut b.sizes, HEADROOM)
-                .await
-            {
-                Ok(0) => continue,
-                Ok(n) => {
-                    b.n = n;
-                    return Ok(());
-                }
-                // a malformed super-packet from the kernel is not worth
-                // stopping for; the kernel's own packets are the only input
-                Err(e) if e.kind() == io::ErrorKind::Other => {
-                    tracing::debug!(error = %e, "cannot split a packet from the TUN device");
-                }
-                Err(e) => return Err(e),
-            }
-        }
+    /// Buffers for [`Tun::try_recv`].
+    pub fn recv_batch(&self) -> RecvBatch {
+        RecvBatch::new(self.mtu)
     }
 
-    /// Writes the batch (coalescing TCP and UDP segments of a flow) and
-    /// empties it. `Ok(false)`: the kernel refused some of it (a packet the
-    /// device's MTU does not allow, say); a router drops those too, the
-    /// caller counts it.
-    pub async fn send(&self, b: &mut SendBatch) -> io::Result<bool> {
-        if b.n == 0 {
-            return Ok(true);
-        }
-        let r = self
-            .dev
-            .send_multiple(&mut b.gro, &mut b.bufs[..b.n], HEADROOM)
-            .await;
+    pub fn fd(&self) -> RawFd {
+        self.dev.as_raw_fd()
+    }
+
+    /// Re-cut TCP super-packets whose segments would make packets larger
+    /// than `max_packet` bytes into smaller segments (None: keep the
+    /// sender's size). A connection opened before the move chose its
+    /// segment size without the tunnel's overhead; TCP is a byte stream, so
+    /// cutting its data finer changes nothing for the endpoints and saves
+    /// every segment from outer fragmentation.
+    pub fn resegment(&mut self, max_packet: Option<u16>) {
+        self.resegment = max_packet;
+    }
+
+    /// The packets the kernel has for us, into `b`: false when it has none.
+    pub fn try_recv(&self, b: &mut RecvBatch) -> io::Result<bool> {
         b.n = 0;
-        match r {
-            Ok(_) => Ok(true),
-            Err(e) if e.raw_os_error() != Some(libc::EBADFD) => {
-                tracing::debug!(error = %e, "the TUN device refused a packet");
+        b.resegmented = false;
+        // SAFETY: reads at most original.len() bytes into the live buffer.
+        let n = unsafe {
+            libc::read(
+                self.dev.as_raw_fd(),
+                b.original.as_mut_ptr().cast(),
+                b.original.len(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(false),
+                _ => Err(e),
+            };
+        }
+        match self.split(b, n as usize) {
+            Ok(k) => {
+                b.n = k;
+                Ok(k > 0)
+            }
+            // a malformed super-packet from the kernel is not worth
+            // stopping for; the kernel's own packets are the only input
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot split a packet from the TUN device");
                 Ok(false)
             }
-            Err(e) => Err(e),
+        }
+    }
+
+    /// The `len` bytes read into `b.original` (virtio header, packet) as
+    /// packets in `b.bufs`; how many.
+    fn split(&self, b: &mut RecvBatch, len: usize) -> io::Result<usize> {
+        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        if len <= VIRTIO_NET_HDR_LEN {
+            return Err(bad(format!("a read of {len} bytes")));
+        }
+        let mut hdr = VirtioNetHdr::decode(&b.original[..VIRTIO_NET_HDR_LEN])?;
+        let pkt = &mut b.original[VIRTIO_NET_HDR_LEN..len];
+        let plen = pkt.len();
+        if hdr.gso_type == GSO_NONE {
+            let out = &mut b.bufs[0][HEADROOM..];
+            if out.len() < plen {
+                return Err(bad(format!("a {plen}-byte packet above the MTU")));
+            }
+            out[..plen].copy_from_slice(pkt);
+            if hdr.flags & NEEDS_CSUM != 0 {
+                // only the pseudo-header's sum is there yet
+                checksum::complete(&mut out[..plen]);
+            }
+            b.sizes[0] = plen;
+            return Ok(1);
+        }
+        let is_v6 = match pkt[0] >> 4 {
+            4 => false,
+            6 => true,
+            v => return Err(bad(format!("IP version {v}"))),
+        };
+        let start = usize::from(hdr.csum_start);
+        // (gso_split checks the type further)
+        let tcp = matches!(hdr.gso_type & !GSO_ECN, GSO_TCPV4 | GSO_TCPV6);
+        // the kernel's hdr_len can be the whole first packet on a forwarding
+        // path: recompute it from the transport header
+        let transport_len = if tcp {
+            match pkt.get(start + 12) {
+                Some(b) => usize::from(b >> 4) * 4,
+                None => return Err(bad("a TCP header cut short".into())),
+            }
+        } else {
+            8
+        };
+        let hdr_len = start + transport_len;
+        if (tcp && !(20..=60).contains(&transport_len))
+            || hdr_len > plen
+            || start + usize::from(hdr.csum_offset) + 2 > plen
+            || hdr.gso_size == 0
+        {
+            return Err(bad(format!("inconsistent GSO header {hdr:?}")));
+        }
+        hdr.hdr_len = hdr_len as u16;
+        if let Some(max) = self.resegment.map(usize::from).filter(|_| tcp) {
+            let seg = max.saturating_sub(hdr_len);
+            let segments = (plen - hdr_len).div_ceil(seg.max(1));
+            if hdr_len + usize::from(hdr.gso_size) > max && seg > 0 && segments <= b.bufs.len() {
+                hdr.gso_size = seg as u16;
+                b.resegmented = true;
+            }
+        }
+        gso_split(pkt, hdr, &mut b.bufs, &mut b.sizes, HEADROOM, is_v6)
+    }
+
+    /// Writes the packets of `c` (TCP segments of a flow coalesced, see
+    /// [`Coalescer`]), one `writev` each. Returns how many the kernel
+    /// refused (a packet the device's MTU does not allow, a full queue);
+    /// a router drops those too, the caller counts them. Errors: the
+    /// device is gone.
+    pub fn write(&self, c: &Coalescer<'_>) -> io::Result<usize> {
+        let fd = self.dev.as_raw_fd();
+        let (mut refused, mut gone) = (0, None);
+        c.finish(|iov| {
+            if gone.is_some() {
+                return;
+            }
+            // SAFETY: `iov` is a live array of IoSlice, which is
+            // ABI-compatible with iovec; fd is the open TUN device.
+            let n = unsafe { libc::writev(fd, iov.as_ptr().cast(), iov.len() as libc::c_int) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EBADFD) {
+                    gone = Some(e);
+                } else {
+                    tracing::debug!(error = %e, "the TUN device refused a packet");
+                    refused += 1;
+                }
+            }
+        });
+        match gone {
+            Some(e) => Err(e),
+            None => Ok(refused),
         }
     }
 }

@@ -241,7 +241,7 @@ fn tcp_and_udp_cross_the_userspace_tunnel_with_full_size_segments() {
         t.join().expect("stream");
     }
 
-    // UDP: 200 datagrams of 1400 bytes, echoed
+    // UDP: 200 full-size datagrams (1500-byte packets), echoed
     let udp_at: SocketAddr = "10.9.0.2:7001".parse().expect("addr");
     udp_echo_server(&bed.s, udp_at);
     let cli = in_netns(&bed.c.name, || UdpSocket::bind("10.0.1.2:0"))
@@ -251,7 +251,7 @@ fn tcp_and_udp_cross_the_userspace_tunnel_with_full_size_segments() {
         .expect("timeout");
     let mut echoed = 0;
     for i in 0..200u64 {
-        let d: Vec<u8> = (0..1400).map(|j| byte(100 + i, j)).collect();
+        let d: Vec<u8> = (0..1472).map(|j| byte(100 + i, j)).collect();
         cli.send_to(&d, udp_at).expect("send");
         let mut buf = [0u8; 2048];
         if let Ok((n, _)) = cli.recv_from(&mut buf) {
@@ -265,9 +265,11 @@ fn tcp_and_udp_cross_the_userspace_tunnel_with_full_size_segments() {
     let b = stats(&bed.stats_b);
     assert!(a["encapsulated_packets"].as_u64() > Some(1000), "{a}");
     assert!(b["decapsulated_packets"].as_u64() > Some(1000), "{b}");
-    // full-size segments: 1500-byte inner packets in 1520-byte outer packets
-    // on a 1500-byte path, fragmented and reassembled by the kernels
+    // full-size packets: 1500-byte inner packets in 1520-byte outer packets
+    // on a 1500-byte path, fragmented and reassembled by the kernels; TCP
+    // super-packets are cut to fit instead (every byte checked above)
     assert_eq!(a["largest_encapsulated"].as_u64(), Some(1500), "{a}");
+    assert!(a["resegmented"].as_u64() >= Some(1), "{a}");
     assert!(a["flows"].as_u64() >= Some(4), "{a}");
     let drops = b["drops"].as_object().expect("drops");
     let bad: u64 = drops
@@ -405,8 +407,29 @@ fn ipv4_and_ipv6_cross_a_tunnel_over_ipv6() {
         "only {}/50 IPv6 datagrams came back",
         seen.len()
     );
+    // 4in6: a full-size UDP datagram, fragmented outside
+    let at4: SocketAddr = "10.9.0.2:7002".parse().expect("addr");
+    udp_echo_server(&bed.s, at4);
+    let cli4 = in_netns(&bed.c.name, || UdpSocket::bind("10.0.1.2:0"))
+        .expect("netns")
+        .expect("bind");
+    cli4.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let full: Vec<u8> = (0..1472).map(|j| byte(900, j)).collect();
+    let mut back = false;
+    for _ in 0..5 {
+        cli4.send_to(&full, at4).expect("send");
+        let mut buf = [0u8; 2048];
+        if let Ok((n, _)) = cli4.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], &full[..], "full-size datagram corrupted");
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "the full-size datagram never came back");
     let a = stats(&bed.stats_a);
     assert_eq!(a["largest_encapsulated"].as_u64(), Some(1500), "{a}");
+    assert!(a["resegmented"].as_u64() >= Some(1), "{a}");
     let _ = (&bed.a, &bed.b);
 }
 

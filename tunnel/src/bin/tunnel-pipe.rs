@@ -5,7 +5,7 @@
 //! ```text
 //! tunnel-pipe --tun tun0 --local 192.0.2.1 --peer 192.0.2.2 [--kind fou --fou-port 5555]
 //!             [--path-mtu 1500] [--clamp-mss] [--signal-pmtu] [--deliver 10.9.0.0/24]
-//!             [--stats FILE]
+//!             [--stats FILE] [--spin-us 2000]
 //! ```
 //! Route what should enter the tunnel into the TUN device (`ip route add
 //! 10.9.0.0/24 dev tun0`). Prints `ready` once the device and sockets exist;
@@ -49,6 +49,10 @@ struct Args {
     deliver: Vec<String>,
     #[arg(long)]
     stats: Option<PathBuf>,
+    /// Microseconds to keep polling after the last packet before sleeping
+    /// (lower latency for some CPU); 0: sleep at once.
+    #[arg(long, default_value_t = tunnel::poll::DEFAULT_SPIN.as_micros() as u64)]
+    spin_us: u64,
 }
 
 fn cidr(s: &str) -> anyhow::Result<(IpAddr, u8)> {
@@ -88,7 +92,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         clamp_mss: args.clamp_mss,
         signal_pmtu: args.signal_pmtu,
         deliver,
+        spin: Duration::from_micros(args.spin_us),
     })?;
+    let pipe = std::sync::Arc::new(pipe);
+    // the data plane has a thread of its own; this one waits for signals
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let p = pipe.clone();
+    std::thread::Builder::new()
+        .name("data-plane".into())
+        .spawn(move || {
+            let _ = done_tx.send(p.run());
+        })
+        .context("cannot start the data-plane thread")?;
     println!("ready");
     let stats = async {
         let Some(path) = &args.stats else {
@@ -103,7 +118,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = pipe.run() => r.context("tunnel I/O failed")?,
+        r = done => match r {
+            Ok(r) => r.context("tunnel I/O failed")?,
+            Err(_) => bail!("the data-plane thread ended"),
+        },
         r = stats => r?,
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
