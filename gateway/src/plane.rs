@@ -152,15 +152,19 @@ impl Plane {
         let mut from_tun = self.tun.recv_batch();
         let mut from_outer = tunnel::io::OuterBatch::default();
         let (mut keep, mut refused) = (Vec::new(), Vec::new());
+        let mut moved = 0;
         loop {
-            idle.wait()?;
+            idle.wait(moved)?;
+            moved = 0;
             if idle.ready(0) && self.tun.try_recv(&mut from_tun)? {
                 if from_tun.resegmented {
                     self.counters.resegmented.fetch_add(1, Ordering::Relaxed);
                 }
+                moved += from_tun.bytes();
                 self.tun_to_tunnel(&mut from_tun, &mut keep, &mut refused)?;
             }
             if (1..fds.len()).any(|i| idle.ready(i)) && self.outer.try_recv(&mut from_outer)? {
+                moved += from_outer.bytes();
                 self.tunnel_to_tun(&from_outer)?;
             }
         }

@@ -334,6 +334,11 @@ impl OuterBatch {
         self.segs.is_empty()
     }
 
+    /// Bytes of all the packets.
+    pub fn bytes(&self) -> usize {
+        self.segs.iter().map(|s| s.2).sum()
+    }
+
     /// Lists the packets of the `n` buffers just received.
     fn split(&mut self, n: usize) {
         self.segs.clear();
@@ -619,15 +624,19 @@ impl Pipe {
         let mut idle = Idle::new(self.config.spin, &fds);
         let (mut from_tun, mut from_outer) = (self.tun.recv_batch(), OuterBatch::default());
         let (mut keep, mut refused) = (Vec::new(), Vec::new());
+        let mut moved = 0;
         loop {
-            idle.wait()?;
+            idle.wait(moved)?;
+            moved = 0;
             if idle.ready(0) && self.tun.try_recv(&mut from_tun)? {
                 if from_tun.resegmented {
                     self.counters.resegmented.fetch_add(1, Ordering::Relaxed);
                 }
+                moved += from_tun.bytes();
                 self.outbound_batch(&mut from_tun, &mut keep, &mut refused)?;
             }
             if (1..fds.len()).any(|i| idle.ready(i)) && self.outer.try_recv(&mut from_outer)? {
+                moved += from_outer.bytes();
                 self.inbound_batch(&from_outer, &peers)?;
             }
         }

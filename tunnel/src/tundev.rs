@@ -96,6 +96,11 @@ impl RecvBatch {
         self.n == 0
     }
 
+    /// Bytes of all the packets.
+    pub fn bytes(&self) -> usize {
+        self.sizes[..self.n].iter().sum()
+    }
+
     pub fn packet(&self, i: usize) -> &[u8] {
         &self.bufs[i][HEADROOM..HEADROOM + self.sizes[i]]
     }
