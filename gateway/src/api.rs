@@ -12,7 +12,7 @@
 //! | GET | /metrics | | the same as Prometheus text |
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -71,7 +71,7 @@ fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), Box<Response>> {
 #[serde(deny_unknown_fields)]
 struct Register {
     name: String,
-    address: Ipv4Addr,
+    address: IpAddr,
     site: String,
 }
 

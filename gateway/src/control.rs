@@ -1,7 +1,7 @@
 //! The control plane: services, migrations and their phases; applies them to
 //! the routing tables and the data plane; persists them; drains.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -35,7 +35,7 @@ pub struct SwitchRequest {
     pub peer: String,
     /// New site: the VM's public address here.
     #[serde(default)]
-    pub public: Option<Ipv4Addr>,
+    pub public: Option<IpAddr>,
     /// New site: the interface the VM is reached through (required). Old
     /// site: its old LAN, where we then answer ARP for its address.
     #[serde(default)]
@@ -55,6 +55,12 @@ pub struct Control {
     state_path: Option<PathBuf>,
     pub plane: Option<Arc<Plane>>,
     net: Option<Net>,
+}
+
+/// Turns a `/proc/sys` switch on.
+fn write_knob(path: &str) -> Result<(), ControlError> {
+    std::fs::write(path, "1")
+        .map_err(|e| ControlError::Internal(anyhow::anyhow!("cannot write {path}: {e}")))
 }
 
 pub fn unix_now() -> u64 {
@@ -166,7 +172,7 @@ impl Control {
     /// Installs the routes and data-plane entries of a switched migration.
     /// Routes first: a failure leaves no half-registered address in the
     /// data plane, and every step is idempotent, so a retry completes it.
-    async fn apply(&self, address: Ipv4Addr, role: &Role) -> Result<(), ControlError> {
+    async fn apply(&self, address: IpAddr, role: &Role) -> Result<(), ControlError> {
         let (plane, net) = self.parts()?;
         let dev = self.config.tunnel.device.clone();
         let timeouts = self.config.tunnel.timeouts();
@@ -175,7 +181,11 @@ impl Control {
                 let peer = self.peer_address(peer)?;
                 net.add_host_route(address, &dev, None).await?;
                 if let Some(lan) = lan {
-                    net.add_proxy_arp(address, lan).await?;
+                    if address.is_ipv6() {
+                        // proxy NDP answers only for entries, and only with this on
+                        write_knob(&format!("/proc/sys/net/ipv6/conf/{lan}/proxy_ndp"))?;
+                    }
+                    net.add_proxy_neighbour(address, lan).await?;
                 }
                 Side::Old {
                     peer,
@@ -186,15 +196,18 @@ impl Control {
             Role::New { peer, public, lan } => {
                 let peer_addr = self.peer_address(peer)?;
                 net.add_host_route(*public, &dev, None).await?;
-                net.add_default_route(&dev, REVERSE_TABLE).await?;
+                net.add_default_route(&dev, REVERSE_TABLE, address.is_ipv6())
+                    .await?;
                 net.add_rule_from(address, lan, REVERSE_TABLE).await?;
-                // the VM still believes its old LAN is on-link: answer its ARP
-                // for those hosts too (its packets then follow the rule above
-                // into the tunnel, back to the old LAN)
-                let knob = format!("/proc/sys/net/ipv4/conf/{lan}/proxy_arp");
-                std::fs::write(&knob, "1").map_err(|e| {
-                    ControlError::Internal(anyhow::anyhow!("cannot write {knob}: {e}"))
-                })?;
+                if address.is_ipv4() {
+                    // the VM still believes its old LAN is on-link: answer its
+                    // ARP for those hosts too (its packets then follow the rule
+                    // above into the tunnel, back to the old LAN). IPv6 has no
+                    // such switch (proxy NDP answers for listed addresses
+                    // only): an IPv6 guest reaches its old LAN's hosts through
+                    // its router, as it does any other host.
+                    write_knob(&format!("/proc/sys/net/ipv4/conf/{lan}/proxy_arp"))?;
+                }
                 Side::New {
                     peer: peer_addr,
                     public: *public,
@@ -239,9 +252,16 @@ impl Control {
             },
             "new" => Role::New {
                 peer: req.peer,
-                public: req
-                    .public
-                    .ok_or_else(|| ControlError::BadRequest("role new needs `public`".into()))?,
+                public: match req.public {
+                    None => return Err(ControlError::BadRequest("role new needs `public`".into())),
+                    Some(p) if p.is_ipv4() != m.address.is_ipv4() => {
+                        return Err(ControlError::BadRequest(format!(
+                            "public address {p} and the service's address {} are of different families",
+                            m.address
+                        )))
+                    }
+                    Some(p) => p,
+                },
                 lan: req.lan.ok_or_else(|| {
                     ControlError::BadRequest("role new needs `lan` (an interface name)".into())
                 })?,
@@ -373,7 +393,7 @@ impl Control {
                     net.del_host_route(m.address, &self.config.tunnel.device, None)
                         .await?;
                     if let Some(Role::Old { lan: Some(lan), .. }) = &m.role {
-                        net.del_proxy_arp(m.address, lan).await?;
+                        net.del_proxy_neighbour(m.address, lan).await?;
                     }
                 }
                 m.phase = Phase::Drained {

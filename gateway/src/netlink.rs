@@ -3,7 +3,7 @@
 //! All operations are idempotent: adding what exists and deleting what is
 //! gone succeed, so a restarted gateway can simply re-apply its state.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{anyhow, Context as _};
 use futures::TryStreamExt as _;
@@ -61,20 +61,33 @@ impl Net {
         Ok(link.header.index)
     }
 
-    fn host_route(addr: Ipv4Addr, index: u32, table: Option<u32>) -> RouteMessage {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(addr, 32)
-            .output_interface(index);
-        if let Some(t) = table {
-            b = b.table_id(t);
+    fn host_route(addr: IpAddr, index: u32, table: Option<u32>) -> RouteMessage {
+        match addr {
+            IpAddr::V4(a) => {
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(a, 32)
+                    .output_interface(index);
+                if let Some(t) = table {
+                    b = b.table_id(t);
+                }
+                b.build()
+            }
+            IpAddr::V6(a) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(a, 128)
+                    .output_interface(index);
+                if let Some(t) = table {
+                    b = b.table_id(t);
+                }
+                b.build()
+            }
         }
-        b.build()
     }
 
-    /// `ip route replace ADDR/32 dev DEV [table T]`.
+    /// `ip route replace ADDR/32 dev DEV [table T]` (/128 for IPv6).
     pub async fn add_host_route(
         &self,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         dev: &str,
         table: Option<u32>,
     ) -> anyhow::Result<()> {
@@ -85,13 +98,13 @@ impl Net {
             .replace()
             .execute()
             .await
-            .with_context(|| format!("cannot route {addr}/32 into {dev}"))
+            .with_context(|| format!("cannot route {addr} into {dev}"))
     }
 
     /// `ip route del ADDR/32 dev DEV [table T]`; absent is fine.
     pub async fn del_host_route(
         &self,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         dev: &str,
         table: Option<u32>,
     ) -> anyhow::Result<()> {
@@ -106,17 +119,24 @@ impl Net {
             .await
         {
             Err(e) if missing(&e) => Ok(()),
-            r => r.with_context(|| format!("cannot remove the route {addr}/32 into {dev}")),
+            r => r.with_context(|| format!("cannot remove the route {addr} into {dev}")),
         }
     }
 
-    /// `ip route replace default dev DEV table T`.
-    pub async fn add_default_route(&self, dev: &str, table: u32) -> anyhow::Result<()> {
+    /// `ip [-6] route replace default dev DEV table T`.
+    pub async fn add_default_route(&self, dev: &str, table: u32, v6: bool) -> anyhow::Result<()> {
         let index = self.ifindex(dev).await?;
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .output_interface(index)
-            .table_id(table)
-            .build();
+        let msg = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .output_interface(index)
+                .table_id(table)
+                .build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .output_interface(index)
+                .table_id(table)
+                .build()
+        };
         self.handle
             .route()
             .add(msg)
@@ -126,21 +146,43 @@ impl Net {
             .with_context(|| format!("cannot add a default route into {dev} in table {table}"))
     }
 
-    fn rule(&self, from: Ipv4Addr, iif: &str, table: u32) -> rtnetlink::RuleAddRequest<Ipv4Addr> {
-        self.handle
-            .rule()
-            .add()
-            .v4()
-            .source_prefix(from, 32)
-            .input_interface(iif.to_string())
-            .table_id(table)
-            .priority(RULE_PRIORITY)
-            .action(RuleAction::ToTable)
+    /// The rule's message (`ip rule add from ADDR iif DEV lookup T`).
+    fn rule(
+        &self,
+        from: IpAddr,
+        iif: &str,
+        table: u32,
+    ) -> rtnetlink::packet_route::rule::RuleMessage {
+        let req = self.handle.rule().add();
+        match from {
+            IpAddr::V4(a) => {
+                let mut r = req
+                    .v4()
+                    .source_prefix(a, 32)
+                    .input_interface(iif.to_string())
+                    .table_id(table)
+                    .priority(RULE_PRIORITY)
+                    .action(RuleAction::ToTable);
+                r.message_mut().clone()
+            }
+            IpAddr::V6(a) => {
+                let mut r = req
+                    .v6()
+                    .source_prefix(a, 128)
+                    .input_interface(iif.to_string())
+                    .table_id(table)
+                    .priority(RULE_PRIORITY)
+                    .action(RuleAction::ToTable);
+                r.message_mut().clone()
+            }
+        }
     }
 
     /// `ip rule add from ADDR iif DEV lookup T`.
-    pub async fn add_rule_from(&self, from: Ipv4Addr, iif: &str, table: u32) -> anyhow::Result<()> {
-        match self.rule(from, iif, table).execute().await {
+    pub async fn add_rule_from(&self, from: IpAddr, iif: &str, table: u32) -> anyhow::Result<()> {
+        let mut req = self.handle.rule().add();
+        *req.message_mut() = self.rule(from, iif, table);
+        match req.execute().await {
             Err(e) if exists(&e) => Ok(()),
             r => r.with_context(|| {
                 format!("cannot add the rule from {from} iif {iif} lookup {table}")
@@ -149,48 +191,51 @@ impl Net {
     }
 
     /// `ip rule del from ADDR iif DEV lookup T`; absent is fine.
-    pub async fn del_rule_from(&self, from: Ipv4Addr, iif: &str, table: u32) -> anyhow::Result<()> {
-        let mut req = self.rule(from, iif, table);
-        let msg = req.message_mut().clone();
+    pub async fn del_rule_from(&self, from: IpAddr, iif: &str, table: u32) -> anyhow::Result<()> {
+        let msg = self.rule(from, iif, table);
         match self.handle.rule().del(msg).execute().await {
             Err(e) if missing(&e) => Ok(()),
             r => r.with_context(|| format!("cannot remove the rule from {from} iif {iif}")),
         }
     }
 
-    /// `ip neigh add proxy ADDR dev DEV`: answer ARP for ADDR on DEV (the
-    /// moved VM's old LAN), so hosts there send its traffic to us.
-    pub async fn add_proxy_arp(&self, addr: Ipv4Addr, dev: &str) -> anyhow::Result<()> {
+    /// `ip neigh add proxy ADDR dev DEV`: answer ARP (IPv4) or neighbour
+    /// solicitations (IPv6) for ADDR on DEV (the moved VM's old LAN), so
+    /// hosts there send its traffic to us. IPv6 also needs the interface's
+    /// `proxy_ndp` switch on (the caller's).
+    pub async fn add_proxy_neighbour(&self, addr: IpAddr, dev: &str) -> anyhow::Result<()> {
         let index = self.ifindex(dev).await?;
         match self
             .handle
             .neighbours()
-            .add(index, IpAddr::V4(addr))
+            .add(index, addr)
             .flags(NeighbourFlags::Proxy)
             .execute()
             .await
         {
             Err(e) if exists(&e) => Ok(()),
-            r => r.with_context(|| format!("cannot add a proxy ARP entry for {addr} on {dev}")),
+            r => {
+                r.with_context(|| format!("cannot add a proxy neighbour entry for {addr} on {dev}"))
+            }
         }
     }
 
     /// `ip neigh del proxy ADDR dev DEV`; absent is fine.
-    pub async fn del_proxy_arp(&self, addr: Ipv4Addr, dev: &str) -> anyhow::Result<()> {
+    pub async fn del_proxy_neighbour(&self, addr: IpAddr, dev: &str) -> anyhow::Result<()> {
         let Ok(index) = self.ifindex(dev).await else {
             return Ok(());
         };
         let mut req = self
             .handle
             .neighbours()
-            .add(index, IpAddr::V4(addr))
+            .add(index, addr)
             .flags(NeighbourFlags::Proxy);
         let msg = req.message_mut().clone();
         match self.handle.neighbours().del(msg).execute().await {
             Err(e) if missing(&e) => Ok(()),
-            r => {
-                r.with_context(|| format!("cannot remove the proxy ARP entry for {addr} on {dev}"))
-            }
+            r => r.with_context(|| {
+                format!("cannot remove the proxy neighbour entry for {addr} on {dev}")
+            }),
         }
     }
 }

@@ -17,7 +17,7 @@
 //! - TUN → packets to P (host route P/32 → TUN): translated to G.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ pub enum Side {
     },
     New {
         peer: IpAddr,
-        public: Ipv4Addr,
+        public: IpAddr,
         tunnelled: FlowTable,
         translated: FlowTable,
     },
@@ -56,19 +56,19 @@ pub struct SideStats {
 
 #[derive(Default)]
 pub struct Tables {
-    /// Keyed by guest address.
-    pub sides: HashMap<Ipv4Addr, Side>,
+    /// Keyed by guest address (IPv4 or IPv6).
+    pub sides: HashMap<IpAddr, Side>,
 }
 
 impl Tables {
-    fn public_to_guest(&self, public: Ipv4Addr) -> Option<Ipv4Addr> {
+    fn public_to_guest(&self, public: IpAddr) -> Option<IpAddr> {
         self.sides.iter().find_map(|(g, s)| match s {
             Side::New { public: p, .. } if *p == public => Some(*g),
             _ => None,
         })
     }
 
-    pub fn stats(&self, guest: Ipv4Addr) -> Option<SideStats> {
+    pub fn stats(&self, guest: IpAddr) -> Option<SideStats> {
         let sum = |t: &FlowTable| {
             t.iter().fold((0u64, 0u64), |(p, b), (_, f)| {
                 (p + f.packets[0] + f.packets[1], b + f.bytes[0] + f.bytes[1])
@@ -100,13 +100,6 @@ impl Tables {
                 }
             }
         })
-    }
-}
-
-fn v4(a: IpAddr) -> Option<Ipv4Addr> {
-    match a {
-        IpAddr::V4(v) => Some(v),
-        IpAddr::V6(_) => None,
     }
 }
 
@@ -254,7 +247,7 @@ impl Plane {
             peer,
             flows,
             last_ms,
-        }) = v4(dst).and_then(|d| t.sides.get_mut(&d))
+        }) = t.sides.get_mut(&dst)
         {
             if let Ok(i) = Inner::parse(pkt) {
                 flows.observe(&i, now);
@@ -268,7 +261,7 @@ impl Plane {
             public,
             tunnelled,
             translated,
-        }) = v4(src).and_then(|s| t.sides.get_mut(&s))
+        }) = t.sides.get_mut(&src)
         {
             let Ok(i) = Inner::parse(pkt) else {
                 return Out::Drop(DropReason::InnerMalformed);
@@ -279,14 +272,14 @@ impl Plane {
             }
             translated.observe(&i, now);
             let public = *public;
-            return match nat::rewrite_src(pkt, IpAddr::V4(public)) {
+            return match nat::rewrite_src(pkt, public) {
                 Ok(()) => Out::Back,
                 Err(_) => Out::Drop(DropReason::InnerMalformed),
             };
         }
         // new site: traffic to the guest's public address
-        if let Some(guest) = v4(dst).and_then(|d| t.public_to_guest(d)) {
-            if nat::rewrite_dst(pkt, IpAddr::V4(guest)).is_err() {
+        if let Some(guest) = t.public_to_guest(dst) {
+            if nat::rewrite_dst(pkt, guest).is_err() {
                 return Out::Drop(DropReason::InnerMalformed);
             }
             if let (Ok(i), Some(Side::New { translated, .. })) =
@@ -326,15 +319,15 @@ impl Plane {
         let now = self.now_ms();
         let mut t = self.lock();
         match (
-            v4(inner.dst).and_then(|d| t.sides.get_mut(&d).map(|s| (d, s))),
-            v4(inner.src),
+            t.sides.get_mut(&inner.dst).map(|s| (inner.dst, s)),
+            inner.src,
         ) {
             // new site: from the old site, to the guest
             (Some((_, Side::New { tunnelled, .. })), _) => {
                 tunnelled.observe(inner, now);
                 true
             }
-            _ => match v4(inner.src).and_then(|s| t.sides.get_mut(&s)) {
+            _ => match t.sides.get_mut(&inner.src) {
                 // old site: the guest's replies, reverse-tunnelled
                 Some(Side::Old { flows, last_ms, .. }) => {
                     flows.observe(inner, now);

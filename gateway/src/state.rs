@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub struct Service {
     pub name: String,
     /// The VM's own (guest) address.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub site: String,
 }
 
@@ -33,7 +33,7 @@ pub enum Role {
     /// `lan`: the interface the VM is reached through.
     New {
         peer: String,
-        public: Ipv4Addr,
+        public: IpAddr,
         lan: String,
     },
 }
@@ -57,7 +57,7 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Migration {
     pub service: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub role: Option<Role>,
     #[serde(flatten)]
     pub phase: Phase,
@@ -119,7 +119,7 @@ mod tests {
             "web1".into(),
             Service {
                 name: "web1".into(),
-                address: Ipv4Addr::new(10, 1, 0, 10),
+                address: IpAddr::from([10, 1, 0, 10]),
                 site: "siteA".into(),
             },
         );
@@ -127,7 +127,7 @@ mod tests {
             "web1".into(),
             Migration {
                 service: "web1".into(),
-                address: Ipv4Addr::new(10, 1, 0, 10),
+                address: IpAddr::from([10, 1, 0, 10]),
                 role: Some(Role::Old {
                     peer: "siteB".into(),
                     lan: Some("br0".into()),

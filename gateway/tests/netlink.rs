@@ -2,7 +2,7 @@
 //! (needs root): each change is visible to `ip`, and repeating or undoing
 //! it is harmless.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::Command;
 
 use gateway::netlink::{Net, REVERSE_TABLE};
@@ -19,7 +19,19 @@ fn ip(ns: &Netns, args: &[&str]) -> String {
 
 #[test]
 fn routes_rules_and_proxy_arp_are_applied_idempotently() {
+    applied_and_removed(IpAddr::from([10, 1, 0, 10]));
+}
+
+#[test]
+fn ipv6_routes_rules_and_proxy_ndp_are_applied_idempotently() {
+    applied_and_removed("fd00:1::10".parse().expect("address"));
+}
+
+fn applied_and_removed(g: IpAddr) {
     assert!(available(), "needs root (network namespaces)");
+    let v6 = g.is_ipv6();
+    let fam = if v6 { "-6" } else { "-4" };
+    let gs = g.to_string();
     let ns = Netns::new(unique("nl")).expect("netns");
     let (l1, l2) = (unique("x"), unique("y"));
     tests::netns::run(&[
@@ -28,37 +40,31 @@ fn routes_rules_and_proxy_arp_are_applied_idempotently() {
     .expect("veth");
     ns.exec(&["ip", "link", "set", &l1, "up"]).expect("up");
     ns.exec(&["ip", "link", "set", &l2, "up"]).expect("up");
-    let g = Ipv4Addr::new(10, 1, 0, 10);
     let (a, b) = (l1.clone(), l2.clone());
     block_on_in(&ns.name, move || async move {
         let net = Net::connect().expect("netlink");
         for _ in 0..2 {
             net.add_host_route(g, &a, None).await.expect("route");
-            net.add_default_route(&a, REVERSE_TABLE)
+            net.add_default_route(&a, REVERSE_TABLE, v6)
                 .await
                 .expect("default");
             net.add_rule_from(g, &b, REVERSE_TABLE).await.expect("rule");
-            net.add_proxy_arp(g, &b).await.expect("proxy");
+            net.add_proxy_neighbour(g, &b).await.expect("proxy");
         }
     })
     .expect("netns");
-    assert!(
-        ip(&ns, &["route"]).contains(&format!("10.1.0.10 dev {l1}")),
-        "{}",
-        ip(&ns, &["route"])
-    );
+    let routes = ip(&ns, &[fam, "route"]);
+    assert!(routes.contains(&format!("{gs} dev {l1}")), "{routes}");
     let table = REVERSE_TABLE.to_string();
-    assert!(ip(&ns, &["route", "show", "table", &table]).contains(&format!("default dev {l1}")));
-    let rules = ip(&ns, &["rule"]);
+    let reverse = ip(&ns, &[fam, "route", "show", "table", &table]);
+    assert!(reverse.contains(&format!("default dev {l1}")), "{reverse}");
+    let rules = ip(&ns, &[fam, "rule"]);
     assert!(
-        rules.contains(&format!("from 10.1.0.10 iif {l2} lookup {table}")),
+        rules.contains(&format!("from {gs} iif {l2} lookup {table}")),
         "{rules}"
     );
-    let proxies = ip(&ns, &["neigh", "show", "proxy"]);
-    assert!(
-        proxies.contains(&format!("10.1.0.10 dev {l2}")),
-        "{proxies}"
-    );
+    let proxies = ip(&ns, &[fam, "neigh", "show", "proxy"]);
+    assert!(proxies.contains(&format!("{gs} dev {l2}")), "{proxies}");
 
     let (a, b) = (l1.clone(), l2.clone());
     block_on_in(&ns.name, move || async move {
@@ -68,11 +74,11 @@ fn routes_rules_and_proxy_arp_are_applied_idempotently() {
             net.del_rule_from(g, &b, REVERSE_TABLE)
                 .await
                 .expect("del rule");
-            net.del_proxy_arp(g, &b).await.expect("del proxy");
+            net.del_proxy_neighbour(g, &b).await.expect("del proxy");
         }
     })
     .expect("netns");
-    assert!(!ip(&ns, &["route"]).contains("10.1.0.10"));
-    assert!(!ip(&ns, &["rule"]).contains("10.1.0.10"));
-    assert!(!ip(&ns, &["neigh", "show", "proxy"]).contains("10.1.0.10"));
+    assert!(!ip(&ns, &[fam, "route"]).contains(&gs));
+    assert!(!ip(&ns, &[fam, "rule"]).contains(&gs));
+    assert!(!ip(&ns, &[fam, "neigh", "show", "proxy"]).contains(&gs));
 }

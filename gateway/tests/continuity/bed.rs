@@ -38,8 +38,9 @@ pub struct Gw {
     pub log: PathBuf,
 }
 
-/// A veth from `host` into siteA's bridge; returns siteA's end.
-fn lan_link(a: &Netns, host: &Netns, host_addr: &str) -> String {
+/// A veth from `host` into siteA's bridge; returns siteA's end and the
+/// host's.
+fn lan_link(a: &Netns, host: &Netns, host_addr: &str) -> (String, String) {
     let base = unique("l");
     let (ea, eb) = (format!("{base}a"), format!("{base}b"));
     tests::netns::run(&[
@@ -53,7 +54,7 @@ fn lan_link(a: &Netns, host: &Netns, host_addr: &str) -> String {
     host.exec(&["ip", "addr", "add", host_addr, "dev", &eb])
         .expect("addr");
     host.exec(&["ip", "link", "set", &eb, "up"]).expect("up");
-    ea
+    (ea, eb)
 }
 
 fn sysctl(ns: &Netns, kv: &str) {
@@ -74,16 +75,50 @@ impl Bed {
         let mk = |t: &str| Netns::new(unique(t)).expect("netns");
         let (client, wan, a, b, vm, neighbour) =
             (mk("cl"), mk("wan"), mk("sa"), mk("sb"), mk("vm"), mk("nb"));
-        veth(&client, "10.0.0.2/24", &wan, "10.0.0.1/24").expect("veth");
-        let (_, wa) = veth(&a, "198.51.100.2/30", &wan, "198.51.100.1/30").expect("veth");
-        let (_, wb) = veth(&b, "203.0.113.2/30", &wan, "203.0.113.1/30").expect("veth");
+        let (cw, wc) = veth(&client, "10.0.0.2/24", &wan, "10.0.0.1/24").expect("veth");
+        let (aw, wa) = veth(&a, "198.51.100.2/30", &wan, "198.51.100.1/30").expect("veth");
+        let (bw, wb) = veth(&b, "203.0.113.2/30", &wan, "203.0.113.1/30").expect("veth");
+        // IPv6 beside IPv4 (no duplicate address detection: usable at once)
+        for (ns, addr, dev) in [
+            (&client, "fd00::2/64", &cw),
+            (&wan, "fd00::1/64", &wc),
+            (&a, "fd00:51::2/64", &aw),
+            (&wan, "fd00:51::1/64", &wa),
+            (&b, "fd00:113::2/64", &bw),
+            (&wan, "fd00:113::1/64", &wb),
+        ] {
+            ns.exec(&["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"])
+                .expect("IPv6 address");
+        }
         // siteA's LAN: a bridge holding the VM's link and a neighbour's
         a.exec(&["ip", "link", "add", "br0", "type", "bridge"])
             .expect("bridge");
         a.exec(&["ip", "addr", "add", "10.1.0.1/24", "dev", "br0"])
             .expect("addr");
+        a.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:1::1/64",
+            "dev",
+            "br0",
+            "nodad",
+        ])
+        .expect("addr");
         a.exec(&["ip", "link", "set", "br0", "up"]).expect("up");
-        let vm_link = lan_link(&a, &vm, "10.1.0.10/24");
+        let (vm_link, vm_dev) = lan_link(&a, &vm, "10.1.0.10/24");
+        vm.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:1::10/64",
+            "dev",
+            &vm_dev,
+            "nodad",
+        ])
+        .expect("addr");
         lan_link(&a, &neighbour, "10.1.0.20/24");
         neighbour
             .exec(&["ip", "route", "add", "default", "via", "10.1.0.1"])
@@ -101,9 +136,36 @@ impl Bed {
             .expect("route");
         wan.exec(&["ip", "route", "add", "10.2.0.0/24", "via", "203.0.113.2"])
             .expect("route");
+        for (ns, args) in [
+            (&client, &["default", "via", "fd00::1"][..]),
+            (&a, &["default", "via", "fd00:51::1"][..]),
+            (&b, &["default", "via", "fd00:113::1"][..]),
+            (&vm, &["default", "via", "fd00:1::1"][..]),
+            (&wan, &["fd00:1::/64", "via", "fd00:51::2"][..]),
+            (&wan, &["fd00:2::/64", "via", "fd00:113::2"][..]),
+        ] {
+            let mut cmd = vec!["ip", "-6", "route", "add"];
+            cmd.extend(args);
+            ns.exec(&cmd).expect("IPv6 route");
+        }
         for ns in [&wan, &a, &b] {
             sysctl(ns, "net.ipv4.ip_forward=1");
+            sysctl(ns, "net.ipv6.conf.all.forwarding=1");
         }
+        // IPv6 has no rp_filter: the same ingress filter as a rule (siteA's
+        // prefix may only come from siteA)
+        wan.exec(&[
+            "ip",
+            "-6",
+            "rule",
+            "add",
+            "from",
+            "fd00:1::/64",
+            "iif",
+            &wb,
+            "prohibit",
+        ])
+        .expect("IPv6 ingress filter");
         // ingress filtering at the wan router: strict reverse-path checks
         sysctl(&wan, "net.ipv4.conf.all.rp_filter=1");
         for dev in [wa.as_str(), wb.as_str()] {
@@ -125,7 +187,13 @@ impl Bed {
     }
 
     fn echo_servers(&self) {
-        let l = in_netns(&self.vm.name, || TcpListener::bind("10.1.0.10:7000"))
+        self.tcp_echo("10.1.0.10:7000");
+        self.tcp_echo("[fd00:1::10]:7000");
+        self.udp_echo("10.1.0.10:7001");
+    }
+
+    fn tcp_echo(&self, at: &'static str) {
+        let l = in_netns(&self.vm.name, move || TcpListener::bind(at))
             .expect("netns")
             .expect("bind");
         std::thread::spawn(move || {
@@ -140,7 +208,10 @@ impl Bed {
                 });
             }
         });
-        let u = in_netns(&self.vm.name, || UdpSocket::bind("10.1.0.10:7001"))
+    }
+
+    fn udp_echo(&self, at: &'static str) {
+        let u = in_netns(&self.vm.name, move || UdpSocket::bind(at))
             .expect("netns")
             .expect("bind");
         std::thread::spawn(move || {
@@ -229,21 +300,31 @@ impl Bed {
     }
 
     pub fn register_and_prepare(&self, ga: &Gw, gb: &Gw) {
+        self.register_and_prepare_service(ga, gb, "web1", "10.1.0.10");
+    }
+
+    pub fn register_and_prepare_service(&self, ga: &Gw, gb: &Gw, name: &str, address: &str) {
         for g in [ga, gb] {
+            let body = format!(r#"{{"name":"{name}","address":"{address}","site":"siteA"}}"#);
+            let (code, body) = g.api("POST", "/v1/services", &body);
+            assert_eq!(code, 201, "{body}");
             let (code, body) = g.api(
                 "POST",
-                "/v1/services",
-                r#"{"name":"web1","address":"10.1.0.10","site":"siteA"}"#,
+                &format!("/v1/migrations/{name}/prepare"),
+                r#"{"to":"siteB"}"#,
             );
-            assert_eq!(code, 201, "{body}");
-            let (code, body) = g.api("POST", "/v1/migrations/web1/prepare", r#"{"to":"siteB"}"#);
             assert_eq!(code, 200, "{body}");
         }
     }
 
-    /// The VM's link moves from siteA to siteB (same MAC, same gateway
-    /// address on the VM's side), then both gateways switch.
+    /// The VM's link moves from siteA to siteB (same gateway addresses on
+    /// the VM's side), then both gateways switch.
     pub fn move_vm_and_switch(&self, ga: &Gw, gb: &Gw) {
+        self.move_vm();
+        self.switch(ga, gb, "web1", "10.2.0.100");
+    }
+
+    pub fn move_vm(&self) {
         let l = &self.vm_link;
         self.a
             .exec(&["ip", "link", "set", l, "netns", &self.b.name])
@@ -251,13 +332,21 @@ impl Bed {
         self.b
             .exec(&["ip", "addr", "add", "10.1.0.1/24", "dev", l])
             .expect("addr");
+        self.b
+            .exec(&["ip", "-6", "addr", "add", "fd00:1::1/64", "dev", l, "nodad"])
+            .expect("addr");
         self.b.exec(&["ip", "link", "set", l, "up"]).expect("up");
-        let body = format!(r#"{{"role":"new","peer":"siteA","public":"10.2.0.100","lan":"{l}"}}"#);
-        let (code, b) = gb.api("POST", "/v1/migrations/web1/switch", &body);
+    }
+
+    /// Both gateways switch `service`: B takes it with `public`, A tunnels.
+    pub fn switch(&self, ga: &Gw, gb: &Gw, service: &str, public: &str) {
+        let l = &self.vm_link;
+        let body = format!(r#"{{"role":"new","peer":"siteA","public":"{public}","lan":"{l}"}}"#);
+        let (code, b) = gb.api("POST", &format!("/v1/migrations/{service}/switch"), &body);
         assert_eq!(code, 200, "{b}");
         let (code, b) = ga.api(
             "POST",
-            "/v1/migrations/web1/switch",
+            &format!("/v1/migrations/{service}/switch"),
             r#"{"role":"old","peer":"siteB","lan":"br0"}"#,
         );
         assert_eq!(code, 200, "{b}");
@@ -321,11 +410,15 @@ impl Bed {
 
     /// The VM opens a connection to the client: the client sees the VM's new public address.
     pub fn vm_connects_out(&self) {
-        let l = in_netns(&self.client.name, || TcpListener::bind("10.0.0.2:7100"))
+        self.vm_connects_out_to("10.0.0.2:7100", "10.2.0.100");
+    }
+
+    pub fn vm_connects_out_to(&self, client: &'static str, public: &str) {
+        let l = in_netns(&self.client.name, move || TcpListener::bind(client))
             .expect("netns")
             .expect("bind");
         let seen = std::thread::spawn(move || l.accept().map(|(_, peer)| peer));
-        let to: SocketAddr = "10.0.0.2:7100".parse().expect("addr");
+        let to: SocketAddr = client.parse().expect("addr");
         let s = in_netns(&self.vm.name, move || {
             TcpStream::connect_timeout(&to, Duration::from_secs(5))
         })
@@ -334,7 +427,7 @@ impl Bed {
         let peer = seen.join().expect("accept").expect("accepted");
         assert_eq!(
             peer.ip().to_string(),
-            "10.2.0.100",
+            public,
             "the VM's outbound connection must leave with its new address"
         );
         drop(s);
@@ -454,11 +547,15 @@ pub struct Streams {
 
 impl Streams {
     pub fn start(bed: &Bed, n: u64) -> Self {
+        Self::start_to(bed, n, "10.1.0.10:7000")
+    }
+
+    pub fn start_to(bed: &Bed, n: u64, to: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let mut verified = Vec::new();
         let mut threads = Vec::new();
-        let to: SocketAddr = "10.1.0.10:7000".parse().expect("addr");
+        let to: SocketAddr = to.parse().expect("addr");
         for k in 0..n {
             let s = in_netns(&bed.client.name, move || {
                 TcpStream::connect_timeout(&to, Duration::from_secs(5))

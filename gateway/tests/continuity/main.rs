@@ -8,7 +8,8 @@
 //! ```
 //! `wan` routes 10.1.0.0/24 to siteA and 10.2.0.0/24 to siteB and drops
 //! packets whose source is not routed via the side they arrive from (strict
-//! rp_filter). The "VM" is a namespace with an echo server; moving its link
+//! rp_filter). The same in IPv6 beside it: client fd00::2, siteA's LAN
+//! fd00:1::/64 (the VM fd00:1::10), siteB's public prefix fd00:2::/64. The "VM" is a namespace with an echo server; moving its link
 //! from siteA to siteB keeps its sockets and changes only the path.
 
 mod bed;
@@ -69,6 +70,49 @@ fn open_connections_survive_the_move_new_ones_reach_the_new_address_and_the_tunn
     );
     // but the new address still works
     bed.echo_once("10.2.0.100:7000", b"still here");
+    bed.assert_no_gateway_errors();
+}
+
+#[test]
+fn an_ipv6_guest_keeps_its_connections_and_gets_a_new_ipv6_address() {
+    let bed = Bed::new();
+    let (ga, gb) = (bed.gateway_a(), bed.gateway_b());
+    bed.register_and_prepare_service(&ga, &gb, "web6", "fd00:1::10");
+    let streams = Streams::start_to(&bed, 5, "[fd00:1::10]:7000");
+    streams.wait_progress(Duration::from_secs(10));
+    let before = streams.verified();
+
+    bed.move_vm();
+    bed.switch(&ga, &gb, "web6", "fd00:2::100");
+    // through the tunnel, replies back through it (the wan drops siteA's
+    // prefix arriving from siteB)
+    streams.wait_progress_beyond(&before, Duration::from_secs(30));
+    bed.echo_once("[fd00:2::100]:7000", b"hello via the new IPv6 address");
+    bed.vm_connects_out_to("[fd00::2]:7100", "fd00:2::100");
+
+    let (_, st) = ga.api("GET", "/v1/status", "");
+    let m = &st["migrations"][0];
+    assert_eq!(m["address"], "fd00:1::10", "{st}");
+    assert!(m["traffic"]["live_flows"].as_u64() >= Some(5), "{st}");
+    // a public address of the other family is refused
+    let (code, body) = gb.api(
+        "POST",
+        "/v1/services",
+        r#"{"name":"web7","address":"fd00:1::11","site":"siteA"}"#,
+    );
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = gb.api("POST", "/v1/migrations/web7/prepare", r#"{"to":"siteB"}"#);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = gb.api(
+        "POST",
+        "/v1/migrations/web7/switch",
+        &format!(
+            r#"{{"role":"new","peer":"siteA","public":"10.2.0.107","lan":"{}"}}"#,
+            bed.vm_link
+        ),
+    );
+    assert_eq!(code, 400, "{body}");
+    streams.finish();
     bed.assert_no_gateway_errors();
 }
 

@@ -19,7 +19,7 @@ pub mod gateway;
 pub mod report;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -103,10 +103,12 @@ pub struct VmConfig {
     pub site: String,
     pub control: PathBuf,
     pub qmp: PathBuf,
-    pub address: Ipv4Addr,
+    /// The guest's address (IPv4 or IPv6).
+    pub address: IpAddr,
     pub name: Option<String>,
+    /// Its public address at each site it may move to (same family).
     #[serde(default)]
-    pub public: BTreeMap<String, Ipv4Addr>,
+    pub public: BTreeMap<String, IpAddr>,
     #[serde(default)]
     pub lan: BTreeMap<String, String>,
 }
@@ -147,8 +149,8 @@ pub struct Plan {
     pub service: String,
     pub from: String,
     pub to: String,
-    pub address: Ipv4Addr,
-    pub public: Ipv4Addr,
+    pub address: IpAddr,
+    pub public: IpAddr,
     pub old_lan: Option<String>,
     pub new_lan: String,
     pub gw_from: Gateway,
@@ -209,6 +211,12 @@ impl Plan {
         let public = *vm.public.get(to).with_context(|| {
             format!("[vm.{service}] has no public address for {to} (public = {{ {to} = \"…\" }})")
         })?;
+        if public.is_ipv4() != vm.address.is_ipv4() {
+            bail!(
+                "[vm.{service}]: its public address at {to} ({public}) and its address ({}) are of different families",
+                vm.address
+            );
+        }
         let new_lan = vm.lan.get(to).cloned().with_context(|| {
             format!("[vm.{service}] has no link at {to} (lan = {{ {to} = \"…\" }})")
         })?;
@@ -498,7 +506,7 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
     .await?;
     let t_switch = Instant::now();
     if let (Some((c, zone, name, p)), Some(d)) = (&dns, &plan.dns) {
-        let to = [IpAddr::V4(plan.public)];
+        let to = [plan.public];
         let sw = retry(
             &format!("pointing {name} to {}", plan.public),
             &events,
