@@ -139,28 +139,15 @@ impl Plane {
     /// from each side per pass; after the last packet it keeps polling for
     /// `spin`, then sleeps until a socket has input.
     pub fn run(&self) -> std::io::Result<()> {
-        let mut fds = vec![self.tun.fd()];
-        fds.extend(self.outer.fds());
-        let mut idle = tunnel::poll::Idle::new(self.spin, &fds);
-        let mut from_tun = self.tun.recv_batch();
-        let mut from_outer = tunnel::io::OuterBatch::default();
         let (mut keep, mut refused) = (Vec::new(), Vec::new());
-        let mut moved = 0;
-        loop {
-            idle.wait(moved)?;
-            moved = 0;
-            if idle.ready(0) && self.tun.try_recv(&mut from_tun)? {
-                if from_tun.resegmented {
-                    self.counters.resegmented.fetch_add(1, Ordering::Relaxed);
-                }
-                moved += from_tun.bytes();
-                self.tun_to_tunnel(&mut from_tun, &mut keep, &mut refused)?;
-            }
-            if (1..fds.len()).any(|i| idle.ready(i)) && self.outer.try_recv(&mut from_outer)? {
-                moved += from_outer.bytes();
-                self.tunnel_to_tun(&from_outer)?;
-            }
-        }
+        tunnel::io::drive(
+            &self.tun,
+            &self.outer,
+            self.spin,
+            &self.counters,
+            |rx| self.tun_to_tunnel(rx, &mut keep, &mut refused),
+            |rx| self.tunnel_to_tun(rx),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {

@@ -532,6 +532,43 @@ fn send_all(
     Ok(())
 }
 
+/// A data plane's loop, on the calling thread, until an I/O error: a batch
+/// from each side per pass, `outbound` for the TUN device's, `inbound` for
+/// the tunnel's; between passes it waits ([`Idle`]: polling for `spin`
+/// after a light pass, then asleep until a descriptor has input).
+pub fn drive(
+    tun: &Tun,
+    outer: &Outer,
+    spin: Duration,
+    counters: &Counters,
+    mut outbound: impl FnMut(&mut RecvBatch) -> std::io::Result<()>,
+    mut inbound: impl FnMut(&OuterBatch) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut fds = vec![tun.fd()];
+    fds.extend(outer.fds());
+    let mut idle = Idle::new(spin, &fds);
+    let (mut from_tun, mut from_outer) = (tun.recv_batch(), OuterBatch::default());
+    let mut moved = 0;
+    loop {
+        idle.wait(moved)?;
+        moved = 0;
+        if idle.ready(0) && tun.try_recv(&mut from_tun)? {
+            if from_tun.resegmented {
+                counters.resegmented.fetch_add(1, Ordering::Relaxed);
+            }
+            if from_tun.malformed {
+                counters.dropped(DropReason::InnerMalformed);
+            }
+            moved += from_tun.bytes();
+            outbound(&mut from_tun)?;
+        }
+        if (1..fds.len()).any(|i| idle.ready(i)) && outer.try_recv(&mut from_outer)? {
+            moved += from_outer.bytes();
+            inbound(&from_outer)?;
+        }
+    }
+}
+
 /// Runs of packets that can go as one UDP GSO message: the same peer, the
 /// same size (the last may be shorter), each no larger than `max`, at most
 /// 64 and 64 KB in all. With `max` 0, one packet per run.
@@ -613,33 +650,20 @@ impl Pipe {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Moves packets both ways until an I/O error, on the calling thread:
-    /// a batch from each side per pass, polling for a while after the last
-    /// packet before sleeping (`spin`).
+    /// Moves packets both ways until an I/O error, on the calling thread
+    /// ([`drive`]).
     pub fn run(&self) -> std::io::Result<()> {
         let mut peers: Vec<IpAddr> = vec![self.config.peer];
         peers.extend(self.config.extra_peers.iter().copied());
-        let mut fds = vec![self.tun.fd()];
-        fds.extend(self.outer.fds());
-        let mut idle = Idle::new(self.config.spin, &fds);
-        let (mut from_tun, mut from_outer) = (self.tun.recv_batch(), OuterBatch::default());
         let (mut keep, mut refused) = (Vec::new(), Vec::new());
-        let mut moved = 0;
-        loop {
-            idle.wait(moved)?;
-            moved = 0;
-            if idle.ready(0) && self.tun.try_recv(&mut from_tun)? {
-                if from_tun.resegmented {
-                    self.counters.resegmented.fetch_add(1, Ordering::Relaxed);
-                }
-                moved += from_tun.bytes();
-                self.outbound_batch(&mut from_tun, &mut keep, &mut refused)?;
-            }
-            if (1..fds.len()).any(|i| idle.ready(i)) && self.outer.try_recv(&mut from_outer)? {
-                moved += from_outer.bytes();
-                self.inbound_batch(&from_outer, &peers)?;
-            }
-        }
+        drive(
+            &self.tun,
+            &self.outer,
+            self.config.spin,
+            &self.counters,
+            |rx| self.outbound_batch(rx, &mut keep, &mut refused),
+            |rx| self.inbound_batch(rx, &peers),
+        )
     }
 
     /// TUN → tunnel.

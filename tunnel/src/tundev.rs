@@ -1,21 +1,20 @@
 //! The TUN device with offloads (`IFF_VNET_HDR`, TSO/checksum): the kernel
 //! hands us TCP super-packets of up to 64 KiB in one read, which
-//! [`Tun::try_recv`] splits into MTU-sized packets with complete checksums
-//! (tun-rs); and [`Tun::write`] writes consecutive segments of a TCP flow
-//! as one super-packet ([`crate::coalesce`], GRO). Per 64 KiB of a bulk flow that is one
-//! system call instead of forty-five, each way; on the wire between the
-//! gateways nothing changes (the packets are the ones a plain TUN device
-//! would carry).
+//! [`Tun::try_recv`] cuts into packets with complete checksums (tun-rs's
+//! `gso_split`; segments re-cut to fit the tunnel, see [`Tun::resegment`]);
+//! and [`Tun::write`] writes consecutive segments of a TCP flow as one
+//! super-packet ([`crate::coalesce`], GRO). Per 64 KiB of a bulk flow that
+//! is one system call instead of forty-five, each way; on the wire between
+//! the gateways the packets are the ones a plain TUN device would carry.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use tun_rs::{
-    gso_split, DeviceBuilder, SyncDevice, VirtioNetHdr, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_LEN,
+    checksum, gso_split, DeviceBuilder, SyncDevice, VirtioNetHdr, IDEAL_BATCH_SIZE,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_LEN,
 };
 
-use crate::checksum;
 use crate::coalesce::Coalescer;
 
 const GSO_NONE: u8 = 0;
@@ -70,6 +69,9 @@ pub struct RecvBatch {
     /// The last read was a TCP super-packet cut finer than its sender's
     /// segments ([`Tun::resegment`]).
     pub resegmented: bool,
+    /// The last read could not be made into packets (the caller counts
+    /// the drop).
+    pub malformed: bool,
 }
 
 impl RecvBatch {
@@ -83,6 +85,7 @@ impl RecvBatch {
             sizes: vec![0; IDEAL_BATCH_SIZE],
             n: 0,
             resegmented: false,
+            malformed: false,
         }
     }
 }
@@ -131,9 +134,12 @@ impl Tun {
     }
 
     /// The packets the kernel has for us, into `b`: false when it has none.
+    /// A read that cannot be made into packets sets `b.malformed` (and no
+    /// packets).
     pub fn try_recv(&self, b: &mut RecvBatch) -> io::Result<bool> {
         b.n = 0;
         b.resegmented = false;
+        b.malformed = false;
         // SAFETY: reads at most original.len() bytes into the live buffer.
         let n = unsafe {
             libc::read(
@@ -152,13 +158,13 @@ impl Tun {
         match self.split(b, n as usize) {
             Ok(k) => {
                 b.n = k;
-                Ok(k > 0)
+                Ok(true)
             }
-            // a malformed super-packet from the kernel is not worth
-            // stopping for; the kernel's own packets are the only input
+            // not worth stopping for: dropped and counted
             Err(e) => {
                 tracing::debug!(error = %e, "cannot split a packet from the TUN device");
-                Ok(false)
+                b.malformed = true;
+                Ok(true)
             }
         }
     }
@@ -180,8 +186,22 @@ impl Tun {
             }
             out[..plen].copy_from_slice(pkt);
             if hdr.flags & NEEDS_CSUM != 0 {
-                // only the pseudo-header's sum is there yet
-                checksum::complete(&mut out[..plen]);
+                // the field holds the pseudo-header's sum; the rest is ours
+                let (start, at) = (
+                    usize::from(hdr.csum_start),
+                    usize::from(hdr.csum_start) + usize::from(hdr.csum_offset),
+                );
+                if at + 2 > plen {
+                    return Err(bad(format!("checksum field beyond the packet {hdr:?}")));
+                }
+                let out = &mut out[..plen];
+                let partial = u16::from_be_bytes([out[at], out[at + 1]]);
+                out[at..at + 2].fill(0);
+                let mut sum = !checksum(&out[start..], u64::from(partial));
+                if sum == 0 && hdr.csum_offset == 6 {
+                    sum = 0xffff; // UDP: zero would mean "no checksum"
+                }
+                out[at..at + 2].copy_from_slice(&sum.to_be_bytes());
             }
             b.sizes[0] = plen;
             return Ok(1);
