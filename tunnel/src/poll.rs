@@ -83,23 +83,23 @@ impl Idle {
         for p in &mut self.pfds {
             p.revents = 0;
         }
-        // SAFETY: `pfds` is a live array of pfds.len() pollfd structures.
-        let rc = unsafe {
-            libc::poll(
-                self.pfds.as_mut_ptr(),
-                self.pfds.len() as libc::nfds_t,
-                timeout_ms,
-            )
-        };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                return Ok(false);
-            }
-            return Err(e);
-        }
-        Ok(rc > 0)
+        poll(&mut self.pfds, timeout_ms)
     }
+}
+
+/// `poll(2)`: true when a descriptor is ready, false on timeout or when a
+/// signal ended the wait.
+fn poll(pfds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<bool> {
+    // SAFETY: `pfds` is a live array of pfds.len() pollfd structures.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(rc > 0)
 }
 
 /// Blocks until one of `fds` has `events` (or `timeout_ms` passes, -1:
@@ -113,16 +113,7 @@ pub fn wait_for(fds: &[RawFd], events: libc::c_short, timeout_ms: i32) -> io::Re
             revents: 0,
         })
         .collect();
-    // SAFETY: `p` is a live array of p.len() pollfd structures.
-    let rc = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    Ok(rc > 0)
+    poll(&mut p, timeout_ms)
 }
 
 #[cfg(test)]

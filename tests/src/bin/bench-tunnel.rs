@@ -107,8 +107,24 @@ fn tunnel_routes(t: &Topo, extra: &[&str], more: &[&str]) -> Result<Vec<ChildGua
     Ok(kids)
 }
 
-/// Bytes per second from client to server over `flows` TCP connections.
-fn throughput(t: &Topo, flows: usize, secs: u64, port: u16) -> Result<f64> {
+/// Busy and total CPU time of the whole machine so far (`/proc/stat`,
+/// clock ticks): busy is everything but idle and I/O wait.
+fn cpu_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// Bytes per second from client to server over `flows` TCP connections,
+/// and the cores the machine kept busy meanwhile.
+fn throughput(t: &Topo, flows: usize, secs: u64, port: u16) -> Result<(f64, f64)> {
     let at: SocketAddr = format!("10.9.0.2:{port}").parse()?;
     let l = in_netns(&t.s.name, move || TcpListener::bind(at))??;
     let received = Arc::new(AtomicU64::new(0));
@@ -148,18 +164,22 @@ fn throughput(t: &Topo, flows: usize, secs: u64, port: u16) -> Result<f64> {
     }
     std::thread::sleep(Duration::from_millis(500)); // ramp up
     let start_bytes = received.load(Ordering::Relaxed);
+    let cpu0 = cpu_ticks()?;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(secs) && !tests::interrupt::interrupted() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let bytes = received.load(Ordering::Relaxed) - start_bytes;
     let rate = bytes as f64 / t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_ticks()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let busy = (cpu1.0 - cpu0.0) as f64 / ((cpu1.1 - cpu0.1).max(1) as f64) * cores;
     stop.store(true, Ordering::Relaxed);
     for s in senders {
         let _ = s.join();
     }
     tests::interrupt::check()?;
-    Ok(rate)
+    Ok((rate, busy))
 }
 
 /// Median and p99 UDP round trip, microseconds, at low load.
@@ -194,6 +214,8 @@ fn latency(t: &Topo, n: usize, port: u16) -> Result<(f64, f64)> {
 struct Row {
     path: &'static str,
     one: f64,
+    /// Cores busy during the 1-flow run.
+    busy: f64,
     sixteen: f64,
     rtt_med: f64,
     rtt_p99: f64,
@@ -253,8 +275,8 @@ fn main() -> Result<()> {
         };
         eprintln!("== {path}");
         let (rtt_med, rtt_p99) = latency(&t, args.pings, 7001)?;
-        let one = throughput(&t, 1, args.seconds, 7002)?;
-        let sixteen = throughput(&t, 16, args.seconds, 7003)?;
+        let (one, busy) = throughput(&t, 1, args.seconds, 7002)?;
+        let (sixteen, _) = throughput(&t, 16, args.seconds, 7003)?;
         eprintln!(
             "{path}: 1 flow {:.0} Mbit/s, 16 flows {:.0} Mbit/s, rtt {rtt_med:.0} µs",
             one * 8e-6,
@@ -263,6 +285,7 @@ fn main() -> Result<()> {
         rows.push(Row {
             path,
             one,
+            busy,
             sixteen,
             rtt_med,
             rtt_p99,
@@ -280,12 +303,12 @@ routed directly by the kernels, then through the userspace tunnel (`tunnel-pipe`
 Client and server are TCP/UDP sockets in the end namespaces; everything shares the machine's {cores} cores ({host}), \
 so ratios are the measure. Throughput: bulk TCP for {} s after a 0.5 s ramp. Latency: {} UDP round trips of 8 bytes, one at a time (1 ms apart). \
 Command: `sudo target/release/bench-tunnel --seconds {} --pings {}`.\n\n\
-| path | 1 flow Mbit/s | 16 flows Mbit/s | RTT median µs | RTT p99 µs | ÷ direct, 1 flow | ÷ direct, 16 flows | added RTT µs |\n|---|---|---|---|---|---|---|---|\n",
+| path | 1 flow Mbit/s | 16 flows Mbit/s | RTT median µs | RTT p99 µs | ÷ direct, 1 flow | ÷ direct, 16 flows | added RTT µs | cores busy, 1 flow | CPU s per GB, 1 flow |\n|---|---|---|---|---|---|---|---|---|---|\n",
         args.seconds, args.pings, args.seconds, args.pings
     );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} |\n",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |\n",
             r.path,
             r.one * 8e-6,
             r.sixteen * 8e-6,
@@ -293,13 +316,16 @@ Command: `sudo target/release/bench-tunnel --seconds {} --pings {}`.\n\n\
             r.rtt_p99,
             r.one / d.one,
             r.sixteen / d.sixteen,
-            r.rtt_med - d.rtt_med
+            r.rtt_med - d.rtt_med,
+            r.busy,
+            r.busy / (r.one * 1e-9)
         ));
     }
-    md.push_str(
+    md.push_str(&format!(
         "\nTargets: ≥ 0.70 of the direct path's throughput, < 100 µs added round trip. \
 Full-size segments are those of connections opened before the switch (MSS 1460: 1500-byte packets, too big for the tunnel); \
-MSS-clamped ones are those of connections opened through the tunnel.\n\n\
+MSS-clamped ones are those of connections opened through the tunnel. \
+Cores busy: the whole machine's CPU use during the 1-flow run (`/proc/stat`, out of {cores}); CPU s per GB: that divided by the rate.\n\n\
 How packets move: the TUN device has offloads on, so a gateway reads 64 KiB TCP super-packets and cuts them into segments that fit \
 the tunnel (finer than the sender's when needed: only packets that come alone and too big are fragmented outside), and writes \
 consecutive segments of a flow as one super-packet again, straight from the receive buffers (`writev`). The outer sockets move \
@@ -309,7 +335,7 @@ the kernel's per-packet cost. Each gateway's data plane is one thread that keeps
 default 2000) before it sleeps: on this virtual machine a sleeping thread's wake-up costs about 55 µs per hop, four hops per round \
 trip. With all four parties on 2 cores the tunnel path is CPU-bound (it copies every byte four more times than the direct path, \
 which moves 64 KiB super-packets through the veths end to end on one core); 16 flows gain nothing over one for the same reason.\n",
-    );
+        ));
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
