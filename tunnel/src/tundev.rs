@@ -155,7 +155,7 @@ impl Tun {
                 _ => Err(e),
             };
         }
-        match self.split(b, n as usize) {
+        match split(b, n as usize, self.resegment) {
             Ok(k) => {
                 b.n = k;
                 Ok(true)
@@ -168,82 +168,85 @@ impl Tun {
             }
         }
     }
+}
 
-    /// The `len` bytes read into `b.original` (virtio header, packet) as
-    /// packets in `b.bufs`; how many.
-    fn split(&self, b: &mut RecvBatch, len: usize) -> io::Result<usize> {
-        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
-        if len <= VIRTIO_NET_HDR_LEN {
-            return Err(bad(format!("a read of {len} bytes")));
-        }
-        let mut hdr = VirtioNetHdr::decode(&b.original[..VIRTIO_NET_HDR_LEN])?;
-        let pkt = &mut b.original[VIRTIO_NET_HDR_LEN..len];
-        let plen = pkt.len();
-        if hdr.gso_type == GSO_NONE {
-            let out = &mut b.bufs[0][HEADROOM..];
-            if out.len() < plen {
-                return Err(bad(format!("a {plen}-byte packet above the MTU")));
-            }
-            out[..plen].copy_from_slice(pkt);
-            if hdr.flags & NEEDS_CSUM != 0 {
-                // the field holds the pseudo-header's sum; the rest is ours
-                let (start, at) = (
-                    usize::from(hdr.csum_start),
-                    usize::from(hdr.csum_start) + usize::from(hdr.csum_offset),
-                );
-                if at + 2 > plen {
-                    return Err(bad(format!("checksum field beyond the packet {hdr:?}")));
-                }
-                let out = &mut out[..plen];
-                let partial = u16::from_be_bytes([out[at], out[at + 1]]);
-                out[at..at + 2].fill(0);
-                let mut sum = !checksum(&out[start..], u64::from(partial));
-                if sum == 0 && hdr.csum_offset == 6 {
-                    sum = 0xffff; // UDP: zero would mean "no checksum"
-                }
-                out[at..at + 2].copy_from_slice(&sum.to_be_bytes());
-            }
-            b.sizes[0] = plen;
-            return Ok(1);
-        }
-        let is_v6 = match pkt[0] >> 4 {
-            4 => false,
-            6 => true,
-            v => return Err(bad(format!("IP version {v}"))),
-        };
-        let start = usize::from(hdr.csum_start);
-        // (gso_split checks the type further)
-        let tcp = matches!(hdr.gso_type & !GSO_ECN, GSO_TCPV4 | GSO_TCPV6);
-        // the kernel's hdr_len can be the whole first packet on a forwarding
-        // path: recompute it from the transport header
-        let transport_len = if tcp {
-            match pkt.get(start + 12) {
-                Some(b) => usize::from(b >> 4) * 4,
-                None => return Err(bad("a TCP header cut short".into())),
-            }
-        } else {
-            8
-        };
-        let hdr_len = start + transport_len;
-        if (tcp && !(20..=60).contains(&transport_len))
-            || hdr_len > plen
-            || start + usize::from(hdr.csum_offset) + 2 > plen
-            || hdr.gso_size == 0
-        {
-            return Err(bad(format!("inconsistent GSO header {hdr:?}")));
-        }
-        hdr.hdr_len = hdr_len as u16;
-        if let Some(max) = self.resegment.map(usize::from).filter(|_| tcp) {
-            let seg = max.saturating_sub(hdr_len);
-            let segments = (plen - hdr_len).div_ceil(seg.max(1));
-            if hdr_len + usize::from(hdr.gso_size) > max && seg > 0 && segments <= b.bufs.len() {
-                hdr.gso_size = seg as u16;
-                b.resegmented = true;
-            }
-        }
-        gso_split(pkt, hdr, &mut b.bufs, &mut b.sizes, HEADROOM, is_v6)
+/// The `len` bytes read into `b.original` (virtio header, packet) as
+/// packets in `b.bufs`, TCP segments re-cut to at most `resegment` bytes
+/// a packet; how many.
+fn split(b: &mut RecvBatch, len: usize, resegment: Option<u16>) -> io::Result<usize> {
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    if len <= VIRTIO_NET_HDR_LEN {
+        return Err(bad(format!("a read of {len} bytes")));
     }
+    let mut hdr = VirtioNetHdr::decode(&b.original[..VIRTIO_NET_HDR_LEN])?;
+    let pkt = &mut b.original[VIRTIO_NET_HDR_LEN..len];
+    let plen = pkt.len();
+    if hdr.gso_type == GSO_NONE {
+        let out = &mut b.bufs[0][HEADROOM..];
+        if out.len() < plen {
+            return Err(bad(format!("a {plen}-byte packet above the MTU")));
+        }
+        out[..plen].copy_from_slice(pkt);
+        if hdr.flags & NEEDS_CSUM != 0 {
+            // the field holds the pseudo-header's sum; the rest is ours
+            let (start, at) = (
+                usize::from(hdr.csum_start),
+                usize::from(hdr.csum_start) + usize::from(hdr.csum_offset),
+            );
+            if at + 2 > plen {
+                return Err(bad(format!("checksum field beyond the packet {hdr:?}")));
+            }
+            let out = &mut out[..plen];
+            let partial = u16::from_be_bytes([out[at], out[at + 1]]);
+            out[at..at + 2].fill(0);
+            let mut sum = !checksum(&out[start..], u64::from(partial));
+            if sum == 0 && hdr.csum_offset == 6 {
+                sum = 0xffff; // UDP: zero would mean "no checksum"
+            }
+            out[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+        }
+        b.sizes[0] = plen;
+        return Ok(1);
+    }
+    let is_v6 = match pkt[0] >> 4 {
+        4 => false,
+        6 => true,
+        v => return Err(bad(format!("IP version {v}"))),
+    };
+    let start = usize::from(hdr.csum_start);
+    // (gso_split checks the type further)
+    let tcp = matches!(hdr.gso_type & !GSO_ECN, GSO_TCPV4 | GSO_TCPV6);
+    // the kernel's hdr_len can be the whole first packet on a forwarding
+    // path: recompute it from the transport header
+    let transport_len = if tcp {
+        match pkt.get(start + 12) {
+            Some(b) => usize::from(b >> 4) * 4,
+            None => return Err(bad("a TCP header cut short".into())),
+        }
+    } else {
+        8
+    };
+    let hdr_len = start + transport_len;
+    if (tcp && !(20..=60).contains(&transport_len))
+        || hdr_len > plen
+        || start + usize::from(hdr.csum_offset) + 2 > plen
+        || hdr.gso_size == 0
+    {
+        return Err(bad(format!("inconsistent GSO header {hdr:?}")));
+    }
+    hdr.hdr_len = hdr_len as u16;
+    if let Some(max) = resegment.map(usize::from).filter(|_| tcp) {
+        let seg = max.saturating_sub(hdr_len);
+        let segments = (plen - hdr_len).div_ceil(seg.max(1));
+        if hdr_len + usize::from(hdr.gso_size) > max && seg > 0 && segments <= b.bufs.len() {
+            hdr.gso_size = seg as u16;
+            b.resegmented = true;
+        }
+    }
+    gso_split(pkt, hdr, &mut b.bufs, &mut b.sizes, HEADROOM, is_v6)
+}
 
+impl Tun {
     /// Writes the packets of `c` (TCP segments of a flow coalesced, see
     /// [`Coalescer`]), one `writev` each. Returns how many the kernel
     /// refused (a packet the device's MTU does not allow, a full queue);
@@ -273,5 +276,128 @@ impl Tun {
             Some(e) => Err(e),
             None => Ok(refused),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checksum as csum;
+    use etherparse::PacketBuilder;
+
+    /// A read as the kernel hands it over: virtio header, then an IPv4 TCP
+    /// super-packet of `data` with the sender's segment size `mss` and only
+    /// the pseudo-header sum in the checksum field.
+    fn super_packet(data: &[u8], mss: u16) -> Vec<u8> {
+        let mut p = Vec::new();
+        PacketBuilder::ipv4([10, 0, 1, 2], [10, 9, 0, 2], 64)
+            .tcp(40000, 80, 1000, 500)
+            .ack(7)
+            .psh()
+            .write(&mut p, data)
+            .expect("build");
+        // the kernel's partial checksum: the pseudo-header's sum, folded
+        let partial = !csum::finish(csum::sum(&p[12..20], 6 + (p.len() - 20) as u32));
+        p[36..38].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VirtioNetHdr {
+            flags: NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 40,
+            gso_size: mss,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut out = vec![0u8; VIRTIO_NET_HDR_LEN];
+        hdr.encode(&mut out).expect("encode");
+        out.extend_from_slice(&p);
+        out
+    }
+
+    fn read(b: &mut RecvBatch, bytes: &[u8]) -> usize {
+        b.original[..bytes.len()].copy_from_slice(bytes);
+        bytes.len()
+    }
+
+    #[test]
+    fn a_super_packet_is_cut_to_fit_the_tunnel_with_every_byte_and_checksum() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        for (resegment, payload) in [(None, 1460), (Some(1480u16), 1440), (Some(1472), 1432)] {
+            let mut b = RecvBatch::new(1500);
+            let len = read(&mut b, &super_packet(&data, 1460));
+            let n = split(&mut b, len, resegment).expect("split");
+            b.n = n;
+            assert_eq!(b.resegmented, resegment.is_some());
+            assert_eq!(n, data.len().div_ceil(payload));
+            let mut got = Vec::new();
+            for i in 0..n {
+                let p = b.packet(i);
+                assert!(p.len() <= 40 + payload);
+                assert!(csum::valid(p), "segment {i}: TCP checksum");
+                let seq = u32::from_be_bytes([p[24], p[25], p[26], p[27]]);
+                assert_eq!(seq, 1000 + got.len() as u32, "segment {i}: in sequence");
+                assert_eq!(p[33] & 0x08 != 0, i == n - 1, "PSH on the last only");
+                got.extend_from_slice(&p[40..]);
+            }
+            assert_eq!(got, data);
+        }
+    }
+
+    #[test]
+    fn a_single_packet_gets_its_checksum_completed() {
+        let mut p = Vec::new();
+        PacketBuilder::ipv4([10, 0, 1, 2], [10, 9, 0, 2], 64)
+            .udp(5000, 53)
+            .write(&mut p, b"hello")
+            .expect("build");
+        let good = p.clone();
+        let partial = !csum::finish(csum::sum(&p[12..20], 17 + (p.len() - 20) as u32));
+        p[26..28].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VirtioNetHdr {
+            flags: NEEDS_CSUM,
+            gso_type: GSO_NONE,
+            hdr_len: 0,
+            gso_size: 0,
+            csum_start: 20,
+            csum_offset: 6,
+        };
+        let mut bytes = vec![0u8; VIRTIO_NET_HDR_LEN];
+        hdr.encode(&mut bytes).expect("encode");
+        bytes.extend_from_slice(&p);
+        let mut b = RecvBatch::new(1500);
+        let len = read(&mut b, &bytes);
+        b.n = split(&mut b, len, Some(1480)).expect("split");
+        assert_eq!(b.n, 1);
+        assert_eq!(b.packet(0), &good[..]);
+    }
+
+    #[test]
+    fn inconsistent_reads_are_errors_not_panics() {
+        let data = vec![1u8; 5000];
+        let sp = super_packet(&data, 1460);
+        let mut cases: Vec<Vec<u8>> =
+            vec![sp[..5].to_vec(), sp[..VIRTIO_NET_HDR_LEN + 30].to_vec()];
+        let mut big = vec![0u8; VIRTIO_NET_HDR_LEN];
+        big.extend(vec![0x45u8; 3000]); // no GSO, above the MTU
+        cases.push(big);
+        for (at, v) in [
+            (0, 0x07u8),
+            (1, 0x09),
+            (4, 0),
+            (6, 0xff),
+            (VIRTIO_NET_HDR_LEN, 0x75),
+        ] {
+            let mut c = sp.clone();
+            c[at] = v;
+            cases.push(c);
+        }
+        for c in cases {
+            let mut b = RecvBatch::new(1500);
+            let len = read(&mut b, &c);
+            // an error, or packets: never a panic
+            let _ = split(&mut b, len, Some(1480));
+        }
+        let mut b = RecvBatch::new(1500);
+        let len = read(&mut b, &sp[..5]);
+        assert!(split(&mut b, len, None).is_err());
     }
 }
