@@ -238,7 +238,11 @@ fn start_plane(config: &Config, wan: std::net::IpAddr) -> anyhow::Result<Arc<pla
         .name("data-plane".into())
         .spawn(move || {
             if let Err(e) = p.run() {
-                tracing::error!(error = %e, "data plane stopped");
+                // a gateway without its data plane would keep answering its
+                // API while no packet moves: stop, so that the supervisor
+                // restarts it (the state on disk brings the tunnels back)
+                tracing::error!(error = %e, "the data plane failed: stopping the gateway");
+                std::process::exit(70);
             }
         })
         .context("cannot start the data-plane thread")?;
