@@ -163,9 +163,11 @@ impl Plane {
     ) -> std::io::Result<()> {
         keep.clear();
         let mut back = Vec::new();
+        let now = self.now_ms();
+        let mut t = self.lock(); // once per batch
         for i in 0..rx.len() {
             let pkt = rx.packet_mut(i);
-            match self.decide_out(pkt) {
+            match self.decide_out(&mut t, pkt, now) {
                 Out::Drop(why) => self.counters.dropped(why),
                 Out::Back => back.push(i),
                 Out::Tunnel(peer) => {
@@ -175,6 +177,7 @@ impl Plane {
                 }
             }
         }
+        drop(t);
         if !back.is_empty() {
             let mut c = tunnel::coalesce::Coalescer::new();
             for &i in &back {
@@ -221,14 +224,12 @@ impl Plane {
         true
     }
 
-    fn decide_out(&self, pkt: &mut [u8]) -> Out {
-        let now = self.now_ms();
+    fn decide_out(&self, t: &mut Tables, pkt: &mut [u8], now: u64) -> Out {
         let (src, dst) = match Inner::parse(pkt) {
             Ok(i) if !i.forwardable() => return Out::Drop(DropReason::LinkLocal),
             Ok(i) => (i.src, i.dst),
             Err(why) => return Out::Drop(why),
         };
-        let mut t = self.lock();
         // old site: traffic for the moved guest
         if let Some(Side::Old {
             peer,
@@ -282,17 +283,20 @@ impl Plane {
     /// Tunnel → TUN, a batch.
     fn tunnel_to_tun(&self, rx: &tunnel::io::OuterBatch) -> std::io::Result<()> {
         let mut tx = tunnel::coalesce::Coalescer::new();
+        let now = self.now_ms();
+        let mut t = self.lock(); // once per batch
         for i in 0..rx.len() {
             let Some(inner) = self.counters.admit(rx.decapsulate(i, &self.peers)) else {
                 continue;
             };
-            if !self.accept_from_tunnel(&inner) {
+            if !self.accept_from_tunnel(&mut t, &inner, now) {
                 self.counters.dropped(DropReason::UnregisteredDestination);
                 continue;
             }
             tx.push(inner.bytes);
             self.counters.decapsulated(inner.bytes.len());
         }
+        drop(t);
         for _ in 0..self.tun.write(&tx)? {
             self.counters.dropped(DropReason::Refused);
         }
@@ -302,9 +306,7 @@ impl Plane {
     /// Is a packet out of the tunnel for us to deliver? New site: for the
     /// guest; old site: the guest's reverse-tunnelled replies. Its flow is
     /// counted.
-    fn accept_from_tunnel(&self, inner: &Inner<'_>) -> bool {
-        let now = self.now_ms();
-        let mut t = self.lock();
+    fn accept_from_tunnel(&self, t: &mut Tables, inner: &Inner<'_>, now: u64) -> bool {
         match (
             t.sides.get_mut(&inner.dst).map(|s| (inner.dst, s)),
             inner.src,
