@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 /// keeps polling (about one core, yielding it to any other thread that
 /// wants it), one quieter than that sleeps and uses no CPU. Measured on
 /// the benchmark's bed (requests 1 ms apart): 2 ms keeps the added round
-/// trip near 35 µs, 1 ms near 80 µs (the next request often comes just
-/// after the spin ended), none about 140 µs.
+/// trip at 20–35 µs, 1 ms at 50–90 µs (the next request often comes just
+/// after the spin ended), none at 130–140 µs.
 pub const DEFAULT_SPIN: Duration = Duration::from_millis(2);
 
 /// A pass that moved this many bytes is part of a bulk transfer: no
@@ -48,10 +48,10 @@ impl Idle {
     /// [`Idle::ready`] then says which. It looks once and, finding nothing,
     /// keeps looking for `spin` (yielding the core to any thread that wants
     /// it in between) before it sleeps; not after a pass that moved
-    /// `bulk` bytes or more (`moved`): a bulk transfer does not need the
+    /// [`BULK`] bytes or more (`moved`): a bulk transfer does not need the
     /// microseconds polling saves, and polling between its batches takes
-    /// CPU from the endpoints (measured: a quarter of the machine's cycles
-    /// in the benchmark, 5–8 % of its throughput).
+    /// CPU from the endpoints (in the benchmark, about a quarter of the
+    /// machine's cycles went to it).
     pub fn wait(&mut self, moved: usize) -> io::Result<()> {
         let spin = if moved >= BULK {
             Duration::ZERO
