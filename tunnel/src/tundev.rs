@@ -75,9 +75,7 @@ pub struct RecvBatch {
 }
 
 impl RecvBatch {
-    /// Buffers for a device of this MTU: a segment is never larger. (Small
-    /// buffers close together: 64 KiB ones put every segment at the same
-    /// cache sets, and the copies that follow pay for it.)
+    /// Buffers for a device of this MTU: no segment is larger.
     pub fn new(mtu: u16) -> Self {
         Self {
             original: vec![0; VIRTIO_NET_HDR_LEN + 65_535],
@@ -88,9 +86,7 @@ impl RecvBatch {
             malformed: false,
         }
     }
-}
 
-impl RecvBatch {
     pub fn len(&self) -> usize {
         self.n
     }
