@@ -6,7 +6,7 @@
 //! ```text
 //!  client 10.0.1.2 ── [gwA] ══ 192.0.2.0/24, MTU 1500 ══ [gwB] ── 10.9.0.2 server
 //! ```
-//! `sudo target/release/bench-tunnel [--seconds 5]` (build first:
+//! `sudo target/release/bench-tunnel [--seconds 5] [--rounds 3]` (build first:
 //! `cargo build --release -p tunnel -p tests`).
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -28,6 +28,10 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 2000)]
     pings: usize,
+    /// Rounds: every path is measured once per round; the table gives
+    /// medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     #[arg(long, default_value = "bench/results/tunnel.md")]
     out: PathBuf,
     /// Only the rows whose name contains this text, besides the direct
@@ -211,14 +215,74 @@ fn latency(t: &Topo, n: usize, port: u16) -> Result<(f64, f64)> {
     Ok((p(0.5), p(0.99)))
 }
 
-struct Row {
-    path: &'static str,
+/// One path's figures in one round.
+#[derive(Clone, Copy)]
+struct Sample {
     one: f64,
     /// Cores busy during the 1-flow run.
     busy: f64,
     sixteen: f64,
+    busy16: f64,
     rtt_med: f64,
     rtt_p99: f64,
+}
+
+/// The paths measured: name, tunnelled, tunnel-pipe arguments.
+const PATHS: [(&str, bool, &[&str]); 6] = [
+    ("direct (kernel routing)", false, &[]),
+    (
+        "IP-in-IP, full-size segments (re-cut to fit, the rest fragmented)",
+        true,
+        &[],
+    ),
+    ("IP-in-IP, MSS clamped", true, &["--clamp-mss"]),
+    (
+        "FOU, full-size segments (re-cut to fit, the rest fragmented)",
+        true,
+        &["--kind", "fou"],
+    ),
+    ("FOU, MSS clamped", true, &["--kind", "fou", "--clamp-mss"]),
+    (
+        "FOU, MSS clamped, no polling (--spin-us 0)",
+        true,
+        &["--kind", "fou", "--clamp-mss", "--spin-us", "0"],
+    ),
+];
+
+/// Builds the bed for one path and measures it.
+fn measure(args: &Args, tunnelled: bool, extra: &[&str]) -> Result<Sample> {
+    let t = topo()?;
+    let _kids = if tunnelled {
+        let more: Vec<&str> = args
+            .pipe_args
+            .as_deref()
+            .map(|a| a.split_whitespace().collect())
+            .unwrap_or_default();
+        tunnel_routes(&t, extra, &more)?
+    } else {
+        direct_routes(&t)?;
+        Vec::new()
+    };
+    let (rtt_med, rtt_p99) = latency(&t, args.pings, 7001)?;
+    let (one, busy) = throughput(&t, 1, args.seconds, 7002)?;
+    let (sixteen, busy16) = throughput(&t, 16, args.seconds, 7003)?;
+    Ok(Sample {
+        one,
+        busy,
+        sixteen,
+        busy16,
+        rtt_med,
+        rtt_p99,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn main() -> Result<()> {
@@ -228,104 +292,81 @@ fn main() -> Result<()> {
     if !tests::netns::available() {
         bail!("needs root (network namespaces)");
     }
-    let mut rows = Vec::new();
-    for (path, tunnelled, extra) in [
-        ("direct (kernel routing)", false, &[][..]),
-        (
-            "IP-in-IP, full-size segments (re-cut to fit, the rest fragmented)",
-            true,
-            &[][..],
-        ),
-        ("IP-in-IP, MSS clamped", true, &["--clamp-mss"][..]),
-        (
-            "FOU, full-size segments (re-cut to fit, the rest fragmented)",
-            true,
-            &["--kind", "fou"][..],
-        ),
-        (
-            "FOU, MSS clamped",
-            true,
-            &["--kind", "fou", "--clamp-mss"][..],
-        ),
-        (
-            "FOU, MSS clamped, no polling (--spin-us 0)",
-            true,
-            &["--kind", "fou", "--clamp-mss", "--spin-us", "0"][..],
-        ),
-    ] {
-        if tunnelled
-            && args
-                .only
-                .as_ref()
-                .is_some_and(|o| !path.contains(o.as_str()))
-        {
-            continue;
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let paths: Vec<(&str, bool, &[&str])> = PATHS
+        .iter()
+        .copied()
+        .filter(|(path, tunnelled, _)| {
+            !tunnelled || args.only.as_ref().is_none_or(|o| path.contains(o.as_str()))
+        })
+        .collect();
+    // samples[path][round]; each round measures every path once, so a
+    // ratio compares figures taken minutes apart at most
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); paths.len()];
+    for round in 1..=args.rounds {
+        for (i, (path, tunnelled, extra)) in paths.iter().enumerate() {
+            eprintln!("== round {round}/{}: {path}", args.rounds);
+            let s = measure(&args, *tunnelled, extra)?;
+            eprintln!(
+                "{path}: 1 flow {:.0} Mbit/s, 16 flows {:.0} Mbit/s, rtt {:.0} µs",
+                s.one * 8e-6,
+                s.sixteen * 8e-6,
+                s.rtt_med
+            );
+            samples[i].push(s);
         }
-        let t = topo()?;
-        let _kids = if tunnelled {
-            let more: Vec<&str> = args
-                .pipe_args
-                .as_deref()
-                .map(|a| a.split_whitespace().collect())
-                .unwrap_or_default();
-            tunnel_routes(&t, extra, &more)?
-        } else {
-            direct_routes(&t)?;
-            Vec::new()
-        };
-        eprintln!("== {path}");
-        let (rtt_med, rtt_p99) = latency(&t, args.pings, 7001)?;
-        let (one, busy) = throughput(&t, 1, args.seconds, 7002)?;
-        let (sixteen, _) = throughput(&t, 16, args.seconds, 7003)?;
-        eprintln!(
-            "{path}: 1 flow {:.0} Mbit/s, 16 flows {:.0} Mbit/s, rtt {rtt_med:.0} µs",
-            one * 8e-6,
-            sixteen * 8e-6
-        );
-        rows.push(Row {
-            path,
-            one,
-            busy,
-            sixteen,
-            rtt_med,
-            rtt_p99,
-        });
-        let _ = (&t.a, &t.b);
     }
     let host = tests::bed::cpu_model();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let d = &rows[0];
+    let direct = &samples[0];
     let mut md = format!(
         "# Tunnel benchmark\n\nFour namespaces (client, gateway A, gateway B, server) joined by veth pairs, MTU 1500 everywhere; the same topology \
 routed directly by the kernels, then through the userspace tunnel (`tunnel-pipe`, the gateways' data-plane code), IP-in-IP (raw sockets) and FOU (UDP). \
 Client and server are TCP/UDP sockets in the end namespaces; everything shares the machine's {cores} cores ({host}), \
 so ratios are the measure. Throughput: bulk TCP for {} s after a 0.5 s ramp. Latency: {} UDP round trips of 8 bytes, one at a time (1 ms apart). \
-Command: `sudo target/release/bench-tunnel --seconds {} --pings {}`.\n\n\
-| path | 1 flow Mbit/s | 16 flows Mbit/s | RTT median µs | RTT p99 µs | ÷ direct, 1 flow | ÷ direct, 16 flows | added RTT µs | cores busy, 1 flow | CPU s per GB, 1 flow |\n|---|---|---|---|---|---|---|---|---|---|\n",
-        args.seconds, args.pings, args.seconds, args.pings
+{} rounds, each measuring every path once in turn; each figure is the median over the rounds, each ratio the median of the rounds' ratios \
+(a path against the direct path of the same round: this machine's speed drifts by a quarter between minutes). \
+Command: `sudo target/release/bench-tunnel --seconds {} --pings {} --rounds {}`.\n\n\
+| path | 1 flow Mbit/s | 16 flows Mbit/s | RTT median µs | RTT p99 µs | ÷ direct, 1 flow (min–max) | ÷ direct, 16 flows (min–max) | added RTT µs | cores busy, 1 / 16 flows | CPU s per GB, 1 / 16 flows |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        args.seconds, args.pings, args.rounds, args.seconds, args.pings, args.rounds
     );
-    for r in &rows {
+    for ((path, _, _), s) in paths.iter().zip(&samples) {
+        let m = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+        let ratios = |f: fn(&Sample) -> f64| -> (f64, f64, f64) {
+            let r: Vec<f64> = s.iter().zip(direct).map(|(x, d)| f(x) / f(d)).collect();
+            let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (median(r), lo, hi)
+        };
+        let (r1, r1lo, r1hi) = ratios(|x| x.one);
+        let (r16, r16lo, r16hi) = ratios(|x| x.sixteen);
+        let added = median(
+            s.iter()
+                .zip(direct)
+                .map(|(x, d)| x.rtt_med - d.rtt_med)
+                .collect(),
+        );
         md.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |\n",
-            r.path,
-            r.one * 8e-6,
-            r.sixteen * 8e-6,
-            r.rtt_med,
-            r.rtt_p99,
-            r.one / d.one,
-            r.sixteen / d.sixteen,
-            r.rtt_med - d.rtt_med,
-            r.busy,
-            r.busy / (r.one * 1e-9)
+            "| {path} | {:.0} | {:.0} | {:.0} | {:.0} | {r1:.2} ({r1lo:.2}–{r1hi:.2}) | {r16:.2} ({r16lo:.2}–{r16hi:.2}) | {added:.0} | {:.2} / {:.2} | {:.2} / {:.2} |\n",
+            m(|x| x.one) * 8e-6,
+            m(|x| x.sixteen) * 8e-6,
+            m(|x| x.rtt_med),
+            m(|x| x.rtt_p99),
+            m(|x| x.busy),
+            m(|x| x.busy16),
+            m(|x| x.busy / (x.one * 1e-9)),
+            m(|x| x.busy16 / (x.sixteen * 1e-9)),
         ));
     }
     md.push_str(&format!(
         "\nTargets: ≥ 0.70 of the direct path's throughput, < 100 µs added round trip. \
 Full-size segments are those of connections opened before the switch (MSS 1460: 1500-byte packets, too big for the tunnel); \
 MSS-clamped ones are those of connections opened through the tunnel. \
-Cores busy: the whole machine's CPU use during the 1-flow run (`/proc/stat`, out of {cores}); CPU s per GB: that divided by the rate.\n\n\
+Cores busy: the whole machine's CPU use during a throughput run (`/proc/stat`, out of {cores}); CPU s per GB: that divided by the rate.\n\n\
 How packets move: the TUN device has offloads on, so a gateway reads 64 KiB TCP super-packets and cuts them into segments that fit \
 the tunnel (finer than the sender's when needed: only packets that come alone and too big are fragmented outside), and writes \
 consecutive segments of a flow as one super-packet again, straight from the receive buffers (`writev`). The outer sockets move \
@@ -333,8 +374,13 @@ batches (`sendmmsg`/`recvmmsg`); FOU hands the kernel a train of equal-size data
 coalesced (UDP GRO), so between the gateways a super-packet stays one buffer. IP-in-IP on a raw socket has no such path and pays \
 the kernel's per-packet cost. Each gateway's data plane is one thread that keeps polling for 2 ms after a packet (`--spin-us`, \
 default 2000) before it sleeps: on this virtual machine a sleeping thread's wake-up costs about 55 µs per hop, four hops per round \
-trip. With all four parties on 2 cores the tunnel path is CPU-bound (it copies every byte four more times than the direct path, \
-which moves 64 KiB super-packets through the veths end to end on one core); 16 flows gain nothing over one for the same reason.\n",
+trip.\n\n\
+Why the tunnel stays below 0.70 with 16 flows here: the direct path moves 64 KiB super-packets through the veths on the sender's \
+core and copies each byte twice (into the sender's socket, out of the receiver's); with 16 flows it fills both cores. The tunnel \
+copies each byte four more times (out of and into a TUN device, into and out of a UDP socket), checksums it twice and crosses the \
+kernel's stack twice more, all on the same 2 cores: with 16 flows the machine is just as full (see cores busy), so the ratio is \
+the ratio of CPU per GB, whatever the threading. Only a data plane inside the kernel (the ipip/fou modules, absent here, or a \
+tc-BPF program) avoids those copies.\n",
         ));
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
