@@ -20,6 +20,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::coalesce::Coalescer;
 use crate::encap::{self, Kind, Via};
+use crate::fastpath::{self, FastPath};
 use crate::flow::{FlowTable, Observer};
 use crate::packet::{DropReason, Inner};
 use crate::poll::{wait_for, Idle};
@@ -59,6 +60,9 @@ pub struct PipeConfig {
     /// How long the data-plane thread keeps polling after the last packet
     /// before it sleeps ([`crate::poll`]); zero: sleep at once.
     pub spin: Duration,
+    /// Carry bulk TCP in the kernel ([`crate::fastpath`]); the rest still
+    /// comes through here.
+    pub fast_path: bool,
 }
 
 /// Counters, readable while the pipe runs.
@@ -91,6 +95,10 @@ pub struct CountersSnapshot {
     pub drops: std::collections::BTreeMap<&'static str, u64>,
     pub flows: usize,
     pub live_flows: usize,
+    /// What the kernel fast path carried (already in the packet and byte
+    /// totals above); None when it is off. The flow counts only know the
+    /// packets that came through userspace.
+    pub fast_path: Option<fastpath::Stats>,
 }
 
 impl Counters {
@@ -607,6 +615,7 @@ pub struct Pipe {
     tun: Tun,
     outer: Outer,
     icmp: Option<IcmpSender>,
+    fast: Option<FastPath>,
     started: Instant,
 }
 
@@ -615,11 +624,11 @@ impl Pipe {
     /// CAP_NET_RAW). Routes into the TUN device are the caller's.
     pub fn open(config: PipeConfig) -> anyhow::Result<Self> {
         let mut tun = tundev::open(&config.tun, config.path_mtu)?;
+        let tunnel_mtu = config
+            .path_mtu
+            .saturating_sub(overhead(config.kind, config.local));
         if !config.signal_pmtu {
             // fragment only what cannot be cut finer
-            let tunnel_mtu = config
-                .path_mtu
-                .saturating_sub(overhead(config.kind, config.local));
             tun.resegment(Some(tunnel_mtu));
         }
         let outer = Outer::open(config.kind, config.local, config.path_mtu)?;
@@ -631,6 +640,22 @@ impl Pipe {
         } else {
             None
         };
+        let fast = if config.fast_path {
+            Some(FastPath::attach(&fastpath::Settings {
+                tun: config.tun.clone(),
+                local: config.local,
+                peer: config.peer,
+                extra_peers: config.extra_peers.clone(),
+                fou_port: match config.kind {
+                    Kind::Fou { port } => Some(port),
+                    Kind::Ipip => None,
+                },
+                max_plain: tunnel_mtu,
+                deliver: config.deliver.clone(),
+            })?)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             counters: Arc::new(Counters::default()),
@@ -638,12 +663,23 @@ impl Pipe {
             tun,
             outer,
             icmp,
+            fast,
             started: Instant::now(),
         })
     }
 
+    /// The counters, the kernel fast path's included.
     pub fn snapshot(&self) -> CountersSnapshot {
-        snapshot(&self.counters, Some(&self.flows))
+        let mut s = snapshot(&self.counters, Some(&self.flows));
+        if let Some(f) = &self.fast {
+            let k = f.stats();
+            s.encapsulated_packets += k.encap_packets;
+            s.encapsulated_bytes += k.encap_bytes;
+            s.decapsulated_packets += k.decap_packets;
+            s.decapsulated_bytes += k.decap_bytes;
+            s.fast_path = Some(k);
+        }
+        s
     }
 
     fn now_ms(&self) -> u64 {
@@ -786,6 +822,7 @@ pub fn snapshot(counters: &Counters, flows: Option<&Mutex<FlowTable>>) -> Counte
             .collect(),
         flows: n,
         live_flows: live,
+        fast_path: None,
     }
 }
 

@@ -24,6 +24,7 @@
 pub mod checksum;
 pub mod coalesce;
 pub mod encap;
+pub mod fastpath;
 pub mod flow;
 pub mod icmp;
 pub mod io;

@@ -295,7 +295,18 @@ fn mss_is_clamped_for_new_connections() {
 
 #[test]
 fn foreign_and_malformed_tunnel_packets_are_counted_and_not_delivered() {
-    let bed = bed(&[]);
+    foreign_and_malformed(&[]);
+}
+
+/// The same with the kernel fast path on: it leaves every such packet to
+/// the userspace plane.
+#[test]
+fn foreign_and_malformed_tunnel_packets_are_counted_with_the_fast_path_on() {
+    foreign_and_malformed(&["--fast-path"]);
+}
+
+fn foreign_and_malformed(extra: &[&str]) {
+    let bed = bed(extra);
     bed.b
         .exec(&[
             "ip",
@@ -443,4 +454,83 @@ fn with_pmtu_signalling_full_size_segments_shrink_instead_of_fragmenting() {
     assert!(a["icmp_too_big"].as_u64() >= Some(1), "{a}");
     assert!(a["largest_encapsulated"].as_u64() <= Some(1480), "{a}");
     let _ = (&bed.a, &bed.b);
+}
+
+/// The kernel fast path (`--fast-path`) carries the bulk of TCP streams
+/// both ways, every byte checked, in both kinds of tunnel; the handshakes
+/// still come through the userspace plane, and nothing is dropped.
+#[test]
+fn the_kernel_fast_path_carries_tcp_streams_whole() {
+    for kind in [&["--kind", "fou"][..], &[][..]] {
+        let bed = bed(&[kind, &["--fast-path"]].concat());
+        let server: SocketAddr = "10.9.0.2:7000".parse().expect("addr");
+        echo_server(&bed.s, server);
+        let conns: Vec<_> = (0..3u64)
+            .map(|k| {
+                let c = bed.c.name.clone();
+                std::thread::spawn(move || echo_stream(&c, server, k, 8 << 20))
+            })
+            .collect();
+        for t in conns {
+            t.join().expect("stream");
+        }
+        let (a, b) = (stats(&bed.stats_a), stats(&bed.stats_b));
+        let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        for (side, s, out, into) in [("A", &a, "encap", "decap"), ("B", &b, "decap", "encap")] {
+            let fast = &s["fast_path"];
+            assert_eq!(n(fast, "errors"), 0, "{side}: {s}");
+            // 24 MiB each way: nearly all of it in the kernel
+            assert!(n(fast, &format!("{out}_bytes")) > 20 << 20, "{side}: {s}");
+            assert!(n(fast, &format!("{into}_bytes")) > 20 << 20, "{side}: {s}");
+            // the handshakes went through userspace (clamped or counted as flows)
+            assert!(n(s, "flows") >= 3, "{side}: {s}");
+            let drops = s["drops"].as_object().expect("drops");
+            let bad: u64 = drops
+                .iter()
+                .filter(|(k, _)| k.as_str() != "link_local")
+                .filter_map(|(_, v)| v.as_u64())
+                .sum();
+            assert_eq!(bad, 0, "{side}: {s}");
+        }
+        // the totals include what the kernel carried
+        assert!(
+            n(&a, "encapsulated_bytes") >= n(&a["fast_path"], "encap_bytes"),
+            "{a}"
+        );
+    }
+}
+
+/// A TCP segment from a host that is not the peer is not taken by the
+/// fast path: it reaches the userspace plane, which drops and counts it.
+#[test]
+fn the_kernel_fast_path_leaves_foreign_segments_to_be_dropped() {
+    let bed = bed(&["--kind", "fou", "--fast-path"]);
+    bed.b
+        .exec(&[
+            "ip",
+            "addr",
+            "add",
+            "192.0.2.3/24",
+            "dev",
+            &veth_of(&bed.b, "192.0.2.2"),
+        ])
+        .expect("addr");
+    let segment = {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ipv4([10, 9, 0, 2], [10, 0, 1, 2], 64)
+            .tcp(80, 40000, 1, 1000)
+            .ack(1)
+            .write(&mut v, b"not from the peer")
+            .expect("build");
+        v
+    };
+    in_netns(&bed.b.name, move || {
+        let s = UdpSocket::bind("192.0.2.3:5555").expect("bind");
+        s.send_to(&segment, "192.0.2.1:5555").expect("send");
+    })
+    .expect("netns");
+    let a = stats(&bed.stats_a);
+    assert_eq!(a["drops"]["unknown_peer"].as_u64(), Some(1), "{a}");
+    assert_eq!(a["fast_path"]["decap_packets"].as_u64(), Some(0), "{a}");
+    assert_eq!(a["decapsulated_packets"].as_u64(), Some(0), "{a}");
 }

@@ -228,7 +228,7 @@ struct Sample {
 }
 
 /// The paths measured: name, tunnelled, tunnel-pipe arguments.
-const PATHS: [(&str, bool, &[&str]); 6] = [
+const PATHS: [(&str, bool, &[&str]); 8] = [
     ("direct (kernel routing)", false, &[]),
     (
         "IP-in-IP, full-size segments (re-cut to fit, the rest fragmented)",
@@ -246,6 +246,16 @@ const PATHS: [(&str, bool, &[&str]); 6] = [
         "FOU, MSS clamped, no polling (--spin-us 0)",
         true,
         &["--kind", "fou", "--clamp-mss", "--spin-us", "0"],
+    ),
+    (
+        "IP-in-IP, kernel fast path (--fast-path), full-size segments",
+        true,
+        &["--fast-path"],
+    ),
+    (
+        "FOU, kernel fast path (--fast-path), full-size segments",
+        true,
+        &["--kind", "fou", "--fast-path"],
     ),
 ];
 

@@ -5,7 +5,7 @@
 //! ```text
 //! tunnel-pipe --tun tun0 --local 192.0.2.1 --peer 192.0.2.2 [--kind fou --fou-port 5555]
 //!             [--path-mtu 1500] [--clamp-mss] [--signal-pmtu] [--deliver 10.9.0.0/24]
-//!             [--stats FILE] [--spin-us 2000]
+//!             [--stats FILE] [--spin-us 2000] [--fast-path]
 //! ```
 //! Route what should enter the tunnel into the TUN device (`ip route add
 //! 10.9.0.0/24 dev tun0`). Prints `ready` once the device and sockets exist;
@@ -53,6 +53,11 @@ struct Args {
     /// (lower latency for some CPU); 0: sleep at once.
     #[arg(long, default_value_t = tunnel::poll::DEFAULT_SPIN.as_micros() as u64)]
     spin_us: u64,
+    /// Carry bulk TCP inside the kernel (tc-BPF programs on the TUN device
+    /// and the WAN interface); SYN/FIN/RST, other protocols and anything
+    /// unusual still come through this process. IPv4 tunnels only.
+    #[arg(long)]
+    fast_path: bool,
 }
 
 fn cidr(s: &str) -> anyhow::Result<(IpAddr, u8)> {
@@ -93,6 +98,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         signal_pmtu: args.signal_pmtu,
         deliver,
         spin: Duration::from_micros(args.spin_us),
+        fast_path: args.fast_path,
     })?;
     let pipe = std::sync::Arc::new(pipe);
     // the data plane has a thread of its own; this one waits for signals

@@ -1,0 +1,249 @@
+//! The kernel fast path: two tc-BPF programs (`bpf/fastpath.bpf.c`) that
+//! carry a tunnel's bulk TCP traffic inside the kernel, without the four
+//! copies and the trips through userspace of the TUN data plane.
+//!
+//! - `encap` on the TUN device's egress: an IPv4 TCP segment routed into
+//!   the tunnel (a GSO super-packet, or a packet that fits) gets its outer
+//!   header and leaves by the WAN interface (`bpf_redirect_neigh`). The
+//!   kernel cuts super-packets to fit the path, as for its own tunnels.
+//! - `decap` on the WAN interface's ingress: an encapsulated IPv4 TCP
+//!   segment from a configured peer, for an allowed destination, loses its
+//!   outer header and enters the TUN device's ingress, as if the userspace
+//!   plane had written it.
+//!
+//! Everything else goes the ordinary way to the userspace plane, which
+//! decides and counts as before: SYN, FIN and RST (flow state, MSS
+//! clamping), UDP, ICMP, IPv6, options, fragments, oversize packets,
+//! unknown peers, unregistered destinations, anything malformed. The wire
+//! format is the userspace plane's (FOU: UDP checksum zero, as IPv4
+//! allows and Linux's FOU sends by default; the source port is a hash of
+//! the inner flow). IPv4 outer and inner addresses only.
+//!
+//! The programs are attached with tcx links owned by [`FastPath`]: they
+//! are detached when it is dropped or the process dies.
+
+use std::ffi::CString;
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{bail, Context as _};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::Ebpf;
+use serde::Serialize;
+
+/// The object `build.rs` made; empty when clang was missing.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fastpath.bpf.o"));
+
+/// `struct config` of the BPF program: addresses and port in network byte
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Config {
+    local: u32,
+    peer: u32,
+    wan_ifindex: u32,
+    tun_ifindex: u32,
+    fou_port: u16,
+    max_plain: u16,
+    deliver_any: u32,
+}
+
+// SAFETY: plain integers, no padding (4 × u32, 2 × u16, u32).
+unsafe impl aya::Pod for Config {}
+
+/// `struct stats` of the BPF program, summed over the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Inner packets encapsulated (a super-packet counts its segments).
+    pub encap_packets: u64,
+    pub encap_bytes: u64,
+    pub decap_packets: u64,
+    pub decap_bytes: u64,
+    /// Packets lost after the outer header was added (no memory for a MAC
+    /// header): should stay zero.
+    pub errors: u64,
+}
+
+// SAFETY: plain u64 fields.
+unsafe impl aya::Pod for Stats {}
+
+/// What the fast path needs to know about a tunnel endpoint.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The TUN device whose egress is encapsulated.
+    pub tun: String,
+    /// This end's outer address: the interface that holds it is where
+    /// encapsulated packets leave and arrive.
+    pub local: IpAddr,
+    pub peer: IpAddr,
+    /// Outer sources accepted besides the peer.
+    pub extra_peers: Vec<IpAddr>,
+    /// FOU's UDP port; None: IP-in-IP.
+    pub fou_port: Option<u16>,
+    /// The largest inner packet that fits the tunnel whole.
+    pub max_plain: u16,
+    /// Inner destinations allowed out of the tunnel; empty: any.
+    pub deliver: Vec<(IpAddr, u8)>,
+}
+
+/// The attached programs; detached on drop.
+pub struct FastPath {
+    _bpf: Ebpf,
+    stats: PerCpuArray<MapData, Stats>,
+    pub wan: String,
+}
+
+impl std::fmt::Debug for FastPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastPath").field("wan", &self.wan).finish()
+    }
+}
+
+fn v4(a: IpAddr, what: &str) -> anyhow::Result<Ipv4Addr> {
+    match a {
+        IpAddr::V4(v) => Ok(v),
+        IpAddr::V6(_) => bail!("the kernel fast path carries IPv4 tunnels only ({what} is {a})"),
+    }
+}
+
+/// Network byte order, as the program reads it.
+fn be(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+/// The name of the interface that holds `addr`.
+fn interface_holding(addr: Ipv4Addr) -> anyhow::Result<String> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot list the interfaces");
+    }
+    let mut found = None;
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, still alive.
+        let ifa = unsafe { &*at };
+        at = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr of the family it names.
+        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+        if family != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+        if u32::from_be(sin.sin_addr.s_addr) == u32::from(addr) {
+            // SAFETY: ifa_name is a NUL-terminated string.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+            found = Some(name.to_string_lossy().into_owned());
+            break;
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found.with_context(|| format!("no interface holds {addr} (the tunnel's local address)"))
+}
+
+fn ifindex(name: &str) -> anyhow::Result<u32> {
+    let c = CString::new(name).context("interface name")?;
+    // SAFETY: a NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(std::io::Error::last_os_error()).with_context(|| format!("no interface {name}")),
+        i => Ok(i),
+    }
+}
+
+impl FastPath {
+    /// Whether this build carries the programs (clang was there).
+    pub fn built() -> bool {
+        !OBJECT.is_empty()
+    }
+
+    /// Loads the programs and attaches them: `encap` to the TUN device's
+    /// egress, `decap` to the ingress of the interface holding the local
+    /// address. Needs CAP_BPF and CAP_NET_ADMIN; the TUN device must exist.
+    pub fn attach(s: &Settings) -> anyhow::Result<Self> {
+        if !Self::built() {
+            bail!("this build has no kernel fast path (clang was missing when it was built: install clang and libbpf-dev, then rebuild)");
+        }
+        let local = v4(s.local, "the local address")?;
+        let peer = v4(s.peer, "the peer")?;
+        let wan = interface_holding(local)?;
+        let config = Config {
+            local: be(local),
+            peer: be(peer),
+            wan_ifindex: ifindex(&wan)?,
+            tun_ifindex: ifindex(&s.tun)?,
+            fou_port: s.fou_port.unwrap_or(0).to_be(),
+            max_plain: s.max_plain,
+            deliver_any: u32::from(s.deliver.is_empty()),
+        };
+        let mut bpf = Ebpf::load(OBJECT).context("cannot load the kernel fast path")?;
+        // the maps stay the object's (the programs hold their descriptors):
+        // filled before the programs are attached
+        fn map<'a>(bpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+            bpf.map_mut(name)
+                .with_context(|| format!("the fast path has no map {name}"))
+        }
+        Array::<_, Config>::try_from(map(&mut bpf, "CONFIG")?)?
+            .set(0, config, 0)
+            .context("cannot configure the fast path")?;
+        let mut peers = HashMap::<_, u32, u32>::try_from(map(&mut bpf, "PEERS")?)?;
+        for p in std::iter::once(&s.peer).chain(&s.extra_peers) {
+            if let IpAddr::V4(p) = p {
+                peers.insert(be(*p), 1, 0).context("cannot add a peer")?;
+            }
+        }
+        let mut deliver = LpmTrie::<_, u32, u32>::try_from(map(&mut bpf, "DELIVER")?)?;
+        for (net, len) in &s.deliver {
+            if let IpAddr::V4(n) = net {
+                deliver
+                    .insert(&Key::new(u32::from(*len.min(&32)), be(*n)), 1, 0)
+                    .context("cannot add a destination prefix")?;
+            }
+        }
+        for (prog, dev, at) in [
+            ("encap", s.tun.as_str(), TcAttachType::Egress),
+            ("decap", wan.as_str(), TcAttachType::Ingress),
+        ] {
+            let p: &mut SchedClassifier = bpf
+                .program_mut(prog)
+                .with_context(|| format!("the fast path has no program {prog}"))?
+                .try_into()?;
+            p.load()
+                .with_context(|| format!("the kernel refused the fast path's {prog} program"))?;
+            p.attach(dev, at).with_context(|| {
+                format!("cannot attach the fast path's {prog} program to {dev}")
+            })?;
+        }
+        let stats = PerCpuArray::try_from(
+            bpf.take_map("STATS")
+                .context("the fast path has no map STATS")?,
+        )?;
+        tracing::info!(tun = %s.tun, wan = %wan, "kernel fast path attached");
+        Ok(Self {
+            _bpf: bpf,
+            stats,
+            wan,
+        })
+    }
+
+    /// What the programs have carried, over all CPUs.
+    pub fn stats(&self) -> Stats {
+        let mut t = Stats::default();
+        if let Ok(per_cpu) = self.stats.get(&0, 0) {
+            for s in per_cpu.iter() {
+                t.encap_packets += s.encap_packets;
+                t.encap_bytes += s.encap_bytes;
+                t.decap_packets += s.decap_packets;
+                t.decap_bytes += s.decap_bytes;
+                t.errors += s.errors;
+            }
+        }
+        t
+    }
+}
