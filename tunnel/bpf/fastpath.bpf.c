@@ -93,6 +93,16 @@ struct outer {
 	struct udphdr udp;
 };
 
+// The configuration and this CPU's counters: false before userspace has
+// filled them in (never, as attached).
+static __always_inline int settings(struct config **c, struct stats **st)
+{
+	__u32 zero = 0;
+	*c = bpf_map_lookup_elem(&CONFIG, &zero);
+	*st = bpf_map_lookup_elem(&STATS, &zero);
+	return *c && *st;
+}
+
 static __always_inline int link_local(__u32 addr)
 {
 	return (addr & bpf_htonl(0xffff0000)) == bpf_htonl(0xa9fe0000);
@@ -151,10 +161,9 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
 SEC("classifier")
 int encap(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct config *c = bpf_map_lookup_elem(&CONFIG, &zero);
-	struct stats *st = bpf_map_lookup_elem(&STATS, &zero);
-	if (!c || !st)
+	struct config *c;
+	struct stats *st;
+	if (!settings(&c, &st))
 		return PASS;
 	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
 	struct iphdr *in = plain_segment(data, end);
@@ -211,10 +220,9 @@ int encap(struct __sk_buff *skb)
 SEC("classifier")
 int decap(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct config *c = bpf_map_lookup_elem(&CONFIG, &zero);
-	struct stats *st = bpf_map_lookup_elem(&STATS, &zero);
-	if (!c || !st)
+	struct config *c;
+	struct stats *st;
+	if (!settings(&c, &st))
 		return PASS;
 	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;

@@ -307,16 +307,7 @@ fn foreign_and_malformed_tunnel_packets_are_counted_with_the_fast_path_on() {
 
 fn foreign_and_malformed(extra: &[&str]) {
     let bed = bed(extra);
-    bed.b
-        .exec(&[
-            "ip",
-            "addr",
-            "add",
-            "192.0.2.3/24",
-            "dev",
-            &veth_of(&bed.b, "192.0.2.2"),
-        ])
-        .expect("addr");
+    impostor_address(&bed);
     let inner_to_client = {
         let mut v = Vec::new();
         etherparse::PacketBuilder::ipv4([10, 9, 0, 2], [10, 0, 1, 2], 64)
@@ -361,6 +352,21 @@ fn foreign_and_malformed(extra: &[&str]) {
     send("192.0.2.2", inner_to_client);
     let (n, _) = cli.recv_from(&mut buf).expect("delivered from the peer");
     assert_eq!(&buf[..n], b"spoofed");
+}
+
+/// Gives gateway B a second outer address, 192.0.2.3: a host on the path
+/// that is not A's configured peer.
+fn impostor_address(bed: &Bed) {
+    bed.b
+        .exec(&[
+            "ip",
+            "addr",
+            "add",
+            "192.0.2.3/24",
+            "dev",
+            &veth_of(&bed.b, "192.0.2.2"),
+        ])
+        .expect("addr");
 }
 
 /// The name of the interface holding `addr` in `ns`.
@@ -505,16 +511,7 @@ fn the_kernel_fast_path_carries_tcp_streams_whole() {
 #[test]
 fn the_kernel_fast_path_leaves_foreign_segments_to_be_dropped() {
     let bed = bed(&["--kind", "fou", "--fast-path"]);
-    bed.b
-        .exec(&[
-            "ip",
-            "addr",
-            "add",
-            "192.0.2.3/24",
-            "dev",
-            &veth_of(&bed.b, "192.0.2.2"),
-        ])
-        .expect("addr");
+    impostor_address(&bed);
     let segment = {
         let mut v = Vec::new();
         etherparse::PacketBuilder::ipv4([10, 9, 0, 2], [10, 0, 1, 2], 64)
