@@ -98,6 +98,7 @@ pub struct CountersSnapshot {
     /// What the kernel fast path carried (already in the packet and byte
     /// totals above); None when it is off. The flow counts only know the
     /// packets that came through userspace.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fast_path: Option<fastpath::Stats>,
 }
 
