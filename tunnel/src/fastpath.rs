@@ -157,27 +157,25 @@ fn ifindex(name: &str) -> anyhow::Result<u32> {
     }
 }
 
-impl FastPath {
-    /// Whether this build carries the programs (clang was there).
-    pub fn built() -> bool {
-        !OBJECT.is_empty()
-    }
+/// The programs loaded and configured, not attached: what [`FastPath`]
+/// attaches, and what tests run packets through ([`Loaded::test_run`]).
+pub struct Loaded {
+    bpf: Ebpf,
+}
 
-    /// Loads the programs and attaches them: `encap` to the TUN device's
-    /// egress, `decap` to the ingress of the interface holding the local
-    /// address. Needs CAP_BPF and CAP_NET_ADMIN; the TUN device must exist.
-    pub fn attach(s: &Settings) -> anyhow::Result<Self> {
-        if !Self::built() {
+impl Loaded {
+    /// Loads the programs with `s`'s configuration; encapsulated packets
+    /// leave by interface `wan_ifindex`, decapsulated ones enter
+    /// `tun_ifindex`. Needs CAP_BPF.
+    pub fn new(s: &Settings, wan_ifindex: u32, tun_ifindex: u32) -> anyhow::Result<Self> {
+        if !FastPath::built() {
             bail!("this build has no kernel fast path (clang was missing when it was built: install clang and libbpf-dev, then rebuild)");
         }
-        let local = v4(s.local, "the local address")?;
-        let peer = v4(s.peer, "the peer")?;
-        let wan = interface_holding(local)?;
         let config = Config {
-            local: be(local),
-            peer: be(peer),
-            wan_ifindex: ifindex(&wan)?,
-            tun_ifindex: ifindex(&s.tun)?,
+            local: be(v4(s.local, "the local address")?),
+            peer: be(v4(s.peer, "the peer")?),
+            wan_ifindex,
+            tun_ifindex,
             fou_port: s.fou_port.unwrap_or(0).to_be(),
             max_plain: s.max_plain,
             deliver_any: u32::from(s.deliver.is_empty()),
@@ -206,19 +204,95 @@ impl FastPath {
                     .context("cannot add a destination prefix")?;
             }
         }
+        for prog in ["encap", "decap"] {
+            Self::program(&mut bpf, prog)?
+                .load()
+                .with_context(|| format!("the kernel refused the fast path's {prog} program"))?;
+        }
+        Ok(Self { bpf })
+    }
+
+    fn program<'a>(bpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
+        Ok(bpf
+            .program_mut(name)
+            .with_context(|| format!("the fast path has no program {name}"))?
+            .try_into()?)
+    }
+
+    /// Runs program `prog` ("encap" or "decap") once on an Ethernet frame
+    /// (`BPF_PROG_TEST_RUN`): its verdict (`TC_ACT_*`, -1 for "not mine")
+    /// and the frame as it left it. Nothing is sent. Needs CAP_NET_ADMIN.
+    pub fn test_run(&mut self, prog: &str, frame: &[u8]) -> anyhow::Result<(i32, Vec<u8>)> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        /// The `test` member of `union bpf_attr`.
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestRun {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+        }
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        let fd = Self::program(&mut self.bpf, prog)?
+            .fd()?
+            .as_fd()
+            .as_raw_fd();
+        // room for the outer header a program may add
+        let mut out = vec![0u8; frame.len() + 128];
+        let mut attr = TestRun {
+            prog_fd: fd as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ..TestRun::default()
+        };
+        // SAFETY: attr points to live buffers of the sizes it gives, and
+        // outlives the call; the kernel reads size_of::<TestRun>() bytes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRun,
+                std::mem::size_of::<TestRun>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot test-run the fast path's {prog} program"));
+        }
+        out.truncate(attr.data_size_out as usize);
+        Ok((attr.retval as i32, out))
+    }
+}
+
+impl FastPath {
+    /// Whether this build carries the programs (clang was there).
+    pub fn built() -> bool {
+        !OBJECT.is_empty()
+    }
+
+    /// Loads the programs and attaches them: `encap` to the TUN device's
+    /// egress, `decap` to the ingress of the interface holding the local
+    /// address. Needs CAP_BPF and CAP_NET_ADMIN; the TUN device must exist.
+    pub fn attach(s: &Settings) -> anyhow::Result<Self> {
+        let wan = interface_holding(v4(s.local, "the local address")?)?;
+        let Loaded { mut bpf } = Loaded::new(s, ifindex(&wan)?, ifindex(&s.tun)?)?;
         for (prog, dev, at) in [
             ("encap", s.tun.as_str(), TcAttachType::Egress),
             ("decap", wan.as_str(), TcAttachType::Ingress),
         ] {
-            let p: &mut SchedClassifier = bpf
-                .program_mut(prog)
-                .with_context(|| format!("the fast path has no program {prog}"))?
-                .try_into()?;
-            p.load()
-                .with_context(|| format!("the kernel refused the fast path's {prog} program"))?;
-            p.attach(dev, at).with_context(|| {
-                format!("cannot attach the fast path's {prog} program to {dev}")
-            })?;
+            Loaded::program(&mut bpf, prog)?
+                .attach(dev, at)
+                .with_context(|| {
+                    format!("cannot attach the fast path's {prog} program to {dev}")
+                })?;
         }
         let stats = PerCpuArray::try_from(
             bpf.take_map("STATS")
