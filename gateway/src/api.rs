@@ -167,11 +167,7 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> Response {
         return *r;
     }
     let (state, migrations) = api.control.status().await;
-    let counters = api
-        .control
-        .plane
-        .as_ref()
-        .map(|p| tunnel::io::snapshot(&p.counters, None));
+    let counters = api.control.plane.as_ref().map(|p| p.snapshot());
     Json(serde_json::json!({
         "site": api.control.config.site,
         "services": state.services,
@@ -204,7 +200,7 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
         }
     }
     if let Some(p) = &api.control.plane {
-        let s = tunnel::io::snapshot(&p.counters, None);
+        let s = p.snapshot();
         let _ = writeln!(out, "# TYPE gateway_encapsulated_packets_total counter\ngateway_encapsulated_packets_total{{site=\"{site}\"}} {}", s.encapsulated_packets);
         let _ = writeln!(out, "# TYPE gateway_decapsulated_packets_total counter\ngateway_decapsulated_packets_total{{site=\"{site}\"}} {}", s.decapsulated_packets);
         let _ = writeln!(out, "# TYPE gateway_drops_total counter");

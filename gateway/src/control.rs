@@ -216,12 +216,16 @@ impl Control {
                 }
             }
         };
-        plane
-            .tables
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sides
-            .insert(address, side);
+        let fast = match &side {
+            Side::Old { peer, .. } => (*peer, tunnel::fastpath::Role::Old),
+            Side::New { peer, .. } => (*peer, tunnel::fastpath::Role::New),
+        };
+        let mut t = plane.tables.lock().unwrap_or_else(|p| p.into_inner());
+        t.sides.insert(address, side);
+        if let Some(Err(e)) = plane.fast(|f| f.set_guest(address, fast.0, fast.1)) {
+            // the data plane still carries everything
+            tracing::warn!(error = %e, %address, "the kernel fast path will not carry this guest");
+        }
         Ok(())
     }
 
@@ -345,10 +349,17 @@ impl Control {
         };
         let now_ms = plane.now_ms();
         let quiet_ms = self.config.tunnel.drain_quiet_ms;
+        let carried = plane.fast(|f| f.take_activity()).unwrap_or_default();
         let mut st = self.state.lock().await;
         let mut done = Vec::new();
         {
             let mut t = plane.tables.lock().unwrap_or_else(|p| p.into_inner());
+            // what the kernel carried keeps its flows live, as if it had
+            // come through the data plane
+            for c in &carried {
+                t.carried(c, now_ms);
+            }
+            let mut ended = Vec::new();
             for side in t.sides.values_mut() {
                 match side {
                     Side::Old { flows, .. } => {
@@ -360,9 +371,16 @@ impl Control {
                         ..
                     } => {
                         tunnelled.expire(now_ms);
-                        translated.expire(now_ms);
+                        ended.extend(translated.expire(now_ms).into_iter().map(|(k, _)| k));
                     }
                 }
+            }
+            for k in ended.iter().filter(|k| k.proto == 6) {
+                // the guest may send as either end
+                plane.fast(|f| {
+                    let _ = f.set_translated(k.lo, k.hi, false);
+                    let _ = f.set_translated(k.hi, k.lo, false);
+                });
             }
             for m in st.migrations.values() {
                 let Phase::Draining { deadline_unix } = m.phase else {
@@ -381,6 +399,7 @@ impl Control {
             for s in &done {
                 if let Some(m) = st.migrations.get(s) {
                     t.sides.remove(&m.address);
+                    plane.fast(|f| f.remove_guest(m.address));
                 }
             }
         }

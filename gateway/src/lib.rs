@@ -40,6 +40,7 @@ pub mod state;
 /// path_mtu = 1500
 /// clamp_mss = true
 /// spin_us = 2000              # poll this long after a packet before sleeping (latency for CPU); 0: off
+/// fast_path = false           # bulk IPv4 TCP in the kernel (tc-BPF), the rest through the plane
 /// drain_deadline_s = 3600
 /// udp_idle_s = 60             # a UDP flow has ended after this much silence
 /// tcp_idle_s = 7200
@@ -108,6 +109,10 @@ pub struct TunnelConfig {
     /// before it sleeps ([`tunnel::poll`]): a sleeping thread's wake-up can
     /// cost tens of microseconds per hop; 0 sleeps at once.
     pub spin_us: u64,
+    /// Carry the guests' bulk IPv4 TCP in the kernel ([`tunnel::fastpath`]:
+    /// tc-BPF on the TUN device and the WAN interface); SYN/FIN/RST, UDP,
+    /// ICMP, IPv6 and translated flows still come through the data plane.
+    pub fast_path: bool,
     /// Drain at the latest this long after it starts.
     pub drain_deadline_s: u64,
     /// Drained once no flow is live and nothing crossed for this long.
@@ -140,6 +145,7 @@ impl Default for TunnelConfig {
             path_mtu: 1500,
             clamp_mss: true,
             spin_us: tunnel::poll::DEFAULT_SPIN.as_micros() as u64,
+            fast_path: false,
             drain_deadline_s: 3600,
             drain_quiet_ms: 2000,
             udp_idle_s: 60,
@@ -269,8 +275,29 @@ fn open_plane(config: &Config, wan: std::net::IpAddr) -> anyhow::Result<plane::P
     } else {
         None
     };
+    let peers: Vec<std::net::IpAddr> = config.peers.iter().map(|p| p.address).collect();
+    let fast = if t.fast_path {
+        let f = tunnel::fastpath::FastPath::attach(&tunnel::fastpath::Settings {
+            tun: t.device.clone(),
+            local: wan,
+            peer: wan, // unused: each guest names its peer
+            extra_peers: peers.clone(),
+            fou_port: match kind {
+                tunnel::encap::Kind::Fou { port } => Some(port),
+                tunnel::encap::Kind::Ipip => None,
+            },
+            max_plain: t.path_mtu.saturating_sub(overhead),
+            deliver: Vec::new(),
+            gateway: true,
+        })
+        .context("cannot start the kernel fast path (fast_path = true)")?;
+        Some(std::sync::Mutex::new(f))
+    } else {
+        None
+    };
     Ok(plane::Plane {
-        peers: config.peers.iter().map(|p| p.address).collect(),
+        peers,
+        fast,
         tun,
         outer,
         signal_pmtu: t.signal_pmtu.then_some(wan),

@@ -68,6 +68,31 @@ impl Tables {
         })
     }
 
+    /// Segments the kernel fast path carried for a guest's TCP flow: its
+    /// flow table learns of them as if they had come through the plane
+    /// (the flow stays live, and so does an old site's drain clock).
+    pub fn carried(&mut self, c: &tunnel::fastpath::Carried, now_ms: u64) {
+        let (from, to) = (
+            (IpAddr::V4(c.from.0), c.from.1),
+            (IpAddr::V4(c.to.0), c.to.1),
+        );
+        let (key, forward) = tunnel::flow::FlowKey::between(6, from, to);
+        for guest in [to.0, from.0] {
+            match self.sides.get_mut(&guest) {
+                Some(Side::Old { flows, last_ms, .. }) => {
+                    flows.touch(key, forward, c.packets, c.bytes, now_ms);
+                    *last_ms = now_ms;
+                    return;
+                }
+                Some(Side::New { tunnelled, .. }) => {
+                    tunnelled.touch(key, forward, c.packets, c.bytes, now_ms);
+                    return;
+                }
+                None => {}
+            }
+        }
+    }
+
     pub fn stats(&self, guest: IpAddr) -> Option<SideStats> {
         let sum = |t: &FlowTable| {
             t.iter().fold((0u64, 0u64), |(p, b), (_, f)| {
@@ -106,6 +131,9 @@ impl Tables {
 pub struct Plane {
     /// The configured peer gateways: the only outer sources accepted.
     pub peers: Vec<IpAddr>,
+    /// The kernel fast path, when on: it carries the guests' bulk TCP and
+    /// is told about guests and translated flows ([`Plane::fast`]).
+    pub fast: Option<Mutex<tunnel::fastpath::FastPath>>,
     pub tun: tunnel::tundev::Tun,
     pub outer: Outer,
     /// Send ICMP too-big for DF packets that do not fit, from this address.
@@ -152,6 +180,31 @@ impl Plane {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the kernel fast path, if it is on. (Lock order: the
+    /// tables first, then the fast path.)
+    pub fn fast<T>(&self, f: impl FnOnce(&mut tunnel::fastpath::FastPath) -> T) -> Option<T> {
+        self.fast
+            .as_ref()
+            .map(|m| f(&mut m.lock().unwrap_or_else(|p| p.into_inner())))
+    }
+
+    /// A translated TCP flow that the guest sends as `from` → `to`: its
+    /// packets must reach this plane (the NAT), not the fast path.
+    fn keep_translated(&self, from: (IpAddr, u16), to: (IpAddr, u16)) {
+        if let Some(Err(e)) = self.fast(|f| f.set_translated(from, to, true)) {
+            tracing::warn!(error = %e, "a translated flow may take the kernel fast path");
+        }
+    }
+
+    /// The counters, the kernel fast path's included.
+    pub fn snapshot(&self) -> tunnel::io::CountersSnapshot {
+        let mut s = tunnel::io::snapshot(&self.counters, None);
+        if let Some(k) = self.fast(|f| f.stats()) {
+            s.add_fast_path(k);
+        }
+        s
     }
 
     /// TUN → tunnel (or back into the TUN device, translated), a batch.
@@ -258,7 +311,10 @@ impl Plane {
                 tunnelled.observe(&i, now);
                 return Out::Tunnel(*peer);
             }
-            translated.observe(&i, now);
+            let seen = translated.observe(&i, now);
+            if let (true, Transport::Tcp { sport, dport, .. }) = (seen.new, i.transport) {
+                self.keep_translated((i.src, sport), (i.dst, dport));
+            }
             let public = *public;
             return match nat::rewrite_src(pkt, public) {
                 Ok(()) => Out::Back,
@@ -273,7 +329,11 @@ impl Plane {
             if let (Ok(i), Some(Side::New { translated, .. })) =
                 (Inner::parse(pkt), t.sides.get_mut(&guest))
             {
-                translated.observe(&i, now);
+                let seen = translated.observe(&i, now);
+                if let (true, Transport::Tcp { sport, dport, .. }) = (seen.new, i.transport) {
+                    // the guest answers as dst → src
+                    self.keep_translated((i.dst, dport), (i.src, sport));
+                }
             }
             return Out::Back;
         }

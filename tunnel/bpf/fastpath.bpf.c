@@ -39,6 +39,29 @@ struct config {
 	__u16 fou_port;    // 0: IP-in-IP (protocol 4)
 	__u16 max_plain;   // the largest inner packet that fits, unsegmented
 	__u32 deliver_any; // 0: only destinations in DELIVER leave the tunnel
+	__u32 gateway;     // 1: the gateway's rules (GUESTS) instead of peer and DELIVER
+};
+
+// The gateway's guests (its data plane's sides), by address.
+#define ROLE_OLD 1 // moved away: packets to it go to its peer, its replies come back
+#define ROLE_NEW 2 // here: packets for it come from the peer, its own go back unless translated
+struct guest {
+	__u32 peer;
+	__u32 role;
+};
+
+// A TCP flow as its packet goes (addresses and ports in network order).
+struct flow {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+};
+
+// What the fast path carried of a flow since userspace last read it.
+struct activity {
+	__u64 packets;
+	__u64 bytes;
 };
 
 // tunnel/src/fastpath.rs (Stats)
@@ -76,6 +99,31 @@ struct {
 	__type(key, struct lpm_v4);
 	__type(value, __u32);
 } DELIVER SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct guest);
+} GUESTS SEC(".maps");
+
+// Flows of guests here that leave translated (the userspace plane's NAT),
+// keyed as the guest sends.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow);
+	__type(value, __u32);
+} SLOW SEC(".maps");
+
+// Gateway mode: the flows carried, for the drain's bookkeeping (userspace
+// reads and clears it every 250 ms).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow);
+	__type(value, struct activity);
+} ACTIVITY SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -146,6 +194,29 @@ static __always_inline __u64 segments(struct __sk_buff *skb, __u32 len, __u32 hd
 	return (len - hdrs + skb->gso_size - 1) / skb->gso_size;
 }
 
+static __always_inline struct flow flow_of(struct iphdr *ip, void *end)
+{
+	struct flow f = {.saddr = ip->saddr, .daddr = ip->daddr};
+	struct tcphdr *tcp = (void *)(ip + 1);
+	if ((void *)(tcp + 1) <= end) {
+		f.sport = tcp->source;
+		f.dport = tcp->dest;
+	}
+	return f;
+}
+
+static __always_inline void note(struct flow *f, __u64 packets, __u64 bytes)
+{
+	struct activity *a = bpf_map_lookup_elem(&ACTIVITY, f);
+	if (a) {
+		__sync_fetch_and_add(&a->packets, packets);
+		__sync_fetch_and_add(&a->bytes, bytes);
+	} else {
+		struct activity n = {.packets = packets, .bytes = bytes};
+		bpf_map_update_elem(&ACTIVITY, f, &n, BPF_NOEXIST);
+	}
+}
+
 static __always_inline __u16 ip_checksum(struct iphdr *ip)
 {
 	__u32 sum = 0;
@@ -169,6 +240,20 @@ int encap(struct __sk_buff *skb)
 	struct iphdr *in = plain_segment(data, end);
 	if (!in)
 		return PASS;
+	__u32 peer = c->peer;
+	struct flow f = flow_of(in, end);
+	if (c->gateway) {
+		struct guest *g = bpf_map_lookup_elem(&GUESTS, &f.daddr);
+		if (g && g->role == ROLE_OLD) {
+			peer = g->peer; // old site: to the guest that moved
+		} else {
+			// new site: the guest's packets, back unless translated
+			g = bpf_map_lookup_elem(&GUESTS, &f.saddr);
+			if (!g || g->role != ROLE_NEW || bpf_map_lookup_elem(&SLOW, &f))
+				return PASS;
+			peer = g->peer;
+		}
+	}
 	__u32 len = skb->len;
 	__u32 hdrs = headers(in, end);
 	__u32 hlen = c->fou_port ? sizeof(struct outer) : sizeof(struct iphdr);
@@ -200,7 +285,7 @@ int encap(struct __sk_buff *skb)
 	o.ip.protocol = c->fou_port ? IPPROTO_UDP : IPPROTO_IPIP;
 	o.ip.tot_len = bpf_htons(len + hlen);
 	o.ip.saddr = c->local;
-	o.ip.daddr = c->peer;
+	o.ip.daddr = peer;
 	o.ip.check = ip_checksum(&o.ip);
 	o.udp.source = sport;
 	o.udp.dest = c->fou_port;
@@ -212,8 +297,11 @@ int encap(struct __sk_buff *skb)
 		st->errors++;
 		return TC_ACT_SHOT;
 	}
-	st->encap_packets += segments(skb, len, hdrs); // gso_size now fits the path
+	__u64 segs = segments(skb, len, hdrs); // gso_size now fits the path
+	st->encap_packets += segs;
 	st->encap_bytes += len;
+	if (c->gateway)
+		note(&f, segs, len);
 	return bpf_redirect_neigh(c->wan_ifindex, 0, 0, 0);
 }
 
@@ -258,7 +346,16 @@ int decap(struct __sk_buff *skb)
 	if (!skb->gso_size && bpf_ntohs(in->tot_len) != inner_len)
 		return PASS;
 	__u64 segs = segments(skb, inner_len, headers(in, end));
-	if (!c->deliver_any) {
+	struct flow f = flow_of(in, end);
+	if (c->gateway) {
+		// new site: for a guest here; old site: a moved guest's replies
+		struct guest *g = bpf_map_lookup_elem(&GUESTS, &f.daddr);
+		if (!g || g->role != ROLE_NEW) {
+			g = bpf_map_lookup_elem(&GUESTS, &f.saddr);
+			if (!g || g->role != ROLE_OLD)
+				return PASS; // userspace counts it as unregistered
+		}
+	} else if (!c->deliver_any) {
 		struct lpm_v4 key = {.prefixlen = 32, .addr = in->daddr};
 		if (!bpf_map_lookup_elem(&DELIVER, &key))
 			return PASS;
@@ -267,6 +364,8 @@ int decap(struct __sk_buff *skb)
 		return PASS;
 	st->decap_packets += segs;
 	st->decap_bytes += inner_len;
+	if (c->gateway)
+		note(&f, segs, inner_len);
 	return bpf_redirect(c->tun_ifindex, BPF_F_INGRESS);
 }
 

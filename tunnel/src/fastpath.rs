@@ -47,10 +47,66 @@ struct Config {
     fou_port: u16,
     max_plain: u16,
     deliver_any: u32,
+    gateway: u32,
 }
 
-// SAFETY: plain integers, no padding (4 × u32, 2 × u16, u32).
+// SAFETY: plain integers, no padding (4 × u32, 2 × u16, 2 × u32).
 unsafe impl aya::Pod for Config {}
+
+/// `struct guest`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Guest {
+    peer: u32,
+    role: u32,
+}
+
+// SAFETY: plain u32 fields.
+unsafe impl aya::Pod for Guest {}
+
+/// `struct flow`: a TCP flow as its packets go, in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Flow {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+// SAFETY: plain integers, no padding (2 × u32, 2 × u16).
+unsafe impl aya::Pod for Flow {}
+
+/// `struct activity`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Activity {
+    packets: u64,
+    bytes: u64,
+}
+
+// SAFETY: plain u64 fields.
+unsafe impl aya::Pod for Activity {}
+
+/// A guest's side of a migration, as the gateway's fast path sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Moved away from this site: packets to it go to its peer, its
+    /// replies come back from there.
+    Old,
+    /// Here: packets for it come from its peer; its own go back there
+    /// unless their flow is translated.
+    New,
+}
+
+/// What the fast path carried of one TCP flow since it was last asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Carried {
+    pub from: (Ipv4Addr, u16),
+    pub to: (Ipv4Addr, u16),
+    pub packets: u64,
+    pub bytes: u64,
+}
 
 /// `struct stats` of the BPF program, summed over the CPUs.
 #[repr(C)]
@@ -84,14 +140,21 @@ pub struct Settings {
     pub fou_port: Option<u16>,
     /// The largest inner packet that fits the tunnel whole.
     pub max_plain: u16,
-    /// Inner destinations allowed out of the tunnel; empty: any.
+    /// Inner destinations allowed out of the tunnel; empty: any. Not used
+    /// with `gateway`.
     pub deliver: Vec<(IpAddr, u8)>,
+    /// The gateway's rules: which packets go to which peer is decided per
+    /// guest ([`FastPath::set_guest`]), not by `peer` and `deliver`.
+    pub gateway: bool,
 }
 
 /// The attached programs; detached on drop.
 pub struct FastPath {
     _bpf: Ebpf,
     stats: PerCpuArray<MapData, Stats>,
+    guests: HashMap<MapData, u32, Guest>,
+    slow: HashMap<MapData, Flow, u32>,
+    activity: HashMap<MapData, Flow, Activity>,
     pub wan: String,
 }
 
@@ -179,6 +242,7 @@ impl Loaded {
             fou_port: s.fou_port.unwrap_or(0).to_be(),
             max_plain: s.max_plain,
             deliver_any: u32::from(s.deliver.is_empty()),
+            gateway: u32::from(s.gateway),
         };
         let mut bpf = Ebpf::load(OBJECT).context("cannot load the kernel fast path")?;
         // the maps stay the object's (the programs hold their descriptors):
@@ -294,16 +358,95 @@ impl FastPath {
                     format!("cannot attach the fast path's {prog} program to {dev}")
                 })?;
         }
-        let stats = PerCpuArray::try_from(
-            bpf.take_map("STATS")
-                .context("the fast path has no map STATS")?,
-        )?;
+        fn take(bpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+            bpf.take_map(name)
+                .with_context(|| format!("the fast path has no map {name}"))
+        }
+        let stats = PerCpuArray::try_from(take(&mut bpf, "STATS")?)?;
+        let guests = HashMap::try_from(take(&mut bpf, "GUESTS")?)?;
+        let slow = HashMap::try_from(take(&mut bpf, "SLOW")?)?;
+        let activity = HashMap::try_from(take(&mut bpf, "ACTIVITY")?)?;
         tracing::info!(tun = %s.tun, wan = %wan, "kernel fast path attached");
         Ok(Self {
             _bpf: bpf,
             stats,
+            guests,
+            slow,
+            activity,
             wan,
         })
+    }
+
+    /// Gateway mode: carries the TCP flows of `guest` from now on, to and
+    /// from `peer` as `role` says. An IPv6 guest or peer is left to the
+    /// userspace plane (false).
+    pub fn set_guest(&mut self, guest: IpAddr, peer: IpAddr, role: Role) -> anyhow::Result<bool> {
+        let (IpAddr::V4(g), IpAddr::V4(p)) = (guest, peer) else {
+            return Ok(false);
+        };
+        let role = match role {
+            Role::Old => 1,
+            Role::New => 2,
+        };
+        self.guests
+            .insert(be(g), Guest { peer: be(p), role }, 0)
+            .with_context(|| format!("cannot give {guest} to the kernel fast path"))?;
+        Ok(true)
+    }
+
+    /// Gateway mode: stops carrying `guest`'s flows.
+    pub fn remove_guest(&mut self, guest: IpAddr) {
+        if let IpAddr::V4(g) = guest {
+            let _ = self.guests.remove(&be(g)); // absent: nothing to do
+        }
+    }
+
+    /// Gateway mode: the TCP flow a guest here sends as `from` → `to` is
+    /// translated (`on`), so its packets go to the userspace plane; or not
+    /// any more. IPv6 flows always go there.
+    pub fn set_translated(
+        &mut self,
+        from: (IpAddr, u16),
+        to: (IpAddr, u16),
+        on: bool,
+    ) -> anyhow::Result<()> {
+        let ((IpAddr::V4(s), sp), (IpAddr::V4(d), dp)) = (from, to) else {
+            return Ok(());
+        };
+        let f = Flow {
+            saddr: be(s),
+            daddr: be(d),
+            sport: sp.to_be(),
+            dport: dp.to_be(),
+        };
+        if on {
+            self.slow
+                .insert(f, 1, 0)
+                .context("cannot keep a translated flow out of the kernel fast path")?;
+        } else {
+            let _ = self.slow.remove(&f); // absent: nothing to do
+        }
+        Ok(())
+    }
+
+    /// Gateway mode: the flows carried since the last call, and clears
+    /// them. (A packet counted between the read and the clearing of its
+    /// flow is not reported; the next one is.)
+    pub fn take_activity(&mut self) -> Vec<Carried> {
+        let keys: Vec<Flow> = self.activity.keys().filter_map(Result::ok).collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Ok(a) = self.activity.get(&k, 0) {
+                out.push(Carried {
+                    from: (Ipv4Addr::from(k.saddr.to_ne_bytes()), u16::from_be(k.sport)),
+                    to: (Ipv4Addr::from(k.daddr.to_ne_bytes()), u16::from_be(k.dport)),
+                    packets: a.packets,
+                    bytes: a.bytes,
+                });
+            }
+            let _ = self.activity.remove(&k);
+        }
+        out
     }
 
     /// What the programs have carried, over all CPUs.

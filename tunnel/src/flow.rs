@@ -29,6 +29,12 @@ impl FlowKey {
         Self::of_ends(p.proto, ends(p))
     }
 
+    /// The key of a flow of `proto` with a packet going `from` → `to`, and
+    /// whether that is lo → hi.
+    pub fn between(proto: u8, from: (IpAddr, u16), to: (IpAddr, u16)) -> (Self, bool) {
+        Self::of_ends(proto, (from, to))
+    }
+
     fn of_ends(proto: u8, (a, b): Ends) -> (Self, bool) {
         if a <= b {
             (
@@ -172,6 +178,26 @@ impl FlowTable {
     pub fn observe(&mut self, p: &Inner<'_>, now_ms: u64) -> Seen {
         let (key, forward) = FlowKey::of(p);
         self.record(key, forward, tcp_flags(p), 1, p.bytes.len() as u64, now_ms)
+    }
+
+    /// Segments of a TCP flow that did not pass through here (the kernel
+    /// fast path carried them; it never carries SYN, FIN or RST): `packets`
+    /// ACK segments in the `forward` (lo → hi) direction. The flow is
+    /// created (established) if it is new, its idle clock restarts, and a
+    /// handshake completes.
+    pub fn touch(
+        &mut self,
+        key: FlowKey,
+        forward: bool,
+        packets: u64,
+        bytes: u64,
+        now_ms: u64,
+    ) -> Seen {
+        let ack = TcpFlags {
+            ack: true,
+            ..TcpFlags::default()
+        };
+        self.record(key, forward, Some(ack), packets, bytes, now_ms)
     }
 
     /// Records `packets` packets of `bytes` in all, each with `flags`.

@@ -102,6 +102,18 @@ pub struct CountersSnapshot {
     pub fast_path: Option<fastpath::Stats>,
 }
 
+impl CountersSnapshot {
+    /// Adds what the kernel fast path carried to the totals, and reports
+    /// it apart too.
+    pub fn add_fast_path(&mut self, k: fastpath::Stats) {
+        self.encapsulated_packets += k.encap_packets;
+        self.encapsulated_bytes += k.encap_bytes;
+        self.decapsulated_packets += k.decap_packets;
+        self.decapsulated_bytes += k.decap_bytes;
+        self.fast_path = Some(k);
+    }
+}
+
 impl Counters {
     /// One inner packet of `len` bytes sent into the tunnel.
     pub fn encapsulated(&self, len: usize) {
@@ -653,6 +665,7 @@ impl Pipe {
                 },
                 max_plain: tunnel_mtu,
                 deliver: config.deliver.clone(),
+                gateway: false,
             })?)
         } else {
             None
@@ -673,12 +686,7 @@ impl Pipe {
     pub fn snapshot(&self) -> CountersSnapshot {
         let mut s = snapshot(&self.counters, Some(&self.flows));
         if let Some(f) = &self.fast {
-            let k = f.stats();
-            s.encapsulated_packets += k.encap_packets;
-            s.encapsulated_bytes += k.encap_bytes;
-            s.decapsulated_packets += k.decap_packets;
-            s.decapsulated_bytes += k.decap_bytes;
-            s.fast_path = Some(k);
+            s.add_fast_path(f.stats());
         }
         s
     }

@@ -27,6 +27,7 @@ fn settings(fou: bool) -> Settings {
         fou_port: fou.then_some(PORT),
         max_plain: 1472,
         deliver: vec![(IpAddr::from([10, 9, 0, 0]), 24)],
+        gateway: false,
     }
 }
 

@@ -235,3 +235,65 @@ fn a_fou_tunnel_that_signals_the_path_mtu_keeps_the_connections() {
     );
     streams.finish();
 }
+
+/// The move with the kernel fast path on (FOU): the streams' bulk crosses
+/// in the kernel, every byte still checked; new connections to the new
+/// address and the VM's own still leave translated; and the drain waits
+/// for connections that only the kernel carries (with `tcp_idle_s = 2`,
+/// their flows would idle out of gateway A's table within 2 s, and the
+/// drain would cut them, if what the kernel carried were not fed back).
+#[test]
+fn with_the_kernel_fast_path_connections_survive_and_the_drain_waits_for_them() {
+    let bed = Bed::with_tunnel("kind = \"fou\"\nfast_path = true\ntcp_idle_s = 2");
+    let (ga, gb) = (bed.gateway_a(), bed.gateway_b());
+    bed.register_and_prepare(&ga, &gb);
+    let streams = Streams::start(&bed, 10);
+    let udp = UdpFlow::start(&bed);
+    streams.wait_progress(Duration::from_secs(10));
+    let before = streams.verified();
+
+    bed.move_vm_and_switch(&ga, &gb);
+    streams.wait_progress_beyond(&before, Duration::from_secs(20));
+    udp.wait_echoes_after_switch(Duration::from_secs(10));
+    bed.echo_once("10.2.0.100:7000", b"hello via the new address");
+    bed.vm_connects_out();
+
+    // a drain asked for while the streams run does not end them
+    let (code, body) = ga.api("POST", "/v1/migrations/web1/drain", r#"{"deadline_s": 60}"#);
+    assert_eq!(code, 200, "{body}");
+    for _ in 0..3 {
+        let before = streams.verified();
+        streams.wait_progress_beyond(&before, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let (_, st) = ga.api("GET", "/v1/status", "");
+    assert_eq!(st["migrations"][0]["phase"], "draining", "{st}");
+    assert!(
+        st["migrations"][0]["traffic"]["live_flows"].as_u64() >= Some(10),
+        "{st}"
+    );
+    // the kernel carried the bulk, both ways, at both gateways
+    let (_, sb) = gb.api("GET", "/v1/status", "");
+    for (s, out, into) in [
+        (&st, "encap_bytes", "decap_bytes"),
+        (&sb, "decap_bytes", "encap_bytes"),
+    ] {
+        let fast = &s["data_plane"]["fast_path"];
+        assert!(fast[out].as_u64() > Some(1 << 20), "{s}");
+        assert!(fast[into].as_u64() > Some(1 << 20), "{s}");
+        assert_eq!(fast["errors"].as_u64(), Some(0), "{s}");
+    }
+
+    streams.finish();
+    udp.stop();
+    assert!(
+        ga.wait_phase("web1", "drained", Duration::from_secs(20)),
+        "gateway A never drained"
+    );
+    assert!(
+        bed.connect_fails("10.1.0.10:7000"),
+        "a new connection to the old address was tunnelled after the drain"
+    );
+    bed.echo_once("10.2.0.100:7000", b"still here");
+    bed.assert_no_gateway_errors();
+}
