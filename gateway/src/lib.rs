@@ -40,7 +40,7 @@ pub mod state;
 /// path_mtu = 1500
 /// clamp_mss = true
 /// spin_us = 2000              # poll this long after a packet before sleeping (latency for CPU); 0: off
-/// fast_path = false           # bulk IPv4 TCP in the kernel (tc-BPF), the rest through the plane
+/// fast_path = true            # bulk IPv4 TCP in the kernel (tc-BPF), the rest through the plane; if it cannot start, the plane carries all (logged)
 /// drain_deadline_s = 3600
 /// udp_idle_s = 60             # a UDP flow has ended after this much silence
 /// tcp_idle_s = 7200
@@ -112,6 +112,8 @@ pub struct TunnelConfig {
     /// Carry the guests' bulk IPv4 TCP in the kernel ([`tunnel::fastpath`]:
     /// tc-BPF on the TUN device and the WAN interface); SYN/FIN/RST, UDP,
     /// ICMP, IPv6 and translated flows still come through the data plane.
+    /// When it cannot start (a build without clang, a kernel that refuses
+    /// it) the gateway logs why and the data plane carries everything.
     pub fast_path: bool,
     /// Drain at the latest this long after it starts.
     pub drain_deadline_s: u64,
@@ -145,7 +147,7 @@ impl Default for TunnelConfig {
             path_mtu: 1500,
             clamp_mss: true,
             spin_us: tunnel::poll::DEFAULT_SPIN.as_micros() as u64,
-            fast_path: false,
+            fast_path: true,
             drain_deadline_s: 3600,
             drain_quiet_ms: 2000,
             udp_idle_s: 60,
@@ -277,7 +279,7 @@ fn open_plane(config: &Config, wan: std::net::IpAddr) -> anyhow::Result<plane::P
     };
     let peers: Vec<std::net::IpAddr> = config.peers.iter().map(|p| p.address).collect();
     let fast = if t.fast_path {
-        let f = tunnel::fastpath::FastPath::attach(&tunnel::fastpath::Settings {
+        let attached = tunnel::fastpath::FastPath::attach(&tunnel::fastpath::Settings {
             tun: t.device.clone(),
             local: wan,
             peer: wan, // unused: each guest names its peer
@@ -289,9 +291,16 @@ fn open_plane(config: &Config, wan: std::net::IpAddr) -> anyhow::Result<plane::P
             max_plain: t.path_mtu.saturating_sub(overhead),
             deliver: Vec::new(),
             gateway: true,
-        })
-        .context("cannot start the kernel fast path (fast_path = true)")?;
-        Some(std::sync::Mutex::new(f))
+            signal_pmtu: t.signal_pmtu,
+        });
+        match attached {
+            Ok(f) => Some(std::sync::Mutex::new(f)),
+            // an optimisation that cannot start does not stop the gateway
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "the kernel fast path is off: the data plane carries everything");
+                None
+            }
+        }
     } else {
         None
     };

@@ -40,6 +40,7 @@ struct config {
 	__u16 max_plain;   // the largest inner packet that fits, unsegmented
 	__u32 deliver_any; // 0: only destinations in DELIVER leave the tunnel
 	__u32 gateway;     // 1: the gateway's rules (GUESTS) instead of peer and DELIVER
+	__u32 signal_pmtu; // 1: segments too big for the tunnel go to userspace (ICMP), not re-cut
 };
 
 // The gateway's guests (its data plane's sides), by address.
@@ -257,7 +258,8 @@ int encap(struct __sk_buff *skb)
 	__u32 len = skb->len;
 	__u32 hdrs = headers(in, end);
 	__u32 hlen = c->fou_port ? sizeof(struct outer) : sizeof(struct iphdr);
-	if (len + hlen > 0xffff || (!skb->gso_size && len > c->max_plain))
+	if (len + hlen > 0xffff || (!skb->gso_size && len > c->max_plain) ||
+	    (c->signal_pmtu && skb->gso_size && hdrs + skb->gso_size > c->max_plain))
 		return PASS; // userspace fragments it or answers with ICMP
 	// a flow's segments keep one outer source port (one receive queue),
 	// as Linux's FOU does

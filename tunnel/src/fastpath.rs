@@ -48,9 +48,10 @@ struct Config {
     max_plain: u16,
     deliver_any: u32,
     gateway: u32,
+    signal_pmtu: u32,
 }
 
-// SAFETY: plain integers, no padding (4 × u32, 2 × u16, 2 × u32).
+// SAFETY: plain integers, no padding (4 × u32, 2 × u16, 3 × u32).
 unsafe impl aya::Pod for Config {}
 
 /// `struct guest`.
@@ -146,6 +147,9 @@ pub struct Settings {
     /// The gateway's rules: which packets go to which peer is decided per
     /// guest ([`FastPath::set_guest`]), not by `peer` and `deliver`.
     pub gateway: bool,
+    /// Segments too big for the tunnel are left to userspace, which
+    /// answers with ICMP, instead of being cut to fit.
+    pub signal_pmtu: bool,
 }
 
 /// The attached programs; detached on drop.
@@ -243,6 +247,7 @@ impl Loaded {
             max_plain: s.max_plain,
             deliver_any: u32::from(s.deliver.is_empty()),
             gateway: u32::from(s.gateway),
+            signal_pmtu: u32::from(s.signal_pmtu),
         };
         let mut bpf = Ebpf::load(OBJECT).context("cannot load the kernel fast path")?;
         // the maps stay the object's (the programs hold their descriptors):

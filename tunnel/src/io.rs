@@ -666,6 +666,7 @@ impl Pipe {
                 max_plain: tunnel_mtu,
                 deliver: config.deliver.clone(),
                 gateway: false,
+                signal_pmtu: config.signal_pmtu,
             })?)
         } else {
             None

@@ -28,6 +28,7 @@ fn settings(fou: bool) -> Settings {
         max_plain: 1472,
         deliver: vec![(IpAddr::from([10, 9, 0, 0]), 24)],
         gateway: false,
+        signal_pmtu: false,
     }
 }
 
