@@ -397,7 +397,7 @@ device's egress adds the outer header to the super-packet and sends it out of th
 ingress strips it at the far end and hands the packet to the TUN device's ingress; the kernel cuts the super-packet to fit the \
 path (so the full-size segments of connections from before the move need no fragments). Handshakes (SYN, FIN, RST), other \
 protocols, IPv6 and anything unusual still go through the userspace plane, so the latency column (UDP) is the userspace \
-plane's. The gateway daemon does not use the fast path yet.\n",
+plane's. The gateway daemon runs the same programs with per-guest rules (`fast_path`, on by default), not measured here.\n",
         ));
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
