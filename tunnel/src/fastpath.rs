@@ -159,7 +159,7 @@ pub struct FastPath {
     guests: HashMap<MapData, u32, Guest>,
     slow: HashMap<MapData, Flow, u32>,
     activity: HashMap<MapData, Flow, Activity>,
-    pub wan: String,
+    wan: String,
 }
 
 impl std::fmt::Debug for FastPath {

@@ -18,24 +18,28 @@ use std::time::Duration;
 
 use bed::*;
 
+/// `n` checksummed TCP streams and a UDP flow from the client to the VM,
+/// then the move: every stream keeps going through the tunnel, the UDP
+/// flow is echoed again, and a connection opened now, to the new address,
+/// lands on the same server.
+fn streams_across_the_move(bed: &Bed, n: u64) -> (Gw, Gw, Streams, UdpFlow) {
+    let (ga, gb) = (bed.gateway_a(), bed.gateway_b());
+    bed.register_and_prepare(&ga, &gb);
+    let streams = Streams::start(bed, n);
+    let udp = UdpFlow::start(bed);
+    streams.wait_progress(Duration::from_secs(10));
+    let before = streams.verified();
+    bed.move_vm_and_switch(&ga, &gb);
+    streams.wait_progress_beyond(&before, Duration::from_secs(20));
+    udp.wait_echoes_after_switch(Duration::from_secs(10));
+    bed.echo_once("10.2.0.100:7000", b"hello via the new address");
+    (ga, gb, streams, udp)
+}
+
 #[test]
 fn open_connections_survive_the_move_new_ones_reach_the_new_address_and_the_tunnel_drains() {
     let bed = Bed::new();
-    let (ga, gb) = (bed.gateway_a(), bed.gateway_b());
-    bed.register_and_prepare(&ga, &gb);
-
-    let streams = Streams::start(&bed, 20);
-    let udp = UdpFlow::start(&bed);
-    streams.wait_progress(Duration::from_secs(10));
-    let before = streams.verified();
-
-    bed.move_vm_and_switch(&ga, &gb);
-    // every stream keeps going through the tunnel
-    streams.wait_progress_beyond(&before, Duration::from_secs(20));
-    udp.wait_echoes_after_switch(Duration::from_secs(10));
-
-    // a connection opened now, to the new address, lands on the same server
-    bed.echo_once("10.2.0.100:7000", b"hello via the new address");
+    let (ga, _gb, streams, udp) = streams_across_the_move(&bed, 20);
     // a host on the VM's old LAN still reaches it: gateway A answers ARP for
     // the old address there (proxy ARP) and tunnels
     bed.echo_from(
@@ -245,17 +249,7 @@ fn a_fou_tunnel_that_signals_the_path_mtu_keeps_the_connections() {
 #[test]
 fn with_the_kernel_fast_path_connections_survive_and_the_drain_waits_for_them() {
     let bed = Bed::with_tunnel("kind = \"fou\"\nfast_path = true\ntcp_idle_s = 2");
-    let (ga, gb) = (bed.gateway_a(), bed.gateway_b());
-    bed.register_and_prepare(&ga, &gb);
-    let streams = Streams::start(&bed, 10);
-    let udp = UdpFlow::start(&bed);
-    streams.wait_progress(Duration::from_secs(10));
-    let before = streams.verified();
-
-    bed.move_vm_and_switch(&ga, &gb);
-    streams.wait_progress_beyond(&before, Duration::from_secs(20));
-    udp.wait_echoes_after_switch(Duration::from_secs(10));
-    bed.echo_once("10.2.0.100:7000", b"hello via the new address");
+    let (ga, gb, streams, udp) = streams_across_the_move(&bed, 10);
     bed.vm_connects_out();
 
     // a drain asked for while the streams run does not end them
