@@ -109,7 +109,10 @@ fn check(fou: bool, input: &[u8], verdict: i32, out: &[u8]) -> Result<(), TestCa
     }
     prop_assert_eq!(verdict, REDIRECT, "an unexpected verdict");
     let hlen = if fou { 28 } else { 20 };
-    prop_assert!(input.len() > ETH + hlen + 40);
+    prop_assert!(
+        input.len() >= ETH + hlen + 40,
+        "shorter than a bare TCP segment"
+    );
     let (outer, inner) = (&input[ETH..], &input[ETH + hlen..]);
     prop_assert_eq!(&out[..ETH], &input[..ETH]);
     prop_assert_eq!(&out[ETH..], inner, "not exactly the inner packet");
@@ -148,6 +151,13 @@ fn decap_takes_exactly_the_segments_it_may_carry() {
         let (verdict, out) = run(&good);
         assert_eq!(verdict, REDIRECT, "fou {fou}");
         assert_eq!(&out[ETH..], &data[..], "fou {fou}");
+        // a bare ACK (40 bytes inside) is a whole segment too
+        let ack = inner(0x10, b"", [10, 9, 0, 2]);
+        let bare = frame(fou, PEER, &ack);
+        let (verdict, out) = run(&bare);
+        assert_eq!(verdict, REDIRECT, "bare ACK, fou {fou}");
+        assert_eq!(&out[ETH..], &ack[..], "bare ACK, fou {fou}");
+        check(fou, &bare, verdict, &out).unwrap_or_else(|e| panic!("bare ACK, fou {fou}: {e}"));
         for (why, f) in [
             ("not the peer", frame(fou, [192, 0, 2, 3], &data)),
             ("SYN", frame(fou, PEER, &inner(0x02, b"", [10, 9, 0, 2]))),
