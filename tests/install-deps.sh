@@ -4,8 +4,8 @@
 # versions makes apt remove one of them. (A machine with a newer qemu-utils
 # from backports gets Debian 12's pair, 7.2; every test passes with either.)
 set -euo pipefail
-# clang and libbpf-dev build the tunnel's kernel fast path (tunnel/bpf, by tunnel/build.rs)
-pkgs=(qemu-utils qemu-system-x86 busybox-static cpio libnbd-bin iproute2 e2fsprogs bind9 bind9-dnsutils dnsperf clang libbpf-dev)
+# clang and libbpf-dev build the tunnel's kernel fast path (tunnel/bpf, by tunnel/build.rs); ethtool turns a veth's offloads off in its tests
+pkgs=(qemu-utils qemu-system-x86 busybox-static cpio libnbd-bin iproute2 e2fsprogs bind9 bind9-dnsutils dnsperf clang libbpf-dev ethtool)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -203,6 +203,17 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
         let s = p.snapshot();
         let _ = writeln!(out, "# TYPE gateway_encapsulated_packets_total counter\ngateway_encapsulated_packets_total{{site=\"{site}\"}} {}", s.encapsulated_packets);
         let _ = writeln!(out, "# TYPE gateway_decapsulated_packets_total counter\ngateway_decapsulated_packets_total{{site=\"{site}\"}} {}", s.decapsulated_packets);
+        if let Some(k) = &s.fast_path {
+            let _ = writeln!(out, "# HELP gateway_fast_path_packets_total Packets the kernel fast path carried (included in the totals above).\n# TYPE gateway_fast_path_packets_total counter");
+            for (way, n) in [("encap", k.encap_packets), ("decap", k.decap_packets)] {
+                let _ = writeln!(
+                    out,
+                    "gateway_fast_path_packets_total{{site=\"{site}\",way=\"{way}\"}} {n}"
+                );
+            }
+            let _ = writeln!(out, "# HELP gateway_fast_path_split_total Lone segments too big for the tunnel that the kernel cut in two.\n# TYPE gateway_fast_path_split_total counter\ngateway_fast_path_split_total{{site=\"{site}\"}} {}", k.split);
+            let _ = writeln!(out, "# HELP gateway_fast_path_errors_total Packets the kernel fast path lost (should stay 0).\n# TYPE gateway_fast_path_errors_total counter\ngateway_fast_path_errors_total{{site=\"{site}\"}} {}", k.errors);
+        }
         let _ = writeln!(out, "# TYPE gateway_drops_total counter");
         for (reason, n) in &s.drops {
             let _ = writeln!(

@@ -6,7 +6,9 @@
 // IPv4 (+ UDP for FOU) header and leaves by the WAN interface, with no
 // copy and no trip to userspace. The kernel cuts super-packets to fit
 // the path as it would for its own tunnels (gso_size shrinks by the
-// outer header).
+// outer header). A lone segment too big for the tunnel (one a connection
+// from before the move sends at its full MSS) is cut in two TCP segments
+// that fit, as TSO would cut it, instead of being fragmented in userspace.
 //
 // decap, on the WAN interface's ingress: an encapsulated IPv4 TCP segment
 // from a configured peer, for an allowed inner destination, loses its
@@ -16,7 +18,8 @@
 // Anything else takes the ordinary path (PASS) to the userspace data
 // plane, which decides, counts and drops as before: SYN, FIN and RST
 // segments (flow state, MSS clamping), other protocols, IPv6, IP options,
-// fragments, link-local addresses, oversize packets, unknown peers,
+// fragments, link-local addresses, oversize packets that cannot be cut
+// (URG, too big to cut in two, or with pmtu signalling), unknown peers,
 // unregistered destinations, and anything malformed.
 
 #include <linux/bpf.h>
@@ -72,6 +75,7 @@ struct stats {
 	__u64 decap_packets;
 	__u64 decap_bytes;
 	__u64 errors;
+	__u64 split; // lone oversize segments cut in two
 };
 
 struct lpm_v4 {
@@ -230,6 +234,187 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
 	return ~sum;
 }
 
+// Ones' complement sums (RFC 1071) of 16-bit words as they lie in memory,
+// as the kernel's csum helpers keep them: `fold` reduces a sum to 16 bits.
+static __always_inline __u32 fold(__u64 s)
+{
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return s;
+}
+
+static __always_inline __u32 neg(__u32 a)
+{
+	return ~a & 0xffff;
+}
+
+// The TCP pseudo-header's words for `l4len` bytes of segment.
+static __always_inline __u32 pseudo(struct iphdr *ip, __u32 l4len)
+{
+	return fold((__u64)(ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) +
+		    (ip->daddr >> 16) + bpf_htons(IPPROTO_TCP) + bpf_htons(l4len));
+}
+
+#define TCP_MAX 60     // TCP header with the most options
+#define CHUNK 256      // bytes summed per helper call
+#define HEAD_CHUNKS 64 // the first segment's payload is at most 16 KiB
+#define TAIL_MAX (CHUNK - 4)
+// `n` (1 ≤ n ≤ max, max a power of two) in a form the verifier can bound
+#define SIZE(n, max) ((((n) - 1) & ((max) - 1)) + 1)
+#define TCP_CWR 0x80
+#define TCP_URG 0x20
+#define TCP_PSH 0x08
+
+// Sets the TCP checksum at `off` for a segment whose length went from
+// `oldlen` to `newlen` bytes and whose ones' complement sum of header
+// (checksum field zero), pseudo-header and payload is `total`, whatever
+// the skb's checksum state: with CHECKSUM_PARTIAL the field holds the
+// pseudo-header's sum only and the kernel's helper changes just that (the
+// first call; the second is ignored); otherwise the field holds the full
+// checksum, which the second call sets to ~total.
+static __always_inline int set_tcp_check(struct __sk_buff *skb, __u32 off, __u32 oldlen,
+					 __u32 newlen, __u32 total)
+{
+	if (bpf_l4_csum_replace(skb, off, bpf_htons(oldlen), bpf_htons(newlen),
+				BPF_F_PSEUDO_HDR | 2))
+		return -1;
+	__u16 now;
+	if (bpf_skb_load_bytes(skb, off, &now, sizeof(now)))
+		return -1;
+	// the helper computes fold(diff + ~now) and complements it
+	return bpf_l4_csum_replace(skb, off, 0, fold((__u64)total + now), 0) ? -1 : 0;
+}
+
+// Sum of a TCP header of `th` bytes as `tcp` holds it, its checksum field
+// taken as zero.
+static __always_inline __u32 header_sum(__u8 *tcp, __u32 th)
+{
+	if (th < sizeof(struct tcphdr) || th > TCP_MAX)
+		return 0;
+	__u32 s = (__u32)bpf_csum_diff(0, 0, (__be32 *)tcp, SIZE(th, 64), 0);
+	return fold((__u64)s + neg(((struct tcphdr *)tcp)->check));
+}
+
+// split's working space, too big for the BPF stack (the program never
+// runs twice at once on a CPU: tc runs with bottom halves off, and the
+// first half's second run through encap fits, so does not split).
+struct scratch {
+	__u8 buf[CHUNK];
+	__u8 tcp[64]; // TCP_MAX, rounded up for the verifier
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} SCRATCH SEC(".maps");
+
+static __always_inline int store_ip(struct __sk_buff *skb, struct iphdr *ip)
+{
+	ip->check = 0;
+	ip->check = ip_checksum(ip);
+	return bpf_skb_store_bytes(skb, 0, ip, sizeof(*ip), 0);
+}
+
+// Cuts a lone TCP segment (IPv4 at the skb's start, no GSO) that is too
+// big for the tunnel in two, as TSO would: the first, of `max_plain`
+// bytes at most, leaves at once (a clone sent through the TUN device's
+// egress again, so through this program, which encapsulates it); the
+// skb becomes the second, the rest of the payload (at most TAIL_MAX
+// bytes). Sequence numbers, lengths, flags (PSH on the second only, CWR
+// on the first), IP ID and both checksums are those TSO would give; a
+// segment whose checksum was wrong yields two whose checksums are wrong.
+// Returns 1 when the segment cannot be cut (the skb untouched: userspace
+// fragments it), 0 when cut, -1 on failure after it was changed.
+static __always_inline int split(struct __sk_buff *skb, struct config *c)
+{
+	__u32 zero = 0;
+	struct scratch *sc = bpf_map_lookup_elem(&SCRATCH, &zero);
+	if (!sc)
+		return 1;
+	__u8 *tcp = sc->tcp, *buf = sc->buf;
+	struct iphdr ip;
+	if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) ||
+	    bpf_skb_load_bytes(skb, sizeof(ip), tcp, sizeof(struct tcphdr)))
+		return 1;
+	struct tcphdr *th = (struct tcphdr *)tcp;
+	__u32 thlen = th->doff * 4;
+	__u8 flags = tcp[13];
+	__u32 len = skb->len;
+	if (thlen < sizeof(struct tcphdr) || thlen > TCP_MAX || (flags & TCP_URG) ||
+	    bpf_ntohs(ip.tot_len) != len)
+		return 1;
+	if (bpf_skb_load_bytes(skb, sizeof(ip), tcp, SIZE(thlen, 64)))
+		return 1;
+	__u32 hdrs = sizeof(ip) + thlen;
+	if (c->max_plain < hdrs + 4 || len <= c->max_plain)
+		return 1;
+	__u32 n = len - hdrs;			   // payload
+	__u32 k = (c->max_plain - hdrs) & ~3u;	   // the first segment's payload
+	__u32 t = n - k;			   // the second's
+	if (t == 0 || t > TAIL_MAX || k > HEAD_CHUNKS * CHUNK)
+		return 1;
+	// the sum of the first segment's payload, read as it is
+	__u64 head = 0;
+	for (int i = 0; i < HEAD_CHUNKS; i++) {
+		__u32 at = i * CHUNK;
+		if (at >= k)
+			break;
+		__u32 m = k - at;
+		if (m > CHUNK)
+			m = CHUNK;
+		m = SIZE(m, CHUNK); // k is a multiple of 4: so is m
+		if (bpf_skb_load_bytes(skb, hdrs + at, buf, m))
+			return 1;
+		head += (__u32)bpf_csum_diff(0, 0, (__be32 *)buf, m, 0);
+	}
+	__u32 shead = fold(head);
+	// the second segment's payload, kept here (zero-padded for its sum)
+	__builtin_memset(buf, 0, CHUNK);
+	if (bpf_skb_load_bytes(skb, hdrs + k, buf, SIZE(t, CHUNK)))
+		return 1;
+	__u32 stail = fold((__u32)bpf_csum_diff(0, 0, (__be32 *)buf, CHUNK, 0));
+	// the payload's sum as the checksum has it (what a full checksum
+	// vouches for; without one, a value the helper ignores): the error
+	// of a wrong checksum, carried to both segments
+	__u32 h0 = header_sum(tcp, thlen);
+	__u32 sall = fold((__u64)neg(th->check) + neg(pseudo(&ip, thlen + n)) + neg(h0));
+	__u32 check_at = sizeof(ip) + offsetof(struct tcphdr, check);
+
+	// the first segment, which leaves now
+	if (bpf_skb_change_tail(skb, hdrs + k, 0))
+		return 1; // untouched
+	struct iphdr ip1 = ip;
+	ip1.tot_len = bpf_htons(hdrs + k);
+	tcp[13] = flags & ~TCP_PSH;
+	if (store_ip(skb, &ip1) || bpf_skb_store_bytes(skb, sizeof(ip) + 13, &tcp[13], 1, 0) ||
+	    set_tcp_check(skb, check_at, thlen + n, thlen + k,
+			  fold((__u64)pseudo(&ip1, thlen + k) + header_sum(tcp, thlen) + sall +
+			       neg(stail))))
+		return -1;
+	if (bpf_clone_redirect(skb, c->tun_ifindex, 0))
+		return -1;
+
+	// the skb becomes the second
+	tcp[13] = flags & ~TCP_CWR;
+	__u32 seq = bpf_htonl(bpf_ntohl(th->seq) + k);
+	th->seq = seq;
+	struct iphdr ip2 = ip;
+	ip2.tot_len = bpf_htons(hdrs + t);
+	ip2.id = bpf_htons(bpf_ntohs(ip.id) + 1);
+	if (bpf_skb_store_bytes(skb, hdrs, buf, SIZE(t, CHUNK), 0) || bpf_skb_change_tail(skb, hdrs + t, 0) ||
+	    store_ip(skb, &ip2) || bpf_skb_store_bytes(skb, sizeof(ip) + 4, &seq, 4, 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(ip) + 13, &tcp[13], 1, 0) ||
+	    set_tcp_check(skb, check_at, thlen + k, thlen + t,
+			  fold((__u64)pseudo(&ip2, thlen + t) + header_sum(tcp, thlen) + sall +
+			       neg(shead))))
+		return -1;
+	return 0;
+}
+
 SEC("classifier")
 int encap(struct __sk_buff *skb)
 {
@@ -258,9 +443,20 @@ int encap(struct __sk_buff *skb)
 	__u32 len = skb->len;
 	__u32 hdrs = headers(in, end);
 	__u32 hlen = c->fou_port ? sizeof(struct outer) : sizeof(struct iphdr);
-	if (len + hlen > 0xffff || (!skb->gso_size && len > c->max_plain) ||
-	    (c->signal_pmtu && skb->gso_size && hdrs + skb->gso_size > c->max_plain))
-		return PASS; // userspace fragments it or answers with ICMP
+	if (len + hlen > 0xffff ||
+	    (c->signal_pmtu && (skb->gso_size ? hdrs + skb->gso_size : len) > c->max_plain))
+		return PASS; // userspace answers with ICMP
+	if (!skb->gso_size && len > c->max_plain) {
+		int r = split(skb, c);
+		if (r > 0)
+			return PASS; // userspace fragments it
+		if (r < 0) {
+			st->errors++;
+			return TC_ACT_SHOT;
+		}
+		st->split++;
+		len = skb->len;
+	}
 	// a flow's segments keep one outer source port (one receive queue),
 	// as Linux's FOU does
 	__u32 hash = skb->hash ? skb->hash : bpf_get_hash_recalc(skb);

@@ -5,7 +5,8 @@
 //! - `encap` on the TUN device's egress: an IPv4 TCP segment routed into
 //!   the tunnel (a GSO super-packet, or a packet that fits) gets its outer
 //!   header and leaves by the WAN interface (`bpf_redirect_neigh`). The
-//!   kernel cuts super-packets to fit the path, as for its own tunnels.
+//!   kernel cuts super-packets to fit the path, as for its own tunnels; a
+//!   lone segment too big for the tunnel is cut in two, as TSO would.
 //! - `decap` on the WAN interface's ingress: an encapsulated IPv4 TCP
 //!   segment from a configured peer, for an allowed destination, loses its
 //!   outer header and enters the TUN device's ingress, as if the userspace
@@ -13,7 +14,8 @@
 //!
 //! Everything else goes the ordinary way to the userspace plane, which
 //! decides and counts as before: SYN, FIN and RST (flow state, MSS
-//! clamping), UDP, ICMP, IPv6, options, fragments, oversize packets,
+//! clamping), UDP, ICMP, IPv6, options, fragments, oversize packets that
+//! cannot be cut (URG; too big for two; with pmtu signalling),
 //! unknown peers, unregistered destinations, anything malformed. The wire
 //! format is the userspace plane's (FOU: UDP checksum zero, as IPv4
 //! allows and Linux's FOU sends by default; the source port is a hash of
@@ -119,8 +121,11 @@ pub struct Stats {
     pub decap_packets: u64,
     pub decap_bytes: u64,
     /// Packets lost after the outer header was added (no memory for a MAC
-    /// header): should stay zero.
+    /// header, or a segment being cut in two): should stay zero.
     pub errors: u64,
+    /// Lone segments too big for the tunnel that were cut in two (as TSO
+    /// would) instead of going to userspace to be fragmented.
+    pub split: u64,
 }
 
 // SAFETY: plain u64 fields.
@@ -464,6 +469,7 @@ impl FastPath {
                 t.decap_packets += s.decap_packets;
                 t.decap_bytes += s.decap_bytes;
                 t.errors += s.errors;
+                t.split += s.split;
             }
         }
         t

@@ -1,15 +1,26 @@
-//! The kernel fast path's decapsulation, a parser of packets from outside,
-//! run in the kernel on generated frames (`BPF_PROG_TEST_RUN`; needs
-//! root): it strips the outer header of exactly the packets it may carry
-//! (a TCP segment without SYN/FIN/RST, from the peer, to the FOU port or
-//! protocol 4, for an allowed destination) and leaves every other frame
-//! untouched for the userspace plane, whatever its bytes.
+//! The kernel fast path's programs on generated packets (needs root).
+//!
+//! - Decapsulation, a parser of packets from outside, run in the kernel
+//!   on frames (`BPF_PROG_TEST_RUN`): it strips the outer header of
+//!   exactly the packets it may carry (a TCP segment without SYN/FIN/RST,
+//!   from the peer, to the FOU port or protocol 4, for an allowed
+//!   destination) and leaves every other frame untouched for the
+//!   userspace plane, whatever its bytes.
+//! - Encapsulation of a lone segment too big for the tunnel, attached to
+//!   a TUN device in a namespace of its own, segments sent into it through
+//!   a packet socket: it is cut in two segments that fit, as TSO would
+//!   cut it (sequence numbers, flags, IP IDs, checksums), or left whole to
+//!   userspace; a segment whose checksum was wrong gives two whose
+//!   checksums are wrong.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use etherparse::PacketBuilder;
 use proptest::prelude::*;
-use tunnel::fastpath::{Loaded, Settings};
+use proptest::test_runner::{Config, TestRunner};
+use tests::netns::{in_netns, unique, veth, Netns};
+use tunnel::fastpath::{FastPath, Loaded, Settings};
 
 const PASS: i32 = -1; // TC_ACT_UNSPEC: not the fast path's
 const REDIRECT: i32 = 7; // TC_ACT_REDIRECT: decapsulated, into the TUN device
@@ -200,5 +211,361 @@ proptest! {
         f[at] = value;
         let (verdict, out) = decap(fou, &f);
         check(fou, &f, verdict, &out)?;
+    }
+}
+
+/// Ones' complement sum of `data` as 16-bit big-endian words, onto `s`.
+fn sum16(data: &[u8], mut s: u64) -> u64 {
+    for c in data.chunks(2) {
+        s += u64::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]));
+    }
+    s
+}
+
+fn folds_to_ones(mut s: u64) -> bool {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s == 0xffff
+}
+
+/// Whether IPv4 packet `p`'s header checksum holds.
+fn ip_check_holds(p: &[u8]) -> bool {
+    folds_to_ones(sum16(&p[..20], 0))
+}
+
+/// Whether the TCP checksum of IPv4 packet `p` (no options) holds.
+fn tcp_check_holds(p: &[u8]) -> bool {
+    let seg = &p[20..];
+    folds_to_ones(sum16(seg, sum16(&p[12..20], 6 + seg.len() as u64)))
+}
+
+/// A TCP segment as `encap` finds it on the TUN device, checksums right.
+fn segment(seq: u32, flags: u8, options: &[u8], id: u16, df: bool, payload: &[u8]) -> Vec<u8> {
+    let mut tcp = etherparse::TcpHeader::new(40000, 80, seq, 500);
+    tcp.acknowledgment_number = 7;
+    tcp.ack = flags & 0x10 != 0;
+    tcp.psh = flags & 0x08 != 0;
+    tcp.urg = flags & 0x20 != 0;
+    tcp.ece = flags & 0x40 != 0;
+    tcp.cwr = flags & 0x80 != 0;
+    tcp.set_options_raw(options).expect("options");
+    let len = tcp.header_len() + payload.len();
+    let mut ip = etherparse::Ipv4Header::new(
+        len as u16,
+        63,
+        etherparse::IpNumber::TCP,
+        [10, 0, 1, 2],
+        [10, 9, 0, 2],
+    )
+    .expect("ip header");
+    ip.identification = id;
+    ip.dont_fragment = df;
+    ip.header_checksum = ip.calc_header_checksum();
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).expect("checksum");
+    let mut v = Vec::new();
+    ip.write(&mut v).expect("ip");
+    tcp.write(&mut v).expect("tcp");
+    v.extend_from_slice(payload);
+    v
+}
+
+/// One case of the cutting property.
+#[derive(Debug, Clone)]
+struct Cut {
+    options: Vec<u8>,
+    flags: u8,
+    seq: u32,
+    id: u16,
+    df: bool,
+    /// Payload bytes beyond the most that fits the tunnel in one segment.
+    extra: usize,
+    seed: u64,
+    /// A payload byte (index into the payload) flipped after the
+    /// checksum was made.
+    corrupt: Option<(prop::sample::Index, u8)>,
+}
+
+fn cuts() -> impl Strategy<Value = Cut> {
+    (
+        (0usize..=10).prop_flat_map(|w| prop::collection::vec(any::<u8>(), 4 * w)),
+        // ACK with PSH, CWR, ECE as they come; URG now and then
+        prop::sample::select(vec![0x10u8, 0x18, 0x90, 0x58, 0xd8, 0x50, 0x30, 0x38]),
+        any::<u32>(),
+        any::<u16>(),
+        any::<bool>(),
+        1usize..=400,
+        any::<u64>(),
+        prop::option::weighted(0.3, (any::<prop::sample::Index>(), 1u8..=255)),
+    )
+        .prop_map(|(options, flags, seq, id, df, extra, seed, corrupt)| Cut {
+            options,
+            flags,
+            seq,
+            id,
+            df,
+            extra,
+            seed,
+            corrupt,
+        })
+}
+
+/// The TUN device with `encap` on its egress, and where its output lands.
+struct CutBed {
+    fou: bool,
+    max_plain: usize,
+    tun: tunnel::tundev::Tun,
+    /// A packet socket on the TUN device: what it sends goes through the
+    /// device's egress, as routed packets do.
+    inject: socket2::Socket,
+    ifindex: i32,
+    /// The far end's FOU socket or raw IP-in-IP socket.
+    far: socket2::Socket,
+    _fast: FastPath,
+}
+
+impl CutBed {
+    fn send(&self, packet: &[u8]) -> Result<(), TestCaseError> {
+        // SAFETY: sockaddr_ll is plain data; zeroes are a valid value.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+        to.sll_ifindex = self.ifindex;
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: a live buffer and a sockaddr_ll of the size given.
+        let n = unsafe {
+            libc::sendto(
+                self.inject.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n != packet.len() as isize {
+            let e = std::io::Error::last_os_error();
+            return Err(TestCaseError::fail(format!("send: {e}")));
+        }
+        Ok(())
+    }
+
+    /// The inner packets that reached the far end within `wait`.
+    fn far_packets(&self, wait: Duration) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+        self.far.set_read_timeout(Some(wait)).expect("timeout");
+        while let Ok(n) = self.far.recv(&mut buf) {
+            // SAFETY: recv initialised the first n bytes.
+            let b: Vec<u8> = buf[..n]
+                .iter()
+                .map(|x| unsafe { x.assume_init() })
+                .collect();
+            // FOU: the datagram is the inner packet; IP-in-IP: behind the
+            // outer header
+            got.push(if self.fou { b } else { b[20..].to_vec() });
+            // the program runs as the packet is sent: the rest is there
+            self.far
+                .set_read_timeout(Some(Duration::from_millis(10)))
+                .expect("timeout");
+        }
+        got
+    }
+
+    /// The IPv4 TCP packets that came to userspace through the TUN device.
+    fn to_userspace(&self) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut batch = self.tun.recv_batch();
+        while self.tun.try_recv(&mut batch).expect("read the TUN device") {
+            for i in 0..batch.len() {
+                let p = batch.packet(i);
+                if p.len() > 20 && p[0] == 0x45 && p[9] == 6 {
+                    got.push(p.to_vec());
+                }
+            }
+        }
+        got
+    }
+}
+
+/// A TUN device in `near` with the fast path on it, its WAN a veth to
+/// `far`, which listens for the tunnel's packets.
+fn cut_bed(near: &Netns, far: &Netns, fou: bool) -> CutBed {
+    let far_socket = in_netns(&far.name, move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = if fou {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("socket");
+            let at: SocketAddr = format!("192.0.2.2:{PORT}").parse().expect("addr");
+            s.bind(&at.into()).expect("bind");
+            s
+        } else {
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(4))).expect("raw socket")
+        };
+        s
+    })
+    .expect("namespace");
+    in_netns(&near.name, move || {
+        let name = "fpcut";
+        // room for the cases that are too big to cut in two
+        let tun = tunnel::tundev::open(name, 2000).expect("TUN device");
+        let max_plain = if fou { 1472 } else { 1480 };
+        let fast = FastPath::attach(&Settings {
+            tun: name.into(),
+            local: IpAddr::from(LOCAL),
+            peer: IpAddr::from(PEER),
+            max_plain: max_plain as u16,
+            ..settings(fou)
+        })
+        .expect("attach the fast path");
+        let c = std::ffi::CString::new(name).expect("name");
+        // SAFETY: a NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) } as i32;
+        let inject = socket2::Socket::new(
+            socket2::Domain::PACKET,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::from(i32::from(
+                (libc::ETH_P_IP as u16).to_be(),
+            ))),
+        )
+        .expect("packet socket");
+        CutBed {
+            fou,
+            max_plain,
+            tun,
+            inject,
+            ifindex,
+            far: far_socket,
+            _fast: fast,
+        }
+    })
+    .expect("namespace")
+}
+
+/// Sends `c` through the fast path and checks what comes out: two
+/// segments at the far end, or the segment whole in userspace.
+fn check_cut(bed: &CutBed, c: &Cut) -> Result<(), TestCaseError> {
+    let max_plain = bed.max_plain;
+    let hdrs = 40 + c.options.len();
+    let n = max_plain - hdrs + c.extra;
+    let payload: Vec<u8> = (0..n as u64)
+        .map(|i| (i.wrapping_add(c.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+        .collect();
+    let mut packet = segment(c.seq, c.flags, &c.options, c.id, c.df, &payload);
+    let mut sent = payload.clone(); // the payload as sent, corrupted or not
+    if let Some((at, x)) = &c.corrupt {
+        let i = at.index(n);
+        packet[hdrs + i] ^= x;
+        sent[i] ^= x;
+    }
+    bed.send(&packet)?;
+    let urgent = c.flags & 0x20 != 0;
+    let whole = urgent || c.extra > 248;
+    let far = bed.far_packets(Duration::from_millis(if whole { 30 } else { 2000 }));
+    let userspace = bed.to_userspace();
+    if far.is_empty() {
+        prop_assert!(whole, "left whole, though it could be cut in two");
+        prop_assert_eq!(userspace.len(), 1, "not left to userspace");
+        prop_assert_eq!(&userspace[0], &packet, "left to userspace, but changed");
+        return Ok(());
+    }
+    prop_assert!(!urgent, "an urgent segment was cut");
+    prop_assert!(c.extra <= 256, "cut in two, though too big for two");
+    prop_assert!(userspace.is_empty(), "cut, but also left to userspace");
+    prop_assert_eq!(far.len(), 2, "not two segments");
+    let (one, two) = (&far[0], &far[1]);
+    let (p1, p2) = (one.len() - hdrs, two.len() - hdrs);
+    prop_assert!(
+        one.len() <= max_plain && two.len() <= max_plain,
+        "a part does not fit: {} and {}",
+        one.len(),
+        two.len()
+    );
+    prop_assert!(p1 > 0 && p2 > 0);
+    prop_assert_eq!(p1 + p2, n, "bytes lost or added");
+    prop_assert_eq!(&one[hdrs..], &sent[..p1]);
+    prop_assert_eq!(&two[hdrs..], &sent[p1..]);
+    for (which, seg, id, seq, flags) in [
+        ("first", one, c.id, c.seq, c.flags & !0x08),
+        (
+            "second",
+            two,
+            c.id.wrapping_add(1),
+            c.seq.wrapping_add(p1 as u32),
+            c.flags & !0x80,
+        ),
+    ] {
+        let be16 = |at: usize| u16::from_be_bytes([seg[at], seg[at + 1]]);
+        prop_assert!(ip_check_holds(seg), "{} segment: IP header checksum", which);
+        prop_assert_eq!(
+            usize::from(be16(2)),
+            seg.len(),
+            "{} segment: IP length",
+            which
+        );
+        prop_assert_eq!(be16(4), id, "{} segment: IP ID", which);
+        prop_assert_eq!(seg[6] & 0x40 != 0, c.df, "{} segment: DF", which);
+        prop_assert_eq!(
+            &seg[8..10],
+            &packet[8..10],
+            "{} segment: TTL, protocol",
+            which
+        );
+        prop_assert_eq!(
+            &seg[12..24],
+            &packet[12..24],
+            "{} segment: addresses, ports",
+            which
+        );
+        prop_assert_eq!(
+            u32::from_be_bytes([seg[24], seg[25], seg[26], seg[27]]),
+            seq,
+            "{} segment: sequence number",
+            which
+        );
+        prop_assert_eq!(
+            &seg[28..33],
+            &packet[28..33],
+            "{} segment: ACK number, data offset",
+            which
+        );
+        prop_assert_eq!(seg[33], flags, "{} segment: flags", which);
+        prop_assert_eq!(&seg[34..36], &packet[34..36], "{} segment: window", which);
+        prop_assert_eq!(
+            &seg[38..hdrs],
+            &packet[38..hdrs],
+            "{} segment: urgent pointer, options",
+            which
+        );
+        prop_assert_eq!(
+            tcp_check_holds(seg),
+            c.corrupt.is_none(),
+            "{} segment: TCP checksum",
+            which
+        );
+    }
+    Ok(())
+}
+
+/// The cutting property, 128 cases for each kind of tunnel.
+#[test]
+fn encap_cuts_lone_oversize_segments_in_two_as_tso_would() {
+    assert!(
+        tests::netns::available(),
+        "these tests need root (BPF programs, network namespaces)"
+    );
+    for fou in [true, false] {
+        let (near, far) = (
+            Netns::new(unique("fn")).expect("namespace"),
+            Netns::new(unique("ff")).expect("namespace"),
+        );
+        veth(&near, "192.0.2.1/24", &far, "192.0.2.2/24").expect("veth");
+        let bed = cut_bed(&near, &far, fou);
+        let mut runner = TestRunner::new(Config {
+            cases: 128,
+            ..Config::default()
+        });
+        runner
+            .run(&cuts(), |c| check_cut(&bed, &c))
+            .unwrap_or_else(|e| panic!("fou {fou}: {e}"));
     }
 }

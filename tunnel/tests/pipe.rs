@@ -531,3 +531,45 @@ fn the_kernel_fast_path_leaves_foreign_segments_to_be_dropped() {
     assert_eq!(a["fast_path"]["decap_packets"].as_u64(), Some(0), "{a}");
     assert_eq!(a["decapsulated_packets"].as_u64(), Some(0), "{a}");
 }
+
+/// Lone segments too big for the tunnel (a connection from before the
+/// move sends 1500-byte packets) are cut in two by the kernel fast path,
+/// as TSO would, instead of going to userspace to be fragmented: every
+/// byte arrives, in both kinds of tunnel, whether the client's segments
+/// carry a checksum for the hardware to finish (CHECKSUM_PARTIAL, as veth
+/// passes them on) or a full one that the server checks (the client's
+/// checksum offload off).
+#[test]
+fn the_kernel_fast_path_cuts_lone_full_size_segments_in_two() {
+    for kind in [&["--kind", "fou"][..], &[][..]] {
+        for offloads in [&["gso", "off", "tso", "off"][..], &["tx", "off"][..]] {
+            let bed = bed(&[kind, &["--fast-path"]].concat());
+            // no super-packets from the client: every segment comes alone
+            let dev = veth_of(&bed.c, "10.0.1.2");
+            bed.c
+                .exec(&[&["ethtool", "-K", &dev][..], offloads].concat())
+                .expect("ethtool");
+            let server: SocketAddr = "10.9.0.2:7000".parse().expect("addr");
+            echo_server(&bed.s, server);
+            let conns: Vec<_> = (0..2u64)
+                .map(|k| {
+                    let c = bed.c.name.clone();
+                    std::thread::spawn(move || echo_stream(&c, server, k, 4 << 20))
+                })
+                .collect();
+            for t in conns {
+                t.join().expect("stream");
+            }
+            let a = stats(&bed.stats_a);
+            let fast = &a["fast_path"];
+            let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+            let what = format!("{kind:?} {offloads:?}: {a}");
+            assert_eq!(n(fast, "errors"), 0, "{what}");
+            // 8 MiB in 1448-byte segments, each too big for the tunnel
+            assert!(n(fast, "split") > 5000, "{what}");
+            let userspace = n(&a, "encapsulated_bytes") - n(fast, "encap_bytes");
+            assert!(userspace < 1 << 20, "{what}");
+            assert_eq!(n(&a["drops"], "refused"), 0, "{what}");
+        }
+    }
+}

@@ -277,6 +277,18 @@ fn with_the_kernel_fast_path_connections_survive_and_the_drain_waits_for_them() 
         assert!(fast[into].as_u64() > Some(1 << 20), "{s}");
         assert_eq!(fast["errors"].as_u64(), Some(0), "{s}");
     }
+    // and says so in the metrics
+    let (code, m) = ga.api("GET", "/metrics", "");
+    assert_eq!(code, 200);
+    let encap = m.as_str().and_then(|t| {
+        t.lines()
+            .find(|l| {
+                l.starts_with("gateway_fast_path_packets_total{") && l.contains("way=\"encap\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+    });
+    assert!(encap > Some(1000), "{m}");
 
     streams.finish();
     udp.stop();

@@ -115,10 +115,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let Some(path) = &args.stats else {
             return std::future::pending::<anyhow::Result<()>>().await;
         };
+        // a file that cannot be written is reported, once per streak of
+        // failures, and never stops the tunnel
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let mut failing = false;
         loop {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_string(&pipe.snapshot())?)?;
-            std::fs::rename(&tmp, path)?;
+            let written = serde_json::to_string(&pipe.snapshot())
+                .map_err(std::io::Error::other)
+                .and_then(|json| std::fs::write(&tmp, json))
+                .and_then(|()| std::fs::rename(&tmp, path));
+            match written {
+                Err(e) if !failing => {
+                    tracing::warn!(
+                        "cannot write the counters to {}: {e} (the tunnel goes on; check the directory's permissions and space)",
+                        path.display()
+                    );
+                    failing = true;
+                }
+                Err(_) => {}
+                Ok(()) => failing = false,
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
