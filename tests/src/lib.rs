@@ -4,6 +4,7 @@ pub mod bed;
 pub mod delay;
 pub mod guest;
 pub mod interrupt;
+pub mod load;
 pub mod native;
 pub mod netns;
 pub mod proc;
