@@ -352,10 +352,11 @@ static __always_inline int split(struct __sk_buff *skb, struct config *c)
 	__u32 hdrs = sizeof(ip) + thlen;
 	if (c->max_plain < hdrs + 4 || len <= c->max_plain)
 		return 1;
-	__u32 n = len - hdrs;			   // payload
-	__u32 k = (c->max_plain - hdrs) & ~3u;	   // the first segment's payload
-	__u32 t = n - k;			   // the second's
-	if (t == 0 || t > TAIL_MAX || k > HEAD_CHUNKS * CHUNK)
+	__u32 n = len - hdrs;		       // payload
+	__u32 k = (c->max_plain - hdrs) & ~3u; // the first segment's payload
+	__u32 t = n - k;		       // the second's
+	// (the second's payload is written over the first's, cut short)
+	if (t == 0 || t > TAIL_MAX || t > k || k > HEAD_CHUNKS * CHUNK)
 		return 1;
 	// the sum of the first segment's payload, read as it is
 	__u64 head = 0;
@@ -405,8 +406,9 @@ static __always_inline int split(struct __sk_buff *skb, struct config *c)
 	struct iphdr ip2 = ip;
 	ip2.tot_len = bpf_htons(hdrs + t);
 	ip2.id = bpf_htons(bpf_ntohs(ip.id) + 1);
-	if (bpf_skb_store_bytes(skb, hdrs, buf, SIZE(t, CHUNK), 0) || bpf_skb_change_tail(skb, hdrs + t, 0) ||
-	    store_ip(skb, &ip2) || bpf_skb_store_bytes(skb, sizeof(ip) + 4, &seq, 4, 0) ||
+	if (bpf_skb_store_bytes(skb, hdrs, buf, SIZE(t, CHUNK), 0) ||
+	    bpf_skb_change_tail(skb, hdrs + t, 0) || store_ip(skb, &ip2) ||
+	    bpf_skb_store_bytes(skb, sizeof(ip) + 4, &seq, 4, 0) ||
 	    bpf_skb_store_bytes(skb, sizeof(ip) + 13, &tcp[13], 1, 0) ||
 	    set_tcp_check(skb, check_at, thlen + k, thlen + t,
 			  fold((__u64)pseudo(&ip2, thlen + t) + header_sum(tcp, thlen) + sall +
