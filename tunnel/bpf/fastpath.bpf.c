@@ -1,31 +1,34 @@
 // The tunnel's kernel fast path (tc-BPF), built by tunnel/build.rs with
 // clang and loaded by tunnel/src/fastpath.rs.
 //
-// encap, on the TUN device's egress: an IPv4 TCP segment routed into the
-// tunnel (a 64 KiB GSO super-packet or a packet that fits) gets the outer
-// IPv4 (+ UDP for FOU) header and leaves by the WAN interface, with no
-// copy and no trip to userspace. The kernel cuts super-packets to fit
-// the path as it would for its own tunnels (gso_size shrinks by the
-// outer header). A lone segment too big for the tunnel (one a connection
-// from before the move sends at its full MSS) is cut in two TCP segments
-// that fit, as TSO would cut it, instead of being fragmented in userspace.
+// encap, on the TUN device's egress: a TCP segment (IPv4, or IPv6 outside
+// the gateway's rules) routed into the tunnel (a 64 KiB GSO super-packet
+// or a packet that fits) gets the outer IPv4 (+ UDP for FOU) header and
+// leaves by the WAN interface, with no copy and no trip to userspace. The
+// kernel cuts super-packets to fit the path as it would for its own
+// tunnels (gso_size shrinks by the outer header). A lone segment too big
+// for the tunnel (one a connection from before the move sends at its
+// full MSS) is cut in two TCP segments that fit, as TSO would cut it,
+// instead of being fragmented in userspace.
 //
-// decap, on the WAN interface's ingress: an encapsulated IPv4 TCP segment
-// from a configured peer, for an allowed inner destination, loses its
-// outer header and enters the TUN device's ingress, as if the userspace
-// data plane had written it there.
+// decap, on the WAN interface's ingress: an encapsulated TCP segment from
+// a configured peer, for an allowed inner destination, loses its outer
+// header and enters the TUN device's ingress, as if the userspace data
+// plane had written it there.
 //
 // Anything else takes the ordinary path (PASS) to the userspace data
 // plane, which decides, counts and drops as before: SYN, FIN and RST
-// segments (flow state, MSS clamping), other protocols, IPv6, IP options,
-// fragments, link-local addresses, oversize packets that cannot be cut
-// (URG, too big to cut in two, or with pmtu signalling), unknown peers,
-// unregistered destinations, and anything malformed.
+// segments (flow state, MSS clamping), other protocols, IPv6 with the
+// gateway's rules, IP options or IPv6 extension headers, fragments,
+// link-local addresses, oversize packets that cannot be cut (URG, too big
+// to cut in two, or with pmtu signalling), unknown peers, unregistered
+// destinations, and anything malformed.
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/in.h>
 #include <linux/udp.h>
 #include <linux/tcp.h>
@@ -83,6 +86,15 @@ struct lpm_v4 {
 	__u32 addr;
 };
 
+struct lpm_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+// bpf_skb_adjust_room's flag that makes a shrunk packet IPv6 (Linux 6.5;
+// older headers lack it)
+#define DECAP_L3_IPV6 (1ULL << 8)
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -104,6 +116,14 @@ struct {
 	__type(key, struct lpm_v4);
 	__type(value, __u32);
 } DELIVER SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v6);
+	__type(value, __u32);
+} DELIVER6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -181,6 +201,36 @@ static __always_inline struct iphdr *plain_segment(void *at, void *end)
 	return ip;
 }
 
+static __always_inline int link_local6(struct in6_addr *a)
+{
+	return a->in6_u.u6_addr8[0] == 0xfe && (a->in6_u.u6_addr8[1] & 0xc0) == 0x80;
+}
+
+// The same for IPv6: no extension headers, neither end link-local.
+static __always_inline struct ipv6hdr *plain_segment6(void *at, void *end)
+{
+	struct ipv6hdr *ip = at;
+	if ((void *)(ip + 1) > end)
+		return 0;
+	if (ip->version != 6 || ip->nexthdr != IPPROTO_TCP || link_local6(&ip->saddr) ||
+	    link_local6(&ip->daddr))
+		return 0;
+	struct tcphdr *tcp = (void *)(ip + 1);
+	if ((void *)(tcp + 1) > end)
+		return 0;
+	if (tcp->syn || tcp->fin || tcp->rst)
+		return 0;
+	return ip;
+}
+
+static __always_inline __u32 headers6(struct ipv6hdr *ip, void *end)
+{
+	struct tcphdr *tcp = (void *)(ip + 1);
+	if ((void *)(tcp + 1) > end)
+		return sizeof(struct ipv6hdr) + sizeof(struct tcphdr);
+	return sizeof(struct ipv6hdr) + tcp->doff * 4;
+}
+
 // IP and TCP header bytes of a segment that plain_segment accepted.
 static __always_inline __u32 headers(struct iphdr *ip, void *end)
 {
@@ -250,11 +300,16 @@ static __always_inline __u32 neg(__u32 a)
 	return ~a & 0xffff;
 }
 
-// The TCP pseudo-header's words for `l4len` bytes of segment.
-static __always_inline __u32 pseudo(struct iphdr *ip, __u32 l4len)
+static __always_inline __u64 words(__u32 x)
 {
-	return fold((__u64)(ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) +
-		    (ip->daddr >> 16) + bpf_htons(IPPROTO_TCP) + bpf_htons(l4len));
+	return (x & 0xffff) + (x >> 16);
+}
+
+// The TCP pseudo-header's words for `l4len` bytes of segment, its
+// addresses' sum being `addrs`.
+static __always_inline __u32 pseudo(__u32 addrs, __u32 l4len)
+{
+	return fold((__u64)addrs + bpf_htons(IPPROTO_TCP) + bpf_htons(l4len));
 }
 
 #define TCP_MAX 60     // TCP header with the most options
@@ -312,44 +367,69 @@ struct {
 	__type(value, struct scratch);
 } SCRATCH SEC(".maps");
 
-static __always_inline int store_ip(struct __sk_buff *skb, struct iphdr *ip)
+// A part's IP header: `l4len` bytes of TCP behind it; the IPv4 header
+// (`ip`, the original's) with its ID counted up by `part`.
+static __always_inline int store_l3(struct __sk_buff *skb, int v6, struct iphdr *ip, __u32 l4len,
+				    __u16 part)
 {
-	ip->check = 0;
-	ip->check = ip_checksum(ip);
-	return bpf_skb_store_bytes(skb, 0, ip, sizeof(*ip), 0);
+	if (v6) {
+		__be16 plen = bpf_htons(l4len);
+		return bpf_skb_store_bytes(skb, offsetof(struct ipv6hdr, payload_len), &plen,
+					   sizeof(plen), 0);
+	}
+	struct iphdr h = *ip;
+	h.tot_len = bpf_htons(sizeof(h) + l4len);
+	h.id = bpf_htons(bpf_ntohs(ip->id) + part);
+	h.check = 0;
+	h.check = ip_checksum(&h);
+	return bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0);
 }
 
-// Cuts a lone TCP segment (IPv4 at the skb's start, no GSO) that is too
-// big for the tunnel in two, as TSO would: the first, of `max_plain`
-// bytes at most, leaves at once (a clone sent through the TUN device's
-// egress again, so through this program, which encapsulates it); the
-// skb becomes the second, the rest of the payload (at most TAIL_MAX
-// bytes). Sequence numbers, lengths, flags (PSH on the second only, CWR
-// on the first), IP ID and both checksums are those TSO would give; a
-// segment whose checksum was wrong yields two whose checksums are wrong.
-// Returns 1 when the segment cannot be cut (the skb untouched: userspace
-// fragments it), 0 when cut, -1 on failure after it was changed.
-static __always_inline int split(struct __sk_buff *skb, struct config *c)
+// Cuts a lone TCP segment (IPv4 or, with `v6`, IPv6 at the skb's start,
+// no GSO) that is too big for the tunnel in two, as TSO would: the first,
+// of `max_plain` bytes at most, leaves at once (a clone sent through the
+// TUN device's egress again, so through this program, which encapsulates
+// it); the skb becomes the second, the rest of the payload (at most
+// TAIL_MAX bytes). Sequence numbers, lengths, flags (PSH on the second
+// only, CWR on the first), IPv4 ID and checksums are those TSO would
+// give; a segment whose checksum was wrong yields two whose checksums
+// are wrong. Returns 1 when the segment cannot be cut (the skb untouched:
+// userspace fragments it), 0 when cut, -1 on failure after it was
+// changed.
+static __always_inline int split(struct __sk_buff *skb, struct config *c, int v6)
 {
 	__u32 zero = 0;
 	struct scratch *sc = bpf_map_lookup_elem(&SCRATCH, &zero);
 	if (!sc)
 		return 1;
 	__u8 *tcp = sc->tcp, *buf = sc->buf;
-	struct iphdr ip;
-	if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) ||
-	    bpf_skb_load_bytes(skb, sizeof(ip), tcp, sizeof(struct tcphdr)))
+	struct iphdr ip = {};
+	struct ipv6hdr ip6 = {};
+	__u32 l3 = v6 ? sizeof(ip6) : sizeof(ip);
+	__u32 len = skb->len, addrs = 0;
+	if (v6) {
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) ||
+		    bpf_ntohs(ip6.payload_len) + sizeof(ip6) != len)
+			return 1;
+		__u64 a = 0;
+		for (int i = 0; i < 4; i++)
+			a += words(ip6.saddr.in6_u.u6_addr32[i]) + words(ip6.daddr.in6_u.u6_addr32[i]);
+		addrs = fold(a);
+	} else {
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) || bpf_ntohs(ip.tot_len) != len)
+			return 1;
+		addrs = fold(words(ip.saddr) + words(ip.daddr));
+	}
+	if (bpf_skb_load_bytes(skb, l3, tcp, sizeof(struct tcphdr)))
 		return 1;
 	struct tcphdr *th = (struct tcphdr *)tcp;
 	__u32 thlen = th->doff * 4;
 	__u8 flags = tcp[13];
-	__u32 len = skb->len;
-	if (thlen < sizeof(struct tcphdr) || thlen > TCP_MAX || (flags & TCP_URG) ||
-	    bpf_ntohs(ip.tot_len) != len)
+	if (thlen < sizeof(struct tcphdr) || thlen > TCP_MAX || (flags & TCP_URG))
 		return 1;
-	if (bpf_skb_load_bytes(skb, sizeof(ip), tcp, SIZE(thlen, 64)))
+	if (bpf_skb_load_bytes(skb, l3, tcp, SIZE(thlen, 64)))
 		return 1;
-	__u32 hdrs = sizeof(ip) + thlen;
+	__u32 hdrs = l3 + thlen;
 	if (c->max_plain < hdrs + 4 || len <= c->max_plain)
 		return 1;
 	__u32 n = len - hdrs;		       // payload
@@ -382,18 +462,17 @@ static __always_inline int split(struct __sk_buff *skb, struct config *c)
 	// vouches for; without one, a value the helper ignores): the error
 	// of a wrong checksum, carried to both segments
 	__u32 h0 = header_sum(tcp, thlen);
-	__u32 sall = fold((__u64)neg(th->check) + neg(pseudo(&ip, thlen + n)) + neg(h0));
-	__u32 check_at = sizeof(ip) + offsetof(struct tcphdr, check);
+	__u32 sall = fold((__u64)neg(th->check) + neg(pseudo(addrs, thlen + n)) + neg(h0));
+	__u32 check_at = l3 + offsetof(struct tcphdr, check);
 
 	// the first segment, which leaves now
 	if (bpf_skb_change_tail(skb, hdrs + k, 0))
 		return 1; // untouched
-	struct iphdr ip1 = ip;
-	ip1.tot_len = bpf_htons(hdrs + k);
 	tcp[13] = flags & ~TCP_PSH;
-	if (store_ip(skb, &ip1) || bpf_skb_store_bytes(skb, sizeof(ip) + 13, &tcp[13], 1, 0) ||
+	if (store_l3(skb, v6, &ip, thlen + k, 0) ||
+	    bpf_skb_store_bytes(skb, l3 + 13, &tcp[13], 1, 0) ||
 	    set_tcp_check(skb, check_at, thlen + n, thlen + k,
-			  fold((__u64)pseudo(&ip1, thlen + k) + header_sum(tcp, thlen) + sall +
+			  fold((__u64)pseudo(addrs, thlen + k) + header_sum(tcp, thlen) + sall +
 			       neg(stail))))
 		return -1;
 	if (bpf_clone_redirect(skb, c->tun_ifindex, 0))
@@ -403,15 +482,12 @@ static __always_inline int split(struct __sk_buff *skb, struct config *c)
 	tcp[13] = flags & ~TCP_CWR;
 	__u32 seq = bpf_htonl(bpf_ntohl(th->seq) + k);
 	th->seq = seq;
-	struct iphdr ip2 = ip;
-	ip2.tot_len = bpf_htons(hdrs + t);
-	ip2.id = bpf_htons(bpf_ntohs(ip.id) + 1);
 	if (bpf_skb_store_bytes(skb, hdrs, buf, SIZE(t, CHUNK), 0) ||
-	    bpf_skb_change_tail(skb, hdrs + t, 0) || store_ip(skb, &ip2) ||
-	    bpf_skb_store_bytes(skb, sizeof(ip) + 4, &seq, 4, 0) ||
-	    bpf_skb_store_bytes(skb, sizeof(ip) + 13, &tcp[13], 1, 0) ||
+	    bpf_skb_change_tail(skb, hdrs + t, 0) || store_l3(skb, v6, &ip, thlen + t, 1) ||
+	    bpf_skb_store_bytes(skb, l3 + 4, &seq, 4, 0) ||
+	    bpf_skb_store_bytes(skb, l3 + 13, &tcp[13], 1, 0) ||
 	    set_tcp_check(skb, check_at, thlen + k, thlen + t,
-			  fold((__u64)pseudo(&ip2, thlen + t) + header_sum(tcp, thlen) + sall +
+			  fold((__u64)pseudo(addrs, thlen + t) + header_sum(tcp, thlen) + sall +
 			       neg(shead))))
 		return -1;
 	return 0;
@@ -425,12 +501,21 @@ int encap(struct __sk_buff *skb)
 	if (!settings(&c, &st))
 		return PASS;
 	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	__u32 peer = c->peer, hdrs;
+	int v6 = 0;
+	struct flow f = {};
 	struct iphdr *in = plain_segment(data, end);
-	if (!in)
-		return PASS;
-	__u32 peer = c->peer;
-	struct flow f = flow_of(in, end);
-	if (c->gateway) {
+	if (!in) {
+		struct ipv6hdr *in6 = plain_segment6(data, end);
+		if (!in6 || c->gateway)
+			return PASS; // the gateway's IPv6 guests go through userspace
+		v6 = 1;
+		hdrs = headers6(in6, end);
+	} else {
+		f = flow_of(in, end);
+		hdrs = headers(in, end);
+	}
+	if (c->gateway && !v6) {
 		struct guest *g = bpf_map_lookup_elem(&GUESTS, &f.daddr);
 		if (g && g->role == ROLE_OLD) {
 			peer = g->peer; // old site: to the guest that moved
@@ -443,13 +528,12 @@ int encap(struct __sk_buff *skb)
 		}
 	}
 	__u32 len = skb->len;
-	__u32 hdrs = headers(in, end);
 	__u32 hlen = c->fou_port ? sizeof(struct outer) : sizeof(struct iphdr);
 	if (len + hlen > 0xffff ||
 	    (c->signal_pmtu && (skb->gso_size ? hdrs + skb->gso_size : len) > c->max_plain))
 		return PASS; // userspace answers with ICMP
 	if (!skb->gso_size && len > c->max_plain) {
-		int r = split(skb, c);
+		int r = split(skb, c, v6);
 		if (r > 0)
 			return PASS; // userspace fragments it
 		if (r < 0) {
@@ -482,7 +566,7 @@ int encap(struct __sk_buff *skb)
 	// so no two packets in flight share an ID (the kernel counts up from
 	// it across a super-packet's segments)
 	o.ip.id = bpf_get_prandom_u32();
-	o.ip.protocol = c->fou_port ? IPPROTO_UDP : IPPROTO_IPIP;
+	o.ip.protocol = c->fou_port ? IPPROTO_UDP : v6 ? IPPROTO_IPV6 : IPPROTO_IPIP;
 	o.ip.tot_len = bpf_htons(len + hlen);
 	o.ip.saddr = c->local;
 	o.ip.daddr = peer;
@@ -500,9 +584,33 @@ int encap(struct __sk_buff *skb)
 	__u64 segs = segments(skb, len, hdrs); // gso_size now fits the path
 	st->encap_packets += segs;
 	st->encap_bytes += len;
-	if (c->gateway)
+	if (c->gateway && !v6)
 		note(&f, segs, len);
 	return bpf_redirect_neigh(c->wan_ifindex, 0, 0, 0);
+}
+
+// decap's IPv6 inside (the gateway's IPv6 guests go through userspace).
+static __always_inline int decap6(struct __sk_buff *skb, struct config *c, struct stats *st,
+				  void *inner, void *end, __u32 hlen)
+{
+	struct ipv6hdr *in = plain_segment6(inner, end);
+	if (!in || c->gateway)
+		return PASS;
+	__u32 inner_len = skb->len - ETH_HLEN - hlen;
+	if (!skb->gso_size && bpf_ntohs(in->payload_len) + sizeof(*in) != inner_len)
+		return PASS;
+	if (!c->deliver_any) {
+		struct lpm_v6 key = {.prefixlen = 128};
+		__builtin_memcpy(key.addr, &in->daddr, sizeof(key.addr));
+		if (!bpf_map_lookup_elem(&DELIVER6, &key))
+			return PASS;
+	}
+	__u64 segs = segments(skb, inner_len, headers6(in, end));
+	if (bpf_skb_adjust_room(skb, -(__s32)hlen, BPF_ADJ_ROOM_MAC, DECAP_L3_IPV6))
+		return PASS;
+	st->decap_packets += segs;
+	st->decap_bytes += inner_len;
+	return bpf_redirect(c->tun_ifindex, BPF_F_INGRESS);
 }
 
 SEC("classifier")
@@ -531,12 +639,18 @@ int decap(struct __sk_buff *skb)
 			return PASS;
 		inner = udp + 1;
 		hlen = sizeof(struct outer);
-	} else if (ip->protocol != IPPROTO_IPIP) {
+	} else if (ip->protocol != IPPROTO_IPIP && ip->protocol != IPPROTO_IPV6) {
 		return PASS;
 	}
 	__u32 src = ip->saddr;
 	if (!bpf_map_lookup_elem(&PEERS, &src))
 		return PASS; // the userspace plane counts the drop
+	__u8 *version = inner;
+	if ((void *)(version + 1) > end)
+		return PASS;
+	// the inner packet's version: FOU's first nibble, or the outer protocol
+	if (c->fou_port ? *version >> 4 == 6 : ip->protocol == IPPROTO_IPV6)
+		return decap6(skb, c, st, inner, end, hlen);
 	struct iphdr *in = plain_segment(inner, end);
 	if (!in)
 		return PASS;

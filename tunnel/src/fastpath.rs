@@ -2,24 +2,27 @@
 //! carry a tunnel's bulk TCP traffic inside the kernel, without the four
 //! copies and the trips through userspace of the TUN data plane.
 //!
-//! - `encap` on the TUN device's egress: an IPv4 TCP segment routed into
-//!   the tunnel (a GSO super-packet, or a packet that fits) gets its outer
+//! - `encap` on the TUN device's egress: a TCP segment routed into the
+//!   tunnel (a GSO super-packet, or a packet that fits) gets its outer
 //!   header and leaves by the WAN interface (`bpf_redirect_neigh`). The
 //!   kernel cuts super-packets to fit the path, as for its own tunnels; a
 //!   lone segment too big for the tunnel is cut in two, as TSO would.
-//! - `decap` on the WAN interface's ingress: an encapsulated IPv4 TCP
-//!   segment from a configured peer, for an allowed destination, loses its
+//! - `decap` on the WAN interface's ingress: an encapsulated TCP segment
+//!   from a configured peer, for an allowed destination, loses its
 //!   outer header and enters the TUN device's ingress, as if the userspace
 //!   plane had written it.
 //!
 //! Everything else goes the ordinary way to the userspace plane, which
 //! decides and counts as before: SYN, FIN and RST (flow state, MSS
-//! clamping), UDP, ICMP, IPv6, options, fragments, oversize packets that
+//! clamping), UDP, ICMP, IPv6 with the gateway's rules, options and
+//! extension headers, fragments, oversize packets that
 //! cannot be cut (URG; too big for two; with pmtu signalling),
 //! unknown peers, unregistered destinations, anything malformed. The wire
 //! format is the userspace plane's (FOU: UDP checksum zero, as IPv4
 //! allows and Linux's FOU sends by default; the source port is a hash of
-//! the inner flow). IPv4 outer and inner addresses only.
+//! the inner flow). The outer addresses are IPv4; inside, IPv4 or IPv6
+//! (6in4, protocol 41, in an IP-in-IP tunnel; the gateway's per-guest
+//! rules are IPv4 only).
 //!
 //! The programs are attached with tcx links owned by [`FastPath`]: they
 //! are detached when it is dropped or the process dies.
@@ -276,6 +279,14 @@ impl Loaded {
                 deliver
                     .insert(&Key::new(u32::from(*len.min(&32)), be(*n)), 1, 0)
                     .context("cannot add a destination prefix")?;
+            }
+        }
+        let mut deliver6 = LpmTrie::<_, [u8; 16], u32>::try_from(map(&mut bpf, "DELIVER6")?)?;
+        for (net, len) in &s.deliver {
+            if let IpAddr::V6(n) = net {
+                deliver6
+                    .insert(&Key::new(u32::from(*len.min(&128)), n.octets()), 1, 0)
+                    .context("cannot add an IPv6 destination prefix")?;
             }
         }
         for prog in ["encap", "decap"] {

@@ -57,13 +57,28 @@ fn topo() -> Result<Topo> {
         Netns::new(unique("bb"))?,
         Netns::new(unique("bs"))?,
     );
-    veth(&c, "10.0.1.2/24", &a, "10.0.1.1/24")?;
-    veth(&a, "192.0.2.1/24", &b, "192.0.2.2/24")?;
-    veth(&b, "10.9.0.1/24", &s, "10.9.0.2/24")?;
+    let (ca, ac) = veth(&c, "10.0.1.2/24", &a, "10.0.1.1/24")?;
+    let (ab, ba) = veth(&a, "192.0.2.1/24", &b, "192.0.2.2/24")?;
+    let (bs, sb) = veth(&b, "10.9.0.1/24", &s, "10.9.0.2/24")?;
+    // IPv6 beside IPv4 at the ends and between the gateways (for the
+    // direct path; the tunnels' outer addresses stay IPv4)
+    for (ns, addr, dev) in [
+        (&c, "fd00:1::2/64", &ca),
+        (&a, "fd00:1::1/64", &ac),
+        (&a, "fd00:2::1/64", &ab),
+        (&b, "fd00:2::2/64", &ba),
+        (&b, "fd00:9::1/64", &bs),
+        (&s, "fd00:9::2/64", &sb),
+    ] {
+        ns.exec(&["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"])?;
+    }
     c.exec(&["ip", "route", "add", "default", "via", "10.0.1.1"])?;
     s.exec(&["ip", "route", "add", "default", "via", "10.9.0.1"])?;
+    c.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:1::1"])?;
+    s.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:9::1"])?;
     for g in [&a, &b] {
         g.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        g.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
     }
     Ok(Topo { c, a, b, s })
 }
@@ -71,6 +86,24 @@ fn topo() -> Result<Topo> {
 fn direct_routes(t: &Topo) -> Result<()> {
     t.a.exec(&["ip", "route", "add", "10.9.0.0/24", "via", "192.0.2.2"])?;
     t.b.exec(&["ip", "route", "add", "10.0.1.0/24", "via", "192.0.2.1"])?;
+    t.a.exec(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "fd00:9::/64",
+        "via",
+        "fd00:2::2",
+    ])?;
+    t.b.exec(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "fd00:1::/64",
+        "via",
+        "fd00:2::1",
+    ])?;
     Ok(())
 }
 
@@ -83,9 +116,9 @@ fn tunnel_routes(t: &Topo, extra: &[&str], more: &[&str]) -> Result<Vec<ChildGua
         );
     }
     let mut kids = Vec::new();
-    for (ns, local, peer, net) in [
-        (&t.a, "192.0.2.1", "192.0.2.2", "10.9.0.0/24"),
-        (&t.b, "192.0.2.2", "192.0.2.1", "10.0.1.0/24"),
+    for (ns, local, peer, net, net6) in [
+        (&t.a, "192.0.2.1", "192.0.2.2", "10.9.0.0/24", "fd00:9::/64"),
+        (&t.b, "192.0.2.2", "192.0.2.1", "10.0.1.0/24", "fd00:1::/64"),
     ] {
         let tun = unique("bt");
         let mut cmd = ns.command(bin.to_str().context("path")?);
@@ -106,14 +139,15 @@ fn tunnel_routes(t: &Topo, extra: &[&str], more: &[&str]) -> Result<Vec<ChildGua
             bail!("tunnel-pipe did not start");
         }
         ns.exec(&["ip", "route", "replace", net, "dev", &tun])?;
+        ns.exec(&["ip", "-6", "route", "replace", net6, "dev", &tun])?;
         kids.push(child);
     }
     Ok(kids)
 }
 
 /// Median and p99 UDP round trip, microseconds, at low load.
-fn latency(t: &Topo, n: usize, port: u16) -> Result<(f64, f64)> {
-    let at: SocketAddr = format!("10.9.0.2:{port}").parse()?;
+fn latency(t: &Topo, v6: bool, n: usize, port: u16) -> Result<(f64, f64)> {
+    let at = server(v6, port)?;
     let srv = in_netns(&t.s.name, move || UdpSocket::bind(at))??;
     std::thread::spawn(move || {
         let mut buf = [0u8; 256];
@@ -121,7 +155,8 @@ fn latency(t: &Topo, n: usize, port: u16) -> Result<(f64, f64)> {
             let _ = srv.send_to(&buf[..n], from);
         }
     });
-    let cli = in_netns(&t.c.name, || UdpSocket::bind("10.0.1.2:0"))??;
+    let from = if v6 { "[fd00:1::2]:0" } else { "10.0.1.2:0" };
+    let cli = in_netns(&t.c.name, move || UdpSocket::bind(from))??;
     cli.set_read_timeout(Some(Duration::from_secs(1)))?;
     let mut rtts = Vec::with_capacity(n);
     let mut buf = [0u8; 256];
@@ -129,7 +164,13 @@ fn latency(t: &Topo, n: usize, port: u16) -> Result<(f64, f64)> {
         tests::interrupt::check()?;
         let t0 = Instant::now();
         cli.send_to(&(i as u64).to_be_bytes(), at)?;
-        let (got, _) = cli.recv_from(&mut buf)?;
+        let got = match cli.recv_from(&mut buf) {
+            Ok((got, _)) => got,
+            // the first hundred warm the path up (IPv6 neighbour discovery
+            // may take a second on a fresh bed)
+            Err(_) if i < 100 => continue,
+            Err(e) => return Err(e).context("no echo within a second"),
+        };
         if got == 8 && i >= 100 {
             rtts.push(t0.elapsed().as_secs_f64() * 1e6);
         }
@@ -152,8 +193,19 @@ struct Sample {
     rtt_p99: f64,
 }
 
-/// The paths measured: name, tunnelled, tunnel-pipe arguments.
-const PATHS: [(&str, bool, &[&str]); 9] = [
+/// The server's address and `port`, IPv6 or IPv4.
+fn server(v6: bool, port: u16) -> Result<SocketAddr> {
+    Ok(if v6 {
+        format!("[fd00:9::2]:{port}")
+    } else {
+        format!("10.9.0.2:{port}")
+    }
+    .parse()?)
+}
+
+/// The paths measured: name, tunnelled, tunnel-pipe arguments (an IPv6
+/// path's name says so; it is compared with the direct IPv6 path).
+const PATHS: [(&str, bool, &[&str]); 11] = [
     ("direct (kernel routing)", false, &[]),
     (
         "IP-in-IP, full-size segments (re-cut to fit, the rest fragmented)",
@@ -187,10 +239,21 @@ const PATHS: [(&str, bool, &[&str]); 9] = [
         true,
         &["--kind", "fou", "--fast-path", "--clamp-mss"],
     ),
+    ("IPv6: direct (kernel routing)", false, &[]),
+    (
+        "IPv6: FOU, --fast-path (IPv4 only: IPv6 takes the userspace plane), MSS clamped",
+        true,
+        &["--kind", "fou", "--fast-path", "--clamp-mss"],
+    ),
 ];
 
+/// Whether path `name` carries IPv6 inside.
+fn is_v6(name: &str) -> bool {
+    name.starts_with("IPv6")
+}
+
 /// Builds the bed for one path and measures it.
-fn measure(args: &Args, tunnelled: bool, extra: &[&str]) -> Result<Sample> {
+fn measure(args: &Args, v6: bool, tunnelled: bool, extra: &[&str]) -> Result<Sample> {
     let t = topo()?;
     let _kids = if tunnelled {
         let more: Vec<&str> = args
@@ -203,10 +266,10 @@ fn measure(args: &Args, tunnelled: bool, extra: &[&str]) -> Result<Sample> {
         direct_routes(&t)?;
         Vec::new()
     };
-    let (rtt_med, rtt_p99) = latency(&t, args.pings, 7001)?;
+    let (rtt_med, rtt_p99) = latency(&t, v6, args.pings, 7001)?;
     let (c, srv) = (&t.c.name, &t.s.name);
-    let (one, busy) = throughput(c, srv, "10.9.0.2:7002".parse()?, 1, args.seconds)?;
-    let (sixteen, busy16) = throughput(c, srv, "10.9.0.2:7003".parse()?, 16, args.seconds)?;
+    let (one, busy) = throughput(c, srv, server(v6, 7002)?, 1, args.seconds)?;
+    let (sixteen, busy16) = throughput(c, srv, server(v6, 7003)?, 16, args.seconds)?;
     Ok(Sample {
         one,
         busy,
@@ -239,8 +302,9 @@ fn main() -> Result<()> {
     let paths: Vec<(&str, bool, &[&str])> = PATHS
         .iter()
         .copied()
-        .filter(|(path, tunnelled, _)| {
-            !tunnelled || args.only.as_ref().is_none_or(|o| path.contains(o.as_str()))
+        .filter(|(path, _, _)| {
+            // the direct paths always: the ratios need them
+            path.contains("direct") || args.only.as_ref().is_none_or(|o| path.contains(o.as_str()))
         })
         .collect();
     // samples[path][round]; each round measures every path once, so a
@@ -249,7 +313,7 @@ fn main() -> Result<()> {
     for round in 1..=args.rounds {
         for (i, (path, tunnelled, extra)) in paths.iter().enumerate() {
             eprintln!("== round {round}/{}: {path}", args.rounds);
-            let s = measure(&args, *tunnelled, extra)?;
+            let s = measure(&args, is_v6(path), *tunnelled, extra)?;
             eprintln!(
                 "{path}: 1 flow {:.0} Mbit/s, 16 flows {:.0} Mbit/s, rtt {:.0} µs",
                 s.one * 8e-6,
@@ -263,11 +327,18 @@ fn main() -> Result<()> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let direct = &samples[0];
+    // the direct path of each family
+    let direct_of = |v6: bool| {
+        paths
+            .iter()
+            .position(|(p, t, _)| !t && is_v6(p) == v6)
+            .map(|i| &samples[i])
+    };
     let mut md = format!(
         "# Tunnel benchmark\n\nFour namespaces (client, gateway A, gateway B, server) joined by veth pairs, MTU 1500 everywhere; the same topology \
 routed directly by the kernels, then through the userspace tunnel (`tunnel-pipe`, the gateways' data-plane code), IP-in-IP (raw sockets) and FOU (UDP), \
-and through its kernel fast path. \
+and through its kernel fast path; IPv4 inside, and IPv6 in the rows that say so (compared with the direct path for IPv6; the \
+tunnels' outer addresses are IPv4 throughout). \
 Client and server are TCP/UDP sockets in the end namespaces; everything shares the machine's {cores} cores ({host}), \
 so ratios are the measure. Throughput: bulk TCP for {} s after a 0.5 s ramp. Latency: {} UDP round trips of 8 bytes, one at a time (1 ms apart). \
 {} rounds, each measuring every path once in turn; each figure is the median over the rounds, each ratio the median of the rounds' ratios \
@@ -277,6 +348,7 @@ Command: `sudo target/release/bench-tunnel --seconds {} --pings {} --rounds {}`.
         args.seconds, args.pings, args.rounds, args.seconds, args.pings, args.rounds
     );
     for ((path, _, _), s) in paths.iter().zip(&samples) {
+        let direct = direct_of(is_v6(path)).context("no direct path measured")?;
         let m = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
         let ratios = |f: fn(&Sample) -> f64| -> (f64, f64, f64) {
             let r: Vec<f64> = s.iter().zip(direct).map(|(x, d)| f(x) / f(d)).collect();
