@@ -28,6 +28,8 @@ const LOCAL: [u8; 4] = [192, 0, 2, 1];
 const PEER: [u8; 4] = [192, 0, 2, 2];
 const PORT: u16 = 5555;
 const ETH: usize = 14;
+/// The allowed IPv6 destinations, fd00:9::/64.
+const DELIVER6: [u8; 16] = [0xfd, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
 fn settings(fou: bool) -> Settings {
     Settings {
@@ -37,7 +39,10 @@ fn settings(fou: bool) -> Settings {
         extra_peers: vec![],
         fou_port: fou.then_some(PORT),
         max_plain: 1472,
-        deliver: vec![(IpAddr::from([10, 9, 0, 0]), 24)],
+        deliver: vec![
+            (IpAddr::from([10, 9, 0, 0]), 24),
+            (IpAddr::from(DELIVER6), 64),
+        ],
         gateway: false,
         signal_pmtu: false,
     }
@@ -89,7 +94,41 @@ fn inner(flags: u8, payload: &[u8], dst: [u8; 4]) -> Vec<u8> {
     v
 }
 
-/// The inner packet in FOU (or IP-in-IP) from `src`, in an Ethernet frame.
+/// The same over IPv6, from fd00:1::2 to `dst`.
+fn inner6(flags: u8, payload: &[u8], dst: [u8; 16]) -> Vec<u8> {
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&[0xfd, 0, 0, 1]);
+    src[15] = 2;
+    let mut b = PacketBuilder::ipv6(src, dst, 63).tcp(40000, 80, 1000, 500);
+    if flags & 0x10 != 0 {
+        b = b.ack(7);
+    }
+    if flags & 0x08 != 0 {
+        b = b.psh();
+    }
+    if flags & 0x02 != 0 {
+        b = b.syn();
+    }
+    if flags & 0x01 != 0 {
+        b = b.fin();
+    }
+    if flags & 0x04 != 0 {
+        b = b.rst();
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("inner packet");
+    v
+}
+
+/// fd00:9::`host`, an allowed destination.
+fn server6(host: u8) -> [u8; 16] {
+    let mut a = DELIVER6;
+    a[15] = host;
+    a
+}
+
+/// The inner packet in FOU (or IP-in-IP: protocol 4, or 41 for IPv6
+/// inside) from `src`, in an Ethernet frame.
 fn frame(fou: bool, src: [u8; 4], inner: &[u8]) -> Vec<u8> {
     let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]);
     let mut v = Vec::new();
@@ -101,7 +140,12 @@ fn frame(fou: bool, src: [u8; 4], inner: &[u8]) -> Vec<u8> {
     } else {
         // protocol 4: etherparse's IpNumber::IPIP is 94, so build the
         // outer header by hand
-        let mut ip = etherparse::Ipv4Header::new(inner.len() as u16, 64, 4.into(), src, LOCAL)
+        let proto = if inner.first().is_some_and(|b| b >> 4 == 6) {
+            41
+        } else {
+            4
+        };
+        let mut ip = etherparse::Ipv4Header::new(inner.len() as u16, 64, proto.into(), src, LOCAL)
             .expect("outer header");
         ip.header_checksum = ip.calc_header_checksum();
         v.extend_from_slice(&[2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0]);
@@ -131,11 +175,32 @@ fn check(fou: bool, input: &[u8], verdict: i32, out: &[u8]) -> Result<(), TestCa
     prop_assert_eq!(&outer[12..16], &PEER[..], "not from the peer");
     prop_assert_eq!(&outer[16..20], &LOCAL[..]);
     prop_assert!(outer[6] & 0x3f == 0 && outer[7] == 0, "an outer fragment");
+    let v6 = inner[0] >> 4 == 6;
     if fou {
         prop_assert_eq!(outer[9], 17);
         prop_assert_eq!(u16::from_be_bytes([outer[22], outer[23]]), PORT);
     } else {
-        prop_assert_eq!(outer[9], 4);
+        prop_assert_eq!(
+            outer[9],
+            if v6 { 41 } else { 4 },
+            "protocol and inner version disagree"
+        );
+    }
+    if v6 {
+        prop_assert!(inner.len() >= 60, "shorter than a bare TCP segment");
+        prop_assert_eq!(inner[6], 6, "inner TCP without extension headers");
+        prop_assert_eq!(
+            &inner[24..32],
+            &DELIVER6[..8],
+            "an inner destination not allowed"
+        );
+        prop_assert_eq!(
+            usize::from(u16::from_be_bytes([inner[4], inner[5]])) + 40,
+            inner.len(),
+            "not a whole inner packet"
+        );
+        prop_assert_eq!(inner[53] & 0x07, 0, "SYN, FIN or RST");
+        return Ok(());
     }
     prop_assert_eq!(inner[0], 0x45, "inner IPv4 without options");
     prop_assert_eq!(inner[9], 6, "inner TCP");
@@ -169,8 +234,36 @@ fn decap_takes_exactly_the_segments_it_may_carry() {
         assert_eq!(verdict, REDIRECT, "bare ACK, fou {fou}");
         assert_eq!(&out[ETH..], &ack[..], "bare ACK, fou {fou}");
         check(fou, &bare, verdict, &out).unwrap_or_else(|e| panic!("bare ACK, fou {fou}: {e}"));
-        for (why, f) in [
+        let data6 = inner6(0x18, b"data", server6(2));
+        let good6 = frame(fou, PEER, &data6);
+        let (verdict, out) = run(&good6);
+        assert_eq!(verdict, REDIRECT, "IPv6, fou {fou}");
+        assert_eq!(&out[ETH..], &data6[..], "IPv6, fou {fou}");
+        check(fou, &good6, verdict, &out).unwrap_or_else(|e| panic!("IPv6, fou {fou}: {e}"));
+        let mut not_here = server6(2);
+        not_here[3] = 8; // fd00:8::2
+                         // IP-in-IP: the outer protocol, not the inner version, says what
+                         // is inside
+        let mismatched: Vec<(&str, Vec<u8>)> = if fou {
+            vec![]
+        } else {
+            let mut v6_as_4 = good6.clone();
+            v6_as_4[ETH + 9] = 4;
+            let mut v4_as_41 = good.clone();
+            v4_as_41[ETH + 9] = 41;
+            vec![
+                ("IPv6 in protocol 4", v6_as_4),
+                ("IPv4 in protocol 41", v4_as_41),
+            ]
+        };
+        for (why, f) in mismatched.into_iter().chain([
             ("not the peer", frame(fou, [192, 0, 2, 3], &data)),
+            ("IPv6 SYN", frame(fou, PEER, &inner6(0x02, b"", server6(2)))),
+            (
+                "IPv6, not delivered here",
+                frame(fou, PEER, &inner6(0x10, b"x", not_here)),
+            ),
+            ("IPv6, cut short", good6[..good6.len() - 2].to_vec()),
             ("SYN", frame(fou, PEER, &inner(0x02, b"", [10, 9, 0, 2]))),
             ("FIN", frame(fou, PEER, &inner(0x11, b"", [10, 9, 0, 2]))),
             ("RST", frame(fou, PEER, &inner(0x04, b"", [10, 9, 0, 2]))),
@@ -180,7 +273,7 @@ fn decap_takes_exactly_the_segments_it_may_carry() {
             ),
             ("cut short", good[..good.len() - 2].to_vec()),
             ("outer header only", good[..ETH + 24].to_vec()),
-        ] {
+        ]) {
             let (verdict, out) = run(&f);
             assert_eq!(verdict, PASS, "{why} (fou {fou})");
             assert_eq!(out, f, "{why} (fou {fou})");
@@ -201,12 +294,18 @@ proptest! {
     #[test]
     fn decap_of_mutated_frames_is_exact_or_untouched(
         fou in any::<bool>(),
+        v6 in any::<bool>(),
         flags in prop::sample::select(vec![0x10u8, 0x18, 0x02, 0x11, 0x14, 0x12]),
         payload in prop::collection::vec(any::<u8>(), 0..200),
         at in any::<prop::sample::Index>(),
         value in any::<u8>(),
     ) {
-        let mut f = frame(fou, PEER, &inner(flags, &payload, [10, 9, 0, 2]));
+        let packet = if v6 {
+            inner6(flags, &payload, server6(2))
+        } else {
+            inner(flags, &payload, [10, 9, 0, 2])
+        };
+        let mut f = frame(fou, PEER, &packet);
         let at = at.index(f.len());
         f[at] = value;
         let (verdict, out) = decap(fou, &f);
@@ -234,14 +333,29 @@ fn ip_check_holds(p: &[u8]) -> bool {
     folds_to_ones(sum16(&p[..20], 0))
 }
 
-/// Whether the TCP checksum of IPv4 packet `p` (no options) holds.
+/// Whether the TCP checksum of IP packet `p` (IPv4 without options, or
+/// IPv6 without extension headers) holds.
 fn tcp_check_holds(p: &[u8]) -> bool {
-    let seg = &p[20..];
-    folds_to_ones(sum16(seg, sum16(&p[12..20], 6 + seg.len() as u64)))
+    let (l3, addrs) = if p[0] >> 4 == 6 {
+        (40, 8..40)
+    } else {
+        (20, 12..20)
+    };
+    let seg = &p[l3..];
+    folds_to_ones(sum16(seg, sum16(&p[addrs], 6 + seg.len() as u64)))
 }
 
-/// A TCP segment as `encap` finds it on the TUN device, checksums right.
-fn segment(seq: u32, flags: u8, options: &[u8], id: u16, df: bool, payload: &[u8]) -> Vec<u8> {
+/// A TCP segment as `encap` finds it on the TUN device, checksums right:
+/// IPv4 with `id` and `df`, or IPv6 (fd00:1::2 → fd00:9::2) with `v6`.
+fn segment(
+    v6: bool,
+    seq: u32,
+    flags: u8,
+    options: &[u8],
+    id: u16,
+    df: bool,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut tcp = etherparse::TcpHeader::new(40000, 80, seq, 500);
     tcp.acknowledgment_number = 7;
     tcp.ack = flags & 0x10 != 0;
@@ -251,6 +365,24 @@ fn segment(seq: u32, flags: u8, options: &[u8], id: u16, df: bool, payload: &[u8
     tcp.cwr = flags & 0x80 != 0;
     tcp.set_options_raw(options).expect("options");
     let len = tcp.header_len() + payload.len();
+    if v6 {
+        let mut src = server6(2);
+        src[3] = 1; // fd00:1::2
+        let ip = etherparse::Ipv6Header {
+            payload_length: len as u16,
+            next_header: etherparse::IpNumber::TCP,
+            hop_limit: 63,
+            source: src,
+            destination: server6(2),
+            ..Default::default()
+        };
+        tcp.checksum = tcp.calc_checksum_ipv6(&ip, payload).expect("checksum");
+        let mut v = Vec::new();
+        ip.write(&mut v).expect("ip");
+        tcp.write(&mut v).expect("tcp");
+        v.extend_from_slice(payload);
+        return v;
+    }
     let mut ip = etherparse::Ipv4Header::new(
         len as u16,
         63,
@@ -273,6 +405,7 @@ fn segment(seq: u32, flags: u8, options: &[u8], id: u16, df: bool, payload: &[u8
 /// One case of the cutting property.
 #[derive(Debug, Clone)]
 struct Cut {
+    v6: bool,
     options: Vec<u8>,
     flags: u8,
     seq: u32,
@@ -288,6 +421,7 @@ struct Cut {
 
 fn cuts() -> impl Strategy<Value = Cut> {
     (
+        any::<bool>(),
         (0usize..=10).prop_flat_map(|w| prop::collection::vec(any::<u8>(), 4 * w)),
         // ACK with PSH, CWR, ECE as they come; URG now and then
         prop::sample::select(vec![0x10u8, 0x18, 0x90, 0x58, 0xd8, 0x50, 0x30, 0x38]),
@@ -298,16 +432,19 @@ fn cuts() -> impl Strategy<Value = Cut> {
         any::<u64>(),
         prop::option::weighted(0.3, (any::<prop::sample::Index>(), 1u8..=255)),
     )
-        .prop_map(|(options, flags, seq, id, df, extra, seed, corrupt)| Cut {
-            options,
-            flags,
-            seq,
-            id,
-            df,
-            extra,
-            seed,
-            corrupt,
-        })
+        .prop_map(
+            |(v6, options, flags, seq, id, df, extra, seed, corrupt)| Cut {
+                v6,
+                options,
+                flags,
+                seq,
+                id,
+                df,
+                extra,
+                seed,
+                corrupt,
+            },
+        )
 }
 
 /// The TUN device with `encap` on its egress, and where its output lands.
@@ -319,17 +456,23 @@ struct CutBed {
     /// device's egress, as routed packets do.
     inject: socket2::Socket,
     ifindex: i32,
-    /// The far end's FOU socket or raw IP-in-IP socket.
-    far: socket2::Socket,
+    /// The far end's FOU socket, or its raw sockets for protocols 4 and 41
+    /// (IP-in-IP and 6in4).
+    far: Vec<socket2::Socket>,
     _fast: FastPath,
 }
 
 impl CutBed {
     fn send(&self, packet: &[u8]) -> Result<(), TestCaseError> {
+        let proto = if packet[0] >> 4 == 6 {
+            libc::ETH_P_IPV6
+        } else {
+            libc::ETH_P_IP
+        };
         // SAFETY: sockaddr_ll is plain data; zeroes are a valid value.
         let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         to.sll_family = libc::AF_PACKET as u16;
-        to.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+        to.sll_protocol = (proto as u16).to_be();
         to.sll_ifindex = self.ifindex;
         use std::os::fd::AsRawFd as _;
         // SAFETY: a live buffer and a sockaddr_ll of the size given.
@@ -350,12 +493,14 @@ impl CutBed {
         Ok(())
     }
 
-    /// The inner packets that reached the far end within `wait`.
-    fn far_packets(&self, wait: Duration) -> Vec<Vec<u8>> {
+    /// The inner packets (IPv6 with `v6`) that reached the far end within
+    /// `wait`.
+    fn far_packets(&self, v6: bool, wait: Duration) -> Vec<Vec<u8>> {
         let mut got = Vec::new();
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
-        self.far.set_read_timeout(Some(wait)).expect("timeout");
-        while let Ok(n) = self.far.recv(&mut buf) {
+        let far = &self.far[if self.fou { 0 } else { usize::from(v6) }];
+        far.set_read_timeout(Some(wait)).expect("timeout");
+        while let Ok(n) = far.recv(&mut buf) {
             // SAFETY: recv initialised the first n bytes.
             let b: Vec<u8> = buf[..n]
                 .iter()
@@ -365,8 +510,7 @@ impl CutBed {
             // outer header
             got.push(if self.fou { b } else { b[20..].to_vec() });
             // the program runs as the packet is sent: the rest is there
-            self.far
-                .set_read_timeout(Some(Duration::from_millis(10)))
+            far.set_read_timeout(Some(Duration::from_millis(10)))
                 .expect("timeout");
         }
         got
@@ -379,7 +523,9 @@ impl CutBed {
         while self.tun.try_recv(&mut batch).expect("read the TUN device") {
             for i in 0..batch.len() {
                 let p = batch.packet(i);
-                if p.len() > 20 && p[0] == 0x45 && p[9] == 6 {
+                let tcp = (p.len() > 20 && p[0] == 0x45 && p[9] == 6)
+                    || (p.len() > 40 && p[0] >> 4 == 6 && p[6] == 6);
+                if tcp {
                     got.push(p.to_vec());
                 }
             }
@@ -393,15 +539,19 @@ impl CutBed {
 fn cut_bed(near: &Netns, far: &Netns, fou: bool) -> CutBed {
     let far_socket = in_netns(&far.name, move || {
         use socket2::{Domain, Protocol, Socket, Type};
-        let s = if fou {
+        if fou {
             let s = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("socket");
             let at: SocketAddr = format!("192.0.2.2:{PORT}").parse().expect("addr");
             s.bind(&at.into()).expect("bind");
-            s
+            vec![s]
         } else {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(4))).expect("raw socket")
-        };
-        s
+            [4, 41]
+                .map(|p| {
+                    Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(p)))
+                        .expect("raw socket")
+                })
+                .into()
+        }
     })
     .expect("namespace");
     in_netns(&near.name, move || {
@@ -445,12 +595,13 @@ fn cut_bed(near: &Netns, far: &Netns, fou: bool) -> CutBed {
 /// segments at the far end, or the segment whole in userspace.
 fn check_cut(bed: &CutBed, c: &Cut) -> Result<(), TestCaseError> {
     let max_plain = bed.max_plain;
-    let hdrs = 40 + c.options.len();
+    let l3 = if c.v6 { 40 } else { 20 };
+    let hdrs = l3 + 20 + c.options.len();
     let n = max_plain - hdrs + c.extra;
     let payload: Vec<u8> = (0..n as u64)
         .map(|i| (i.wrapping_add(c.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
         .collect();
-    let mut packet = segment(c.seq, c.flags, &c.options, c.id, c.df, &payload);
+    let mut packet = segment(c.v6, c.seq, c.flags, &c.options, c.id, c.df, &payload);
     let mut sent = payload.clone(); // the payload as sent, corrupted or not
     if let Some((at, x)) = &c.corrupt {
         let i = at.index(n);
@@ -460,7 +611,7 @@ fn check_cut(bed: &CutBed, c: &Cut) -> Result<(), TestCaseError> {
     bed.send(&packet)?;
     let urgent = c.flags & 0x20 != 0;
     let whole = urgent || c.extra > 248;
-    let far = bed.far_packets(Duration::from_millis(if whole { 30 } else { 2000 }));
+    let far = bed.far_packets(c.v6, Duration::from_millis(if whole { 30 } else { 2000 }));
     let userspace = bed.to_userspace();
     if far.is_empty() {
         prop_assert!(whole, "left whole, though it could be cut in two");
@@ -495,44 +646,77 @@ fn check_cut(bed: &CutBed, c: &Cut) -> Result<(), TestCaseError> {
         ),
     ] {
         let be16 = |at: usize| u16::from_be_bytes([seg[at], seg[at + 1]]);
-        prop_assert!(ip_check_holds(seg), "{} segment: IP header checksum", which);
+        if c.v6 {
+            prop_assert_eq!(
+                usize::from(be16(4)) + 40,
+                seg.len(),
+                "{} segment: IPv6 payload length",
+                which
+            );
+            prop_assert_eq!(
+                &seg[..4],
+                &packet[..4],
+                "{} segment: version, class, flow",
+                which
+            );
+            prop_assert_eq!(
+                &seg[6..40],
+                &packet[6..40],
+                "{} segment: next header, hop limit, addresses",
+                which
+            );
+        } else {
+            prop_assert!(ip_check_holds(seg), "{} segment: IP header checksum", which);
+            prop_assert_eq!(
+                usize::from(be16(2)),
+                seg.len(),
+                "{} segment: IP length",
+                which
+            );
+            prop_assert_eq!(be16(4), id, "{} segment: IP ID", which);
+            prop_assert_eq!(seg[6] & 0x40 != 0, c.df, "{} segment: DF", which);
+            prop_assert_eq!(
+                &seg[8..10],
+                &packet[8..10],
+                "{} segment: TTL, protocol",
+                which
+            );
+            prop_assert_eq!(
+                &seg[12..20],
+                &packet[12..20],
+                "{} segment: addresses",
+                which
+            );
+        }
+        let t = l3; // the TCP header
         prop_assert_eq!(
-            usize::from(be16(2)),
-            seg.len(),
-            "{} segment: IP length",
+            &seg[t..t + 4],
+            &packet[t..t + 4],
+            "{} segment: ports",
             which
         );
-        prop_assert_eq!(be16(4), id, "{} segment: IP ID", which);
-        prop_assert_eq!(seg[6] & 0x40 != 0, c.df, "{} segment: DF", which);
         prop_assert_eq!(
-            &seg[8..10],
-            &packet[8..10],
-            "{} segment: TTL, protocol",
-            which
-        );
-        prop_assert_eq!(
-            &seg[12..24],
-            &packet[12..24],
-            "{} segment: addresses, ports",
-            which
-        );
-        prop_assert_eq!(
-            u32::from_be_bytes([seg[24], seg[25], seg[26], seg[27]]),
+            u32::from_be_bytes([seg[t + 4], seg[t + 5], seg[t + 6], seg[t + 7]]),
             seq,
             "{} segment: sequence number",
             which
         );
         prop_assert_eq!(
-            &seg[28..33],
-            &packet[28..33],
+            &seg[t + 8..t + 13],
+            &packet[t + 8..t + 13],
             "{} segment: ACK number, data offset",
             which
         );
-        prop_assert_eq!(seg[33], flags, "{} segment: flags", which);
-        prop_assert_eq!(&seg[34..36], &packet[34..36], "{} segment: window", which);
+        prop_assert_eq!(seg[t + 13], flags, "{} segment: flags", which);
         prop_assert_eq!(
-            &seg[38..hdrs],
-            &packet[38..hdrs],
+            &seg[t + 14..t + 16],
+            &packet[t + 14..t + 16],
+            "{} segment: window",
+            which
+        );
+        prop_assert_eq!(
+            &seg[t + 18..hdrs],
+            &packet[t + 18..hdrs],
             "{} segment: urgent pointer, options",
             which
         );
