@@ -300,16 +300,11 @@ static __always_inline __u32 neg(__u32 a)
 	return ~a & 0xffff;
 }
 
-static __always_inline __u64 words(__u32 x)
+// The TCP pseudo-header's word that changes when a segment is cut: its
+// length. (The addresses and the protocol stay: their sum cancels out.)
+static __always_inline __u32 pseudo_len(__u32 l4len)
 {
-	return (x & 0xffff) + (x >> 16);
-}
-
-// The TCP pseudo-header's words for `l4len` bytes of segment, its
-// addresses' sum being `addrs`.
-static __always_inline __u32 pseudo(__u32 addrs, __u32 l4len)
-{
-	return fold((__u64)addrs + bpf_htons(IPPROTO_TCP) + bpf_htons(l4len));
+	return bpf_htons(l4len);
 }
 
 #define TCP_MAX 60     // TCP header with the most options
@@ -406,19 +401,13 @@ static __always_inline int split(struct __sk_buff *skb, struct config *c, int v6
 	struct iphdr ip = {};
 	struct ipv6hdr ip6 = {};
 	__u32 l3 = v6 ? sizeof(ip6) : sizeof(ip);
-	__u32 len = skb->len, addrs = 0;
+	__u32 len = skb->len;
 	if (v6) {
 		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) ||
 		    bpf_ntohs(ip6.payload_len) + sizeof(ip6) != len)
 			return 1;
-		__u64 a = 0;
-		for (int i = 0; i < 4; i++)
-			a += words(ip6.saddr.in6_u.u6_addr32[i]) + words(ip6.daddr.in6_u.u6_addr32[i]);
-		addrs = fold(a);
-	} else {
-		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) || bpf_ntohs(ip.tot_len) != len)
-			return 1;
-		addrs = fold(words(ip.saddr) + words(ip.daddr));
+	} else if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) || bpf_ntohs(ip.tot_len) != len) {
+		return 1;
 	}
 	if (bpf_skb_load_bytes(skb, l3, tcp, sizeof(struct tcphdr)))
 		return 1;
@@ -458,11 +447,11 @@ static __always_inline int split(struct __sk_buff *skb, struct config *c, int v6
 	if (bpf_skb_load_bytes(skb, hdrs + k, buf, SIZE(t, CHUNK)))
 		return 1;
 	__u32 stail = fold((__u32)bpf_csum_diff(0, 0, (__be32 *)buf, CHUNK, 0));
-	// the payload's sum as the checksum has it (what a full checksum
-	// vouches for; without one, a value the helper ignores): the error
-	// of a wrong checksum, carried to both segments
+	// the sum of payload, addresses and protocol as the checksum has it
+	// (what a full checksum vouches for; without one, a value the helper
+	// ignores): the error of a wrong checksum, carried to both segments
 	__u32 h0 = header_sum(tcp, thlen);
-	__u32 sall = fold((__u64)neg(th->check) + neg(pseudo(addrs, thlen + n)) + neg(h0));
+	__u32 sall = fold((__u64)neg(th->check) + neg(pseudo_len(thlen + n)) + neg(h0));
 	__u32 check_at = l3 + offsetof(struct tcphdr, check);
 
 	// the first segment, which leaves now
@@ -472,7 +461,7 @@ static __always_inline int split(struct __sk_buff *skb, struct config *c, int v6
 	if (store_l3(skb, v6, &ip, thlen + k, 0) ||
 	    bpf_skb_store_bytes(skb, l3 + 13, &tcp[13], 1, 0) ||
 	    set_tcp_check(skb, check_at, thlen + n, thlen + k,
-			  fold((__u64)pseudo(addrs, thlen + k) + header_sum(tcp, thlen) + sall +
+			  fold((__u64)pseudo_len(thlen + k) + header_sum(tcp, thlen) + sall +
 			       neg(stail))))
 		return -1;
 	if (bpf_clone_redirect(skb, c->tun_ifindex, 0))
@@ -487,7 +476,7 @@ static __always_inline int split(struct __sk_buff *skb, struct config *c, int v6
 	    bpf_skb_store_bytes(skb, l3 + 4, &seq, 4, 0) ||
 	    bpf_skb_store_bytes(skb, l3 + 13, &tcp[13], 1, 0) ||
 	    set_tcp_check(skb, check_at, thlen + k, thlen + t,
-			  fold((__u64)pseudo(addrs, thlen + t) + header_sum(tcp, thlen) + sall +
+			  fold((__u64)pseudo_len(thlen + t) + header_sum(tcp, thlen) + sall +
 			       neg(shead))))
 		return -1;
 	return 0;
