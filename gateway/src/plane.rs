@@ -72,10 +72,7 @@ impl Tables {
     /// flow table learns of them as if they had come through the plane
     /// (the flow stays live, and so does an old site's drain clock).
     pub fn carried(&mut self, c: &tunnel::fastpath::Carried, now_ms: u64) {
-        let (from, to) = (
-            (IpAddr::V4(c.from.0), c.from.1),
-            (IpAddr::V4(c.to.0), c.to.1),
-        );
+        let (from, to) = (c.from, c.to);
         let (key, forward) = tunnel::flow::FlowKey::between(6, from, to);
         for guest in [to.0, from.0] {
             match self.sides.get_mut(&guest) {

@@ -1,8 +1,8 @@
 // The tunnel's kernel fast path (tc-BPF), built by tunnel/build.rs with
 // clang and loaded by tunnel/src/fastpath.rs.
 //
-// encap, on the TUN device's egress: a TCP segment (IPv4, or IPv6 outside
-// the gateway's rules) routed into the tunnel (a 64 KiB GSO super-packet
+// encap, on the TUN device's egress: a TCP segment (IPv4 or IPv6) routed
+// into the tunnel (a 64 KiB GSO super-packet
 // or a packet that fits) gets the outer IPv4 (+ UDP for FOU) header and
 // leaves by the WAN interface, with no copy and no trip to userspace. The
 // kernel cuts super-packets to fit the path as it would for its own
@@ -18,8 +18,8 @@
 //
 // Anything else takes the ordinary path (PASS) to the userspace data
 // plane, which decides, counts and drops as before: SYN, FIN and RST
-// segments (flow state, MSS clamping), other protocols, IPv6 with the
-// gateway's rules, IP options or IPv6 extension headers, fragments,
+// segments (flow state, MSS clamping), other protocols, IP options or
+// IPv6 extension headers, fragments,
 // link-local addresses, oversize packets that cannot be cut (URG, too big
 // to cut in two, or with pmtu signalling), unknown peers, unregistered
 // destinations, and anything malformed.
@@ -61,6 +61,18 @@ struct guest {
 struct flow {
 	__u32 saddr;
 	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+};
+
+// The same over IPv6.
+struct addr6 {
+	__u8 a[16];
+};
+
+struct flow6 {
+	struct addr6 saddr;
+	struct addr6 daddr;
 	__u16 sport;
 	__u16 dport;
 };
@@ -132,6 +144,13 @@ struct {
 	__type(value, struct guest);
 } GUESTS SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct addr6);
+	__type(value, struct guest);
+} GUESTS6 SEC(".maps");
+
 // Flows of guests here that leave translated (the userspace plane's NAT),
 // keyed as the guest sends.
 struct {
@@ -140,6 +159,20 @@ struct {
 	__type(key, struct flow);
 	__type(value, __u32);
 } SLOW SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow6);
+	__type(value, __u32);
+} SLOW6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow6);
+	__type(value, struct activity);
+} ACTIVITY6 SEC(".maps");
 
 // Gateway mode: the flows carried, for the drain's bookkeeping (userspace
 // reads and clears it every 250 ms).
@@ -260,16 +293,35 @@ static __always_inline struct flow flow_of(struct iphdr *ip, void *end)
 	return f;
 }
 
-static __always_inline void note(struct flow *f, __u64 packets, __u64 bytes)
+// Counts what was carried of flow `f` in `map` (ACTIVITY or ACTIVITY6).
+static __always_inline void note_in(void *map, void *f, __u64 packets, __u64 bytes)
 {
-	struct activity *a = bpf_map_lookup_elem(&ACTIVITY, f);
+	struct activity *a = bpf_map_lookup_elem(map, f);
 	if (a) {
 		__sync_fetch_and_add(&a->packets, packets);
 		__sync_fetch_and_add(&a->bytes, bytes);
 	} else {
 		struct activity n = {.packets = packets, .bytes = bytes};
-		bpf_map_update_elem(&ACTIVITY, f, &n, BPF_NOEXIST);
+		bpf_map_update_elem(map, f, &n, BPF_NOEXIST);
 	}
+}
+
+static __always_inline void note(struct flow *f, __u64 packets, __u64 bytes)
+{
+	note_in(&ACTIVITY, f, packets, bytes);
+}
+
+static __always_inline struct flow6 flow6_of(struct ipv6hdr *ip, void *end)
+{
+	struct flow6 f = {};
+	__builtin_memcpy(&f.saddr, &ip->saddr, sizeof(f.saddr));
+	__builtin_memcpy(&f.daddr, &ip->daddr, sizeof(f.daddr));
+	struct tcphdr *tcp = (void *)(ip + 1);
+	if ((void *)(tcp + 1) <= end) {
+		f.sport = tcp->source;
+		f.dport = tcp->dest;
+	}
+	return f;
 }
 
 static __always_inline __u16 ip_checksum(struct iphdr *ip)
@@ -493,25 +545,31 @@ int encap(struct __sk_buff *skb)
 	__u32 peer = c->peer, hdrs;
 	int v6 = 0;
 	struct flow f = {};
+	struct flow6 f6 = {};
 	struct iphdr *in = plain_segment(data, end);
 	if (!in) {
 		struct ipv6hdr *in6 = plain_segment6(data, end);
-		if (!in6 || c->gateway)
-			return PASS; // the gateway's IPv6 guests go through userspace
+		if (!in6)
+			return PASS;
 		v6 = 1;
 		hdrs = headers6(in6, end);
+		f6 = flow6_of(in6, end);
 	} else {
 		f = flow_of(in, end);
 		hdrs = headers(in, end);
 	}
-	if (c->gateway && !v6) {
-		struct guest *g = bpf_map_lookup_elem(&GUESTS, &f.daddr);
+	if (c->gateway) {
+		void *guests = v6 ? (void *)&GUESTS6 : (void *)&GUESTS;
+		void *to = v6 ? (void *)&f6.daddr : (void *)&f.daddr;
+		void *from = v6 ? (void *)&f6.saddr : (void *)&f.saddr;
+		struct guest *g = bpf_map_lookup_elem(guests, to);
 		if (g && g->role == ROLE_OLD) {
 			peer = g->peer; // old site: to the guest that moved
 		} else {
 			// new site: the guest's packets, back unless translated
-			g = bpf_map_lookup_elem(&GUESTS, &f.saddr);
-			if (!g || g->role != ROLE_NEW || bpf_map_lookup_elem(&SLOW, &f))
+			g = bpf_map_lookup_elem(guests, from);
+			if (!g || g->role != ROLE_NEW ||
+			    (v6 ? bpf_map_lookup_elem(&SLOW6, &f6) : bpf_map_lookup_elem(&SLOW, &f)))
 				return PASS;
 			peer = g->peer;
 		}
@@ -573,22 +631,31 @@ int encap(struct __sk_buff *skb)
 	__u64 segs = segments(skb, len, hdrs); // gso_size now fits the path
 	st->encap_packets += segs;
 	st->encap_bytes += len;
-	if (c->gateway && !v6)
-		note(&f, segs, len);
+	if (c->gateway)
+		v6 ? note_in(&ACTIVITY6, &f6, segs, len) : note(&f, segs, len);
 	return bpf_redirect_neigh(c->wan_ifindex, 0, 0, 0);
 }
 
-// decap's IPv6 inside (the gateway's IPv6 guests go through userspace).
+// decap's IPv6 inside.
 static __always_inline int decap6(struct __sk_buff *skb, struct config *c, struct stats *st,
 				  void *inner, void *end, __u32 hlen)
 {
 	struct ipv6hdr *in = plain_segment6(inner, end);
-	if (!in || c->gateway)
+	if (!in)
 		return PASS;
 	__u32 inner_len = skb->len - ETH_HLEN - hlen;
 	if (!skb->gso_size && bpf_ntohs(in->payload_len) + sizeof(*in) != inner_len)
 		return PASS;
-	if (!c->deliver_any) {
+	struct flow6 f = flow6_of(in, end);
+	if (c->gateway) {
+		// new site: for a guest here; old site: a moved guest's replies
+		struct guest *g = bpf_map_lookup_elem(&GUESTS6, &f.daddr);
+		if (!g || g->role != ROLE_NEW) {
+			g = bpf_map_lookup_elem(&GUESTS6, &f.saddr);
+			if (!g || g->role != ROLE_OLD)
+				return PASS; // userspace counts it as unregistered
+		}
+	} else if (!c->deliver_any) {
 		struct lpm_v6 key = {.prefixlen = 128};
 		__builtin_memcpy(key.addr, &in->daddr, sizeof(key.addr));
 		if (!bpf_map_lookup_elem(&DELIVER6, &key))
@@ -599,6 +666,8 @@ static __always_inline int decap6(struct __sk_buff *skb, struct config *c, struc
 		return PASS;
 	st->decap_packets += segs;
 	st->decap_bytes += inner_len;
+	if (c->gateway)
+		note_in(&ACTIVITY6, &f, segs, inner_len);
 	return bpf_redirect(c->tun_ifindex, BPF_F_INGRESS);
 }
 

@@ -14,21 +14,20 @@
 //!
 //! Everything else goes the ordinary way to the userspace plane, which
 //! decides and counts as before: SYN, FIN and RST (flow state, MSS
-//! clamping), UDP, ICMP, IPv6 with the gateway's rules, options and
-//! extension headers, fragments, oversize packets that
+//! clamping), UDP, ICMP, IP options and IPv6 extension headers,
+//! fragments, oversize packets that
 //! cannot be cut (URG; too big for two; with pmtu signalling),
 //! unknown peers, unregistered destinations, anything malformed. The wire
 //! format is the userspace plane's (FOU: UDP checksum zero, as IPv4
 //! allows and Linux's FOU sends by default; the source port is a hash of
 //! the inner flow). The outer addresses are IPv4; inside, IPv4 or IPv6
-//! (6in4, protocol 41, in an IP-in-IP tunnel; the gateway's per-guest
-//! rules are IPv4 only).
+//! (6in4, protocol 41, in an IP-in-IP tunnel).
 //!
 //! The programs are attached with tcx links owned by [`FastPath`]: they
 //! are detached when it is dropped or the process dies.
 
 use std::ffi::CString;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context as _};
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -83,6 +82,19 @@ struct Flow {
 // SAFETY: plain integers, no padding (2 × u32, 2 × u16).
 unsafe impl aya::Pod for Flow {}
 
+/// `struct flow6`: the same over IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Flow6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+// SAFETY: plain bytes and integers, no padding (32 bytes, 2 × u16).
+unsafe impl aya::Pod for Flow6 {}
+
 /// `struct activity`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -108,8 +120,8 @@ pub enum Role {
 /// What the fast path carried of one TCP flow since it was last asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Carried {
-    pub from: (Ipv4Addr, u16),
-    pub to: (Ipv4Addr, u16),
+    pub from: (IpAddr, u16),
+    pub to: (IpAddr, u16),
     pub packets: u64,
     pub bytes: u64,
 }
@@ -165,8 +177,11 @@ pub struct FastPath {
     _bpf: Ebpf,
     stats: PerCpuArray<MapData, Stats>,
     guests: HashMap<MapData, u32, Guest>,
+    guests6: HashMap<MapData, [u8; 16], Guest>,
     slow: HashMap<MapData, Flow, u32>,
+    slow6: HashMap<MapData, Flow6, u32>,
     activity: HashMap<MapData, Flow, Activity>,
+    activity6: HashMap<MapData, Flow6, Activity>,
     wan: String,
 }
 
@@ -385,67 +400,94 @@ impl FastPath {
         }
         let stats = PerCpuArray::try_from(take(&mut bpf, "STATS")?)?;
         let guests = HashMap::try_from(take(&mut bpf, "GUESTS")?)?;
+        let guests6 = HashMap::try_from(take(&mut bpf, "GUESTS6")?)?;
         let slow = HashMap::try_from(take(&mut bpf, "SLOW")?)?;
+        let slow6 = HashMap::try_from(take(&mut bpf, "SLOW6")?)?;
         let activity = HashMap::try_from(take(&mut bpf, "ACTIVITY")?)?;
+        let activity6 = HashMap::try_from(take(&mut bpf, "ACTIVITY6")?)?;
         tracing::info!(tun = %s.tun, wan = %wan, "kernel fast path attached");
         Ok(Self {
             _bpf: bpf,
             stats,
             guests,
+            guests6,
             slow,
+            slow6,
             activity,
+            activity6,
             wan,
         })
     }
 
-    /// Gateway mode: carries the TCP flows of `guest` from now on, to and
-    /// from `peer` as `role` says. An IPv6 guest or peer is left to the
-    /// userspace plane (false).
+    /// Gateway mode: carries the TCP flows of `guest` (IPv4 or IPv6) from
+    /// now on, to and from `peer` as `role` says. A guest whose peer is
+    /// IPv6 (a tunnel over IPv6) is left to the userspace plane (false).
     pub fn set_guest(&mut self, guest: IpAddr, peer: IpAddr, role: Role) -> anyhow::Result<bool> {
-        let (IpAddr::V4(g), IpAddr::V4(p)) = (guest, peer) else {
+        let IpAddr::V4(p) = peer else {
             return Ok(false);
         };
-        let role = match role {
-            Role::Old => 1,
-            Role::New => 2,
+        let g = Guest {
+            peer: be(p),
+            role: match role {
+                Role::Old => 1,
+                Role::New => 2,
+            },
         };
-        self.guests
-            .insert(be(g), Guest { peer: be(p), role }, 0)
-            .with_context(|| format!("cannot give {guest} to the kernel fast path"))?;
+        match guest {
+            IpAddr::V4(a) => self.guests.insert(be(a), g, 0),
+            IpAddr::V6(a) => self.guests6.insert(a.octets(), g, 0),
+        }
+        .with_context(|| format!("cannot give {guest} to the kernel fast path"))?;
         Ok(true)
     }
 
     /// Gateway mode: stops carrying `guest`'s flows.
     pub fn remove_guest(&mut self, guest: IpAddr) {
-        if let IpAddr::V4(g) = guest {
-            let _ = self.guests.remove(&be(g)); // absent: nothing to do
-        }
+        // absent: nothing to do
+        let _ = match guest {
+            IpAddr::V4(g) => self.guests.remove(&be(g)),
+            IpAddr::V6(g) => self.guests6.remove(&g.octets()),
+        };
     }
 
     /// Gateway mode: the TCP flow a guest here sends as `from` → `to` is
     /// translated (`on`), so its packets go to the userspace plane; or not
-    /// any more. IPv6 flows always go there.
+    /// any more.
     pub fn set_translated(
         &mut self,
         from: (IpAddr, u16),
         to: (IpAddr, u16),
         on: bool,
     ) -> anyhow::Result<()> {
-        let ((IpAddr::V4(s), sp), (IpAddr::V4(d), dp)) = (from, to) else {
-            return Ok(());
-        };
-        let f = Flow {
-            saddr: be(s),
-            daddr: be(d),
-            sport: sp.to_be(),
-            dport: dp.to_be(),
-        };
-        if on {
-            self.slow
-                .insert(f, 1, 0)
-                .context("cannot keep a translated flow out of the kernel fast path")?;
-        } else {
-            let _ = self.slow.remove(&f); // absent: nothing to do
+        let why = "cannot keep a translated flow out of the kernel fast path";
+        match (from, to) {
+            ((IpAddr::V4(s), sp), (IpAddr::V4(d), dp)) => {
+                let f = Flow {
+                    saddr: be(s),
+                    daddr: be(d),
+                    sport: sp.to_be(),
+                    dport: dp.to_be(),
+                };
+                if on {
+                    self.slow.insert(f, 1, 0).context(why)?;
+                } else {
+                    let _ = self.slow.remove(&f); // absent: nothing to do
+                }
+            }
+            ((IpAddr::V6(s), sp), (IpAddr::V6(d), dp)) => {
+                let f = Flow6 {
+                    saddr: s.octets(),
+                    daddr: d.octets(),
+                    sport: sp.to_be(),
+                    dport: dp.to_be(),
+                };
+                if on {
+                    self.slow6.insert(f, 1, 0).context(why)?;
+                } else {
+                    let _ = self.slow6.remove(&f);
+                }
+            }
+            _ => {} // no such flow
         }
         Ok(())
     }
@@ -454,18 +496,36 @@ impl FastPath {
     /// them. (A packet counted between the read and the clearing of its
     /// flow is not reported; the next one is.)
     pub fn take_activity(&mut self) -> Vec<Carried> {
+        let mut out = Vec::new();
         let keys: Vec<Flow> = self.activity.keys().filter_map(Result::ok).collect();
-        let mut out = Vec::with_capacity(keys.len());
         for k in keys {
             if let Ok(a) = self.activity.get(&k, 0) {
                 out.push(Carried {
-                    from: (Ipv4Addr::from(k.saddr.to_ne_bytes()), u16::from_be(k.sport)),
-                    to: (Ipv4Addr::from(k.daddr.to_ne_bytes()), u16::from_be(k.dport)),
+                    from: (
+                        Ipv4Addr::from(k.saddr.to_ne_bytes()).into(),
+                        u16::from_be(k.sport),
+                    ),
+                    to: (
+                        Ipv4Addr::from(k.daddr.to_ne_bytes()).into(),
+                        u16::from_be(k.dport),
+                    ),
                     packets: a.packets,
                     bytes: a.bytes,
                 });
             }
             let _ = self.activity.remove(&k);
+        }
+        let keys: Vec<Flow6> = self.activity6.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            if let Ok(a) = self.activity6.get(&k, 0) {
+                out.push(Carried {
+                    from: (Ipv6Addr::from(k.saddr).into(), u16::from_be(k.sport)),
+                    to: (Ipv6Addr::from(k.daddr).into(), u16::from_be(k.dport)),
+                    packets: a.packets,
+                    bytes: a.bytes,
+                });
+            }
+            let _ = self.activity6.remove(&k);
         }
         out
     }
