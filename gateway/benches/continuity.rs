@@ -45,34 +45,45 @@ struct Sample {
     fast_bytes: u64,
 }
 
-fn measure(fast_path: bool, clamp_mss: bool, secs: u64) -> Result<Sample> {
+/// One configuration: the gateways' `fast_path` and `clamp_mss`, and the
+/// guest's family.
+#[derive(Clone, Copy)]
+struct Setup {
+    fast_path: bool,
+    clamp_mss: bool,
+    v6: bool,
+    name: &'static str,
+}
+
+fn measure(c: Setup, secs: u64) -> Result<Sample> {
     let bed = Bed::with_tunnel(&format!(
-        "kind = \"fou\"\nfast_path = {fast_path}\nclamp_mss = {clamp_mss}"
+        "kind = \"fou\"\nfast_path = {}\nclamp_mss = {}",
+        c.fast_path, c.clamp_mss
     ));
     let (ga, gb) = (bed.gateway_a(), bed.gateway_b());
-    bed.register_and_prepare(&ga, &gb);
+    let (service, old, at, public) = if c.v6 {
+        ("web6", "fd00:1::10", "[fd00:1::10]", "fd00:2::100")
+    } else {
+        ("web1", "10.1.0.10", "10.1.0.10", "10.2.0.100")
+    };
+    bed.register_and_prepare_service(&ga, &gb, service, old);
     let (client, vm) = (bed.client.name.clone(), bed.vm.name.clone());
     let run = |port: u16, flows: usize| {
-        throughput(
-            &client,
-            &vm,
-            format!("10.1.0.10:{port}").parse()?,
-            flows,
-            secs,
-        )
+        throughput(&client, &vm, format!("{at}:{port}").parse()?, flows, secs)
     };
     let mut s = Sample {
         before: [run(9001, 1)?, run(9002, 16)?],
         ..Sample::default()
     };
-    bed.move_vm_and_switch(&ga, &gb);
-    bed.echo_once("10.1.0.10:7000", b"through the tunnel");
+    bed.move_vm();
+    bed.switch(&ga, &gb, service, public);
+    bed.echo_once(&format!("{at}:7000"), b"through the tunnel");
     s.after = [run(9003, 1)?, run(9004, 16)?];
     let (_, st) = ga.api("GET", "/v1/status", "");
     s.fast_bytes = st["data_plane"]["fast_path"]["encap_bytes"]
         .as_u64()
         .unwrap_or(0);
-    if fast_path && s.fast_bytes == 0 {
+    if c.fast_path && s.fast_bytes == 0 {
         anyhow::bail!("the fast path was on but carried nothing: {st}");
     }
     bed.assert_no_gateway_errors();
@@ -90,24 +101,39 @@ fn main() -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results/gateway.md")
     });
+    let setup = |fast_path, clamp_mss, v6, name| Setup {
+        fast_path,
+        clamp_mss,
+        v6,
+        name,
+    };
     let configs = [
-        (
+        setup(
             true,
+            false,
             false,
             "fast path on, full-size segments (as from connections opened before the move)",
         ),
-        (true, true, "fast path on, MSS clamped (default)"),
-        (
+        setup(true, true, false, "fast path on, MSS clamped (default)"),
+        setup(
             false,
             true,
+            false,
             "fast path off: the userspace plane, MSS clamped",
         ),
+        setup(
+            true,
+            false,
+            true,
+            "IPv6 guest: fast path on, full-size segments",
+        ),
+        setup(false, true, true, "IPv6 guest: fast path off, MSS clamped"),
     ];
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
     for round in 0..args.rounds {
-        for (i, (fast, clamp, name)) in configs.iter().enumerate() {
-            eprintln!("round {}/{}: {name}", round + 1, args.rounds);
-            samples[i].push(measure(*fast, *clamp, args.seconds)?);
+        for (i, c) in configs.iter().enumerate() {
+            eprintln!("round {}/{}: {}", round + 1, args.rounds, c.name);
+            samples[i].push(measure(*c, args.seconds)?);
         }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -124,7 +150,7 @@ fn main() -> Result<()> {
     writeln!(
         md,
         "# Gateway benchmark: open connections across a move\n\n\
-Bulk TCP from the client to the VM's old address, 10.1.0.10, on the continuity tests' bed (client, WAN router, siteA, siteB, \
+Bulk TCP from the client to the VM's old address, 10.1.0.10 (fd00:1::10 for the IPv6 guest), on the continuity tests' bed (client, WAN router, siteA, siteB, \
 VM: five namespaces joined by veths, MTU 1500; the WAN router drops packets whose source is not routed from the side they \
 come from). Before: siteA routes to the VM on its LAN. After: the VM's link has moved to siteB and both gateways are switched \
 (FOU): gateway A captures the old address and tunnels to gateway B, which delivers to the VM and tunnels its replies back \
@@ -139,7 +165,7 @@ ratios (after ÷ before, same bed). Command: `sudo cargo bench -p gateway --benc
     md.push_str(
         "| gateways | before, 1 flow Mbit/s | after, 1 flow Mbit/s | after ÷ before, 1 flow (min–max) | before, 16 flows Mbit/s | after, 16 flows Mbit/s | after ÷ before, 16 flows (min–max) | cores busy after, 1 / 16 flows | CPU s per GB before → after, 16 flows |\n|---|---|---|---|---|---|---|---|---|\n",
     );
-    for ((_, _, name), ss) in configs.iter().zip(&samples) {
+    for (Setup { name, .. }, ss) in configs.iter().zip(&samples) {
         let m = |f: &dyn Fn(&Sample) -> f64| median(ss.iter().map(f).collect());
         let ratio = |k: usize| {
             let r: Vec<f64> = ss.iter().map(|s| s.after[k].0 / s.before[k].0).collect();
