@@ -636,6 +636,18 @@ int encap(struct __sk_buff *skb)
 	return bpf_redirect_neigh(c->wan_ifindex, 0, 0, 0);
 }
 
+// Gateway mode: whether a packet out of the tunnel from `from` to `to`
+// (addresses as `guests`, GUESTS or GUESTS6, keys them) is for a guest
+// here (new site) or a moved guest's reply (old site).
+static __always_inline int guests_packet(void *guests, void *to, void *from)
+{
+	struct guest *g = bpf_map_lookup_elem(guests, to);
+	if (g && g->role == ROLE_NEW)
+		return 1;
+	g = bpf_map_lookup_elem(guests, from);
+	return g && g->role == ROLE_OLD;
+}
+
 // decap's IPv6 inside.
 static __always_inline int decap6(struct __sk_buff *skb, struct config *c, struct stats *st,
 				  void *inner, void *end, __u32 hlen)
@@ -648,13 +660,8 @@ static __always_inline int decap6(struct __sk_buff *skb, struct config *c, struc
 		return PASS;
 	struct flow6 f = flow6_of(in, end);
 	if (c->gateway) {
-		// new site: for a guest here; old site: a moved guest's replies
-		struct guest *g = bpf_map_lookup_elem(&GUESTS6, &f.daddr);
-		if (!g || g->role != ROLE_NEW) {
-			g = bpf_map_lookup_elem(&GUESTS6, &f.saddr);
-			if (!g || g->role != ROLE_OLD)
-				return PASS; // userspace counts it as unregistered
-		}
+		if (!guests_packet(&GUESTS6, &f.daddr, &f.saddr))
+			return PASS; // userspace counts it as unregistered
 	} else if (!c->deliver_any) {
 		struct lpm_v6 key = {.prefixlen = 128};
 		__builtin_memcpy(key.addr, &in->daddr, sizeof(key.addr));
@@ -720,13 +727,8 @@ int decap(struct __sk_buff *skb)
 	__u64 segs = segments(skb, inner_len, headers(in, end));
 	struct flow f = flow_of(in, end);
 	if (c->gateway) {
-		// new site: for a guest here; old site: a moved guest's replies
-		struct guest *g = bpf_map_lookup_elem(&GUESTS, &f.daddr);
-		if (!g || g->role != ROLE_NEW) {
-			g = bpf_map_lookup_elem(&GUESTS, &f.saddr);
-			if (!g || g->role != ROLE_OLD)
-				return PASS; // userspace counts it as unregistered
-		}
+		if (!guests_packet(&GUESTS, &f.daddr, &f.saddr))
+			return PASS; // userspace counts it as unregistered
 	} else if (!c->deliver_any) {
 		struct lpm_v4 key = {.prefixlen = 32, .addr = in->daddr};
 		if (!bpf_map_lookup_elem(&DELIVER, &key))

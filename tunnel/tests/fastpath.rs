@@ -73,25 +73,8 @@ fn decap(fou: bool, f: &[u8]) -> (i32, Vec<u8>) {
 
 /// A TCP segment from the client to the server behind the far gateway.
 fn inner(flags: u8, payload: &[u8], dst: [u8; 4]) -> Vec<u8> {
-    let mut b = PacketBuilder::ipv4([10, 0, 1, 2], dst, 63).tcp(40000, 80, 1000, 500);
-    if flags & 0x10 != 0 {
-        b = b.ack(7);
-    }
-    if flags & 0x08 != 0 {
-        b = b.psh();
-    }
-    if flags & 0x02 != 0 {
-        b = b.syn();
-    }
-    if flags & 0x01 != 0 {
-        b = b.fin();
-    }
-    if flags & 0x04 != 0 {
-        b = b.rst();
-    }
-    let mut v = Vec::new();
-    b.write(&mut v, payload).expect("inner packet");
-    v
+    let b = PacketBuilder::ipv4([10, 0, 1, 2], dst, 63).tcp(40000, 80, 1000, 500);
+    write_with_flags(b, flags, payload)
 }
 
 /// The same over IPv6, from fd00:1::2 to `dst`.
@@ -99,7 +82,17 @@ fn inner6(flags: u8, payload: &[u8], dst: [u8; 16]) -> Vec<u8> {
     let mut src = [0u8; 16];
     src[..4].copy_from_slice(&[0xfd, 0, 0, 1]);
     src[15] = 2;
-    let mut b = PacketBuilder::ipv6(src, dst, 63).tcp(40000, 80, 1000, 500);
+    let b = PacketBuilder::ipv6(src, dst, 63).tcp(40000, 80, 1000, 500);
+    write_with_flags(b, flags, payload)
+}
+
+/// The segment `b` with `flags` (ACK, PSH, SYN, FIN, RST as in the TCP
+/// header's flag byte) and `payload`.
+fn write_with_flags(
+    mut b: etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     if flags & 0x10 != 0 {
         b = b.ack(7);
     }

@@ -153,6 +153,20 @@ fn byte(k: u64, i: u64) -> u8 {
     (x >> 56) as u8
 }
 
+/// `n` streams of `len` bytes from the client, spread over `servers`,
+/// each checked byte for byte ([`echo_stream`]); returns when all are.
+fn echo_streams(bed: &Bed, servers: &[SocketAddr], n: u64, len: u64) {
+    let conns: Vec<_> = (0..n)
+        .map(|k| {
+            let (c, server) = (bed.c.name.clone(), servers[k as usize % servers.len()]);
+            std::thread::spawn(move || echo_stream(&c, server, k, len))
+        })
+        .collect();
+    for t in conns {
+        t.join().expect("stream");
+    }
+}
+
 /// Sends `len` bytes through an echo server and checks every byte back.
 fn echo_stream(ns: &str, to: SocketAddr, k: u64, len: u64) {
     let stream = in_netns(ns, move || {
@@ -235,15 +249,7 @@ fn tcp_and_udp_cross_the_userspace_tunnel_with_full_size_segments() {
     let server: SocketAddr = "10.9.0.2:7000".parse().expect("addr");
     echo_server(&bed.s, server);
     // three connections, 4 MiB each way, segments as large as the client's 1500-byte link allows
-    let conns: Vec<_> = (0..3u64)
-        .map(|k| {
-            let c = bed.c.name.clone();
-            std::thread::spawn(move || echo_stream(&c, server, k, 4 << 20))
-        })
-        .collect();
-    for t in conns {
-        t.join().expect("stream");
-    }
+    echo_streams(&bed, &[server], 3, 4 << 20);
 
     // UDP: 200 full-size datagrams (1500-byte packets), echoed
     let udp_at: SocketAddr = "10.9.0.2:7001".parse().expect("addr");
@@ -481,15 +487,7 @@ fn the_kernel_fast_path_carries_tcp_streams_whole() {
         for s in &servers {
             echo_server(&bed.s, *s);
         }
-        let conns: Vec<_> = (0..6u64)
-            .map(|k| {
-                let (c, server) = (bed.c.name.clone(), servers[k as usize % 2]);
-                std::thread::spawn(move || echo_stream(&c, server, k, 8 << 20))
-            })
-            .collect();
-        for t in conns {
-            t.join().expect("stream");
-        }
+        echo_streams(&bed, &servers, 6, 8 << 20);
         let (a, b) = (stats(&bed.stats_a), stats(&bed.stats_b));
         let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
         for (side, s, out, into) in [("A", &a, "encap", "decap"), ("B", &b, "decap", "encap")] {
@@ -560,35 +558,25 @@ fn the_kernel_fast_path_cuts_lone_full_size_segments_in_two() {
         })
         .flat_map(|(k, o)| ["10.9.0.2:7000", "[fd00:9::2]:7000"].map(|a| (k, o, a)))
     {
-        {
-            let bed = bed_with(&[kind, &["--fast-path"]].concat(), false, true);
-            // no super-packets from the client: every segment comes alone
-            let dev = veth_of(&bed.c, "10.0.1.2");
-            bed.c
-                .exec(&[&["ethtool", "-K", &dev][..], offloads].concat())
-                .expect("ethtool");
-            let server: SocketAddr = at.parse().expect("addr");
-            echo_server(&bed.s, server);
-            let conns: Vec<_> = (0..2u64)
-                .map(|k| {
-                    let c = bed.c.name.clone();
-                    std::thread::spawn(move || echo_stream(&c, server, k, 4 << 20))
-                })
-                .collect();
-            for t in conns {
-                t.join().expect("stream");
-            }
-            let a = stats(&bed.stats_a);
-            let fast = &a["fast_path"];
-            let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
-            let what = format!("{kind:?} {offloads:?} {at}: {a}");
-            assert_eq!(n(fast, "errors"), 0, "{what}");
-            // 8 MiB in segments of at most 1448 (IPv6: 1428) bytes, about
-            // 5800, most of them full, so too big for the tunnel
-            assert!(n(fast, "split") > 2000, "{what}");
-            let userspace = n(&a, "encapsulated_bytes") - n(fast, "encap_bytes");
-            assert!(userspace < 1 << 20, "{what}");
-            assert_eq!(n(&a["drops"], "refused"), 0, "{what}");
-        }
+        let bed = bed_with(&[kind, &["--fast-path"]].concat(), false, true);
+        // no super-packets from the client: every segment comes alone
+        let dev = veth_of(&bed.c, "10.0.1.2");
+        bed.c
+            .exec(&[&["ethtool", "-K", &dev][..], offloads].concat())
+            .expect("ethtool");
+        let server: SocketAddr = at.parse().expect("addr");
+        echo_server(&bed.s, server);
+        echo_streams(&bed, &[server], 2, 4 << 20);
+        let a = stats(&bed.stats_a);
+        let fast = &a["fast_path"];
+        let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        let what = format!("{kind:?} {offloads:?} {at}: {a}");
+        assert_eq!(n(fast, "errors"), 0, "{what}");
+        // 8 MiB in segments of at most 1448 (IPv6: 1428) bytes, about
+        // 5800, most of them full, so too big for the tunnel
+        assert!(n(fast, "split") > 2000, "{what}");
+        let userspace = n(&a, "encapsulated_bytes") - n(fast, "encap_bytes");
+        assert!(userspace < 1 << 20, "{what}");
+        assert_eq!(n(&a["drops"], "refused"), 0, "{what}");
     }
 }

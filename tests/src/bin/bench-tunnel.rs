@@ -163,15 +163,21 @@ fn latency(t: &Topo, v6: bool, n: usize, port: u16) -> Result<(f64, f64)> {
     for i in 0..n + 100 {
         tests::interrupt::check()?;
         let t0 = Instant::now();
-        cli.send_to(&(i as u64).to_be_bytes(), at)?;
-        let got = match cli.recv_from(&mut buf) {
-            Ok((got, _)) => got,
-            // the first hundred warm the path up (IPv6 neighbour discovery
-            // may take a second on a fresh bed)
-            Err(_) if i < 100 => continue,
-            Err(e) => return Err(e).context("no echo within a second"),
+        let sent = (i as u64).to_be_bytes();
+        cli.send_to(&sent, at)?;
+        // this round trip's echo: a late one of an earlier datagram is
+        // skipped, not timed
+        let echoed = loop {
+            match cli.recv_from(&mut buf) {
+                Ok((8, _)) if buf[..8] == sent => break true,
+                Ok(_) => {}
+                // the first hundred warm the path up (IPv6 neighbour
+                // discovery may take a second on a fresh bed)
+                Err(_) if i < 100 => break false,
+                Err(e) => return Err(e).context("no echo within a second"),
+            }
         };
-        if got == 8 && i >= 100 {
+        if echoed && i >= 100 {
             rtts.push(t0.elapsed().as_secs_f64() * 1e6);
         }
         std::thread::sleep(Duration::from_millis(1));
