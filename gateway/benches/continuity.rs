@@ -154,7 +154,7 @@ Bulk TCP from the client to the VM's old address, 10.1.0.10 (fd00:1::10 for the 
 VM: five namespaces joined by veths, MTU 1500; the WAN router drops packets whose source is not routed from the side they \
 come from). Before: siteA routes to the VM on its LAN. After: the VM's link has moved to siteB and both gateways are switched \
 (FOU): gateway A captures the old address and tunnels to gateway B, which delivers to the VM and tunnels its replies back \
-through A (so the path crosses the WAN router three times instead of once, and two gateways). Each connection is opened in \
+through A (so each direction crosses the WAN router twice instead of once, and both gateways). Each connection is opened in \
 the phase it is measured in. After the move, gateway A clamps the MSS of new connections to fit the tunnel (`clamp_mss`, the \
 default); with `clamp_mss = false` they keep MSS 1460 and send 1500-byte segments, too big for the tunnel, as connections \
 opened before the move do: the kernel fast path cuts them to fit. {cores} cores ({cpu}) shared by everything; \
