@@ -167,13 +167,6 @@ struct {
 	__type(value, __u32);
 } SLOW6 SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct flow6);
-	__type(value, struct activity);
-} ACTIVITY6 SEC(".maps");
-
 // Gateway mode: the flows carried, for the drain's bookkeeping (userspace
 // reads and clears it every 250 ms).
 struct {
@@ -182,6 +175,13 @@ struct {
 	__type(key, struct flow);
 	__type(value, struct activity);
 } ACTIVITY SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow6);
+	__type(value, struct activity);
+} ACTIVITY6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
