@@ -2,14 +2,13 @@
 // clang and loaded by tunnel/src/fastpath.rs.
 //
 // encap, on the TUN device's egress: a TCP segment (IPv4 or IPv6) routed
-// into the tunnel (a 64 KiB GSO super-packet
-// or a packet that fits) gets the outer IPv4 (+ UDP for FOU) header and
-// leaves by the WAN interface, with no copy and no trip to userspace. The
-// kernel cuts super-packets to fit the path as it would for its own
-// tunnels (gso_size shrinks by the outer header). A lone segment too big
-// for the tunnel (one a connection from before the move sends at its
-// full MSS) is cut in two TCP segments that fit, as TSO would cut it,
-// instead of being fragmented in userspace.
+// into the tunnel (a 64 KiB GSO super-packet or a packet that fits) gets
+// the outer IPv4 (+ UDP for FOU) header and leaves by the WAN interface,
+// with no copy and no trip to userspace. The kernel cuts super-packets to
+// fit the path as it would for its own tunnels (gso_size shrinks by the
+// outer header). A lone segment too big for the tunnel (one a connection
+// from before the move sends at its full MSS) is cut in two TCP segments
+// that fit, as TSO would cut it, instead of being fragmented in userspace.
 //
 // decap, on the WAN interface's ingress: an encapsulated TCP segment from
 // a configured peer, for an allowed inner destination, loses its outer
@@ -19,10 +18,10 @@
 // Anything else takes the ordinary path (PASS) to the userspace data
 // plane, which decides, counts and drops as before: SYN, FIN and RST
 // segments (flow state, MSS clamping), other protocols, IP options or
-// IPv6 extension headers, fragments,
-// link-local addresses, oversize packets that cannot be cut (URG, too big
-// to cut in two, or with pmtu signalling), unknown peers, unregistered
-// destinations, and anything malformed.
+// IPv6 extension headers, fragments, link-local addresses, oversize
+// packets that cannot be cut (URG, too big to cut in two, or with pmtu
+// signalling), unknown peers, unregistered destinations, and anything
+// malformed.
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>

@@ -15,13 +15,12 @@
 //! Everything else goes the ordinary way to the userspace plane, which
 //! decides and counts as before: SYN, FIN and RST (flow state, MSS
 //! clamping), UDP, ICMP, IP options and IPv6 extension headers,
-//! fragments, oversize packets that
-//! cannot be cut (URG; too big for two; with pmtu signalling),
-//! unknown peers, unregistered destinations, anything malformed. The wire
-//! format is the userspace plane's (FOU: UDP checksum zero, as IPv4
-//! allows and Linux's FOU sends by default; the source port is a hash of
-//! the inner flow). The outer addresses are IPv4; inside, IPv4 or IPv6
-//! (6in4, protocol 41, in an IP-in-IP tunnel).
+//! fragments, oversize packets that cannot be cut (URG; too big for two;
+//! with pmtu signalling), unknown peers, unregistered destinations,
+//! anything malformed. The wire format is the userspace plane's (FOU: UDP
+//! checksum zero, as IPv4 allows and Linux's FOU sends by default; the
+//! source port is a hash of the inner flow). The outer addresses are
+//! IPv4; inside, IPv4 or IPv6 (6in4, protocol 41, in an IP-in-IP tunnel).
 //!
 //! The programs are attached with tcx links owned by [`FastPath`]: they
 //! are detached when it is dropped or the process dies.
