@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use bed::Bed;
 use clap::Parser;
-use tests::load::throughput;
+use tests::load::{median, throughput};
 
 #[derive(Parser)]
 struct Args {
@@ -90,11 +90,6 @@ fn measure(c: Setup, secs: u64) -> Result<Sample> {
     Ok(s)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
@@ -137,15 +132,7 @@ fn main() -> Result<()> {
         }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = tests::bed::cpu_model();
     let mut md = String::new();
     writeln!(
         md,

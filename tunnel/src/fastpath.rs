@@ -458,7 +458,6 @@ impl FastPath {
         to: (IpAddr, u16),
         on: bool,
     ) -> anyhow::Result<()> {
-        let why = "cannot keep a translated flow out of the kernel fast path";
         match (from, to) {
             ((IpAddr::V4(s), sp), (IpAddr::V4(d), dp)) => {
                 let f = Flow {
@@ -467,11 +466,7 @@ impl FastPath {
                     sport: sp.to_be(),
                     dport: dp.to_be(),
                 };
-                if on {
-                    self.slow.insert(f, 1, 0).context(why)?;
-                } else {
-                    let _ = self.slow.remove(&f); // absent: nothing to do
-                }
+                mark(&mut self.slow, f, on)?;
             }
             ((IpAddr::V6(s), sp), (IpAddr::V6(d), dp)) => {
                 let f = Flow6 {
@@ -480,11 +475,7 @@ impl FastPath {
                     sport: sp.to_be(),
                     dport: dp.to_be(),
                 };
-                if on {
-                    self.slow6.insert(f, 1, 0).context(why)?;
-                } else {
-                    let _ = self.slow6.remove(&f);
-                }
+                mark(&mut self.slow6, f, on)?;
             }
             _ => {} // no such flow
         }
@@ -496,36 +487,24 @@ impl FastPath {
     /// flow is not reported; the next one is.)
     pub fn take_activity(&mut self) -> Vec<Carried> {
         let mut out = Vec::new();
-        let keys: Vec<Flow> = self.activity.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            if let Ok(a) = self.activity.get(&k, 0) {
-                out.push(Carried {
-                    from: (
-                        Ipv4Addr::from(k.saddr.to_ne_bytes()).into(),
-                        u16::from_be(k.sport),
-                    ),
-                    to: (
-                        Ipv4Addr::from(k.daddr.to_ne_bytes()).into(),
-                        u16::from_be(k.dport),
-                    ),
-                    packets: a.packets,
-                    bytes: a.bytes,
-                });
-            }
-            let _ = self.activity.remove(&k);
-        }
-        let keys: Vec<Flow6> = self.activity6.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            if let Ok(a) = self.activity6.get(&k, 0) {
-                out.push(Carried {
-                    from: (Ipv6Addr::from(k.saddr).into(), u16::from_be(k.sport)),
-                    to: (Ipv6Addr::from(k.daddr).into(), u16::from_be(k.dport)),
-                    packets: a.packets,
-                    bytes: a.bytes,
-                });
-            }
-            let _ = self.activity6.remove(&k);
-        }
+        take(&mut self.activity, &mut out, |k| {
+            (
+                (
+                    Ipv4Addr::from(k.saddr.to_ne_bytes()).into(),
+                    u16::from_be(k.sport),
+                ),
+                (
+                    Ipv4Addr::from(k.daddr.to_ne_bytes()).into(),
+                    u16::from_be(k.dport),
+                ),
+            )
+        });
+        take(&mut self.activity6, &mut out, |k| {
+            (
+                (Ipv6Addr::from(k.saddr).into(), u16::from_be(k.sport)),
+                (Ipv6Addr::from(k.daddr).into(), u16::from_be(k.dport)),
+            )
+        });
         out
     }
 
@@ -543,5 +522,38 @@ impl FastPath {
             }
         }
         t
+    }
+}
+
+/// Puts translated flow `f` in a SLOW map (`on`) or takes it out.
+fn mark<K: aya::Pod>(slow: &mut HashMap<MapData, K, u32>, f: K, on: bool) -> anyhow::Result<()> {
+    if on {
+        slow.insert(f, 1, 0)
+            .context("cannot keep a translated flow out of the kernel fast path")?;
+    } else {
+        let _ = slow.remove(&f); // absent: nothing to do
+    }
+    Ok(())
+}
+
+/// Moves what an ACTIVITY map holds into `out` (`ends` gives a flow's
+/// two ends) and clears it.
+fn take<K: aya::Pod>(
+    activity: &mut HashMap<MapData, K, Activity>,
+    out: &mut Vec<Carried>,
+    ends: impl Fn(&K) -> ((IpAddr, u16), (IpAddr, u16)),
+) {
+    let keys: Vec<K> = activity.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        if let Ok(a) = activity.get(&k, 0) {
+            let (from, to) = ends(&k);
+            out.push(Carried {
+                from,
+                to,
+                packets: a.packets,
+                bytes: a.bytes,
+            });
+        }
+        let _ = activity.remove(&k);
     }
 }

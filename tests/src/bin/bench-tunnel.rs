@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tests::load::throughput;
+use tests::load::{median, throughput};
 use tests::netns::{in_netns, unique, veth, Netns};
 use tests::proc::ChildGuard;
 
@@ -294,15 +294,6 @@ fn measure(args: &Args, v6: bool, tunnelled: bool, extra: &[&str]) -> Result<Sam
         rtt_med,
         rtt_p99,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn main() -> Result<()> {
