@@ -11,7 +11,11 @@
 //!
 //! Per-disk state lives in `DIR/NAME.state` (JSON, replaced atomically):
 //! `partial` (resumable: the next migration of NAME compares block hashes),
-//! `committed` (this copy is the authority, final blocks arriving), `complete`.
+//! `committed` (this copy is the authority, final blocks arriving), `complete`
+//! (the authority: the disk runs here). A node that sends a disk on records
+//! `in_doubt` before its `Commit` and `moved` once the destination took
+//! over; a moved copy stays as the base for the disk's return, when only
+//! blocks whose hashes differ travel.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -24,11 +28,12 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::disk::Disk;
+use crate::disk::{Disk, Journal};
+use crate::failpoint;
 use crate::image::Image;
 use crate::memrelay;
 use crate::nbd::server::serve_unix;
-use crate::transport::frame::{block_hash, BlockHash, VERSION};
+use crate::transport::frame::{block_hash, BlockHash, LinkState, VERSION};
 use crate::transport::tls::{self, Fingerprint, Identity};
 use crate::transport::{read_frame, unpack, write_frame, Frame, LinkError};
 use crate::vm::DestVm;
@@ -49,13 +54,24 @@ pub enum DiskState {
     Partial,
     Committed,
     Complete,
+    /// Sent on; asked `to` to commit and has not heard what it decided.
+    InDoubt,
+    /// Sent on to `to`, which is the authority.
+    Moved,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct StateFile {
-    state: DiskState,
-    size: u64,
-    block_size: u32,
+pub struct StateFile {
+    pub state: DiskState,
+    pub size: u64,
+    pub block_size: u32,
+    /// With `in_doubt` and `moved`: the destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// With `committed`: the blocks still to come at the commit (those in
+    /// `NAME.landed` have come since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Vec<u64>>,
 }
 
 pub struct AgentOptions {
@@ -67,10 +83,23 @@ pub struct AgentOptions {
 /// The agent: sessions in progress and the disks it serves.
 pub struct Agent {
     opts: AgentOptions,
-    active: Mutex<HashSet<String>>,
+    /// The link that currently speaks for each disk. A newer link for the
+    /// same disk (a retry, a source asking what was decided) fences the
+    /// older one: from then on it can no longer commit.
+    active: Mutex<HashMap<String, Slot>>,
     served: Mutex<HashMap<String, Arc<Disk>>>,
     /// VMs that migrated here and run (their QEMU dies with the agent).
     vms: Mutex<HashMap<String, DestVm>>,
+    /// The NBD listener of each served disk.
+    nbd: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+/// A session's hold on a disk name.
+#[derive(Clone, Default)]
+struct Slot {
+    id: u64,
+    fenced: Arc<std::sync::atomic::AtomicBool>,
+    cancel: Arc<tokio::sync::Notify>,
 }
 
 /// A VM migration in progress at the destination.
@@ -89,8 +118,10 @@ struct IncomingVm {
 
 impl IncomingVm {
     /// Committed: the VM, its export and its stream stay.
-    fn keep(mut self) -> Option<DestVm> {
-        self.nbd.take();
+    fn keep(mut self, agent: &Agent) -> Option<DestVm> {
+        if let Some(h) = self.nbd.take() {
+            agent.keep_listener(self.disk.name(), h);
+        }
         self.tasks.clear();
         self.dest.take()
     }
@@ -111,9 +142,10 @@ impl Agent {
     pub fn new(opts: AgentOptions) -> Arc<Self> {
         Arc::new(Self {
             opts,
-            active: Mutex::new(HashSet::new()),
+            active: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
             vms: Mutex::new(HashMap::new()),
+            nbd: Mutex::new(HashMap::new()),
         })
     }
 
@@ -123,6 +155,10 @@ impl Agent {
 
     pub fn image_path(&self, name: &str) -> PathBuf {
         self.opts.dir.join(format!("{name}.img"))
+    }
+
+    fn journal_path(&self, name: &str) -> PathBuf {
+        self.opts.dir.join(format!("{name}.landed"))
     }
 
     fn state_path(&self, name: &str) -> PathBuf {
@@ -138,27 +174,84 @@ impl Agent {
             .cloned()
     }
 
-    fn read_state(&self, name: &str) -> Option<StateFile> {
+    /// The durable state of `name` here, if any.
+    pub fn read_state(&self, name: &str) -> Option<StateFile> {
         let b = std::fs::read(self.state_path(name)).ok()?;
         serde_json::from_slice(&b).ok()
     }
 
-    fn write_state(&self, name: &str, st: &StateFile) -> Result<(), AgentError> {
+    /// Replaces the state of `name`, durably (fsync of file and directory).
+    pub fn write_state(&self, name: &str, st: &StateFile) -> Result<(), AgentError> {
         let path = self.state_path(name);
-        let tmp = path.with_extension("state.tmp");
-        let io = |e: std::io::Error| AgentError::Io(format!("{}: {e}", path.display()));
-        let body = serde_json::to_vec(st).map_err(|e| AgentError::Io(e.to_string()))?;
+        crate::source::write_durably(&path, st)
+            .map_err(|e| AgentError::Io(format!("{}: {e}", path.display())))
+    }
+
+    /// Every disk this directory knows, with its state, sorted by name.
+    pub fn states(&self) -> Vec<(String, StateFile)> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&self.opts.dir) else {
+            return out;
+        };
+        for entry in rd.flatten() {
+            let p = entry.path();
+            let Some(name) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".state"))
+            else {
+                continue;
+            };
+            if let Some(st) = self.read_state(name) {
+                out.push((name.to_string(), st));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The directory this agent keeps its disks in.
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
+    /// A VM that runs here (arrived by migration, or started here).
+    pub fn vm(&self, name: &str) -> Option<std::sync::Arc<crate::qmp::Qmp>> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|v| v.qmp())
+    }
+
+    /// Registers a VM started here, so it can be moved on.
+    pub fn adopt_vm(&self, name: &str, vm: DestVm) {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), vm);
+    }
+
+    /// The disk left: no longer served here, and its VM (whose QEMU has
+    /// quit) is forgotten.
+    pub fn forget(&self, name: &str) {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        if let Some(h) = self
+            .nbd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
         {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&body).map_err(io)?;
-            f.sync_all().map_err(io)?;
+            h.abort();
         }
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        if let Ok(d) = std::fs::File::open(&self.opts.dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        let _ = std::fs::remove_file(self.socket_path(name));
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
     }
 
     /// Serve disks that completed before a restart.
@@ -181,7 +274,8 @@ impl Agent {
                     names.push(name.to_string());
                 }
                 Some(st) if st.state == DiskState::Committed => {
-                    warn!(disk = name, "committed here but final blocks never arrived; re-run the migration from the source to finish it");
+                    self.reopen_committed(name, &st)?;
+                    names.push(name.to_string());
                 }
                 _ => {}
             }
@@ -189,10 +283,47 @@ impl Agent {
         Ok(names)
     }
 
-    fn start_serving(&self, disk: Arc<Disk>) -> std::io::Result<()> {
-        self.listen(disk.clone())?;
+    /// A disk committed here before a restart, its last blocks not all in:
+    /// served again with what is still pending (the commit's set less the
+    /// journal), waiting for its source to resume them.
+    fn reopen_committed(&self, name: &str, st: &StateFile) -> std::io::Result<()> {
+        let img = Image::open(&self.image_path(name), true).map_err(std::io::Error::other)?;
+        let (journal, done) = Journal::open(&self.journal_path(name))?;
+        let pending: HashSet<u64> = st
+            .pending
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|b| !done.contains(b))
+            .collect();
+        warn!(
+            disk = name,
+            pending = pending.len(),
+            "committed here before a restart: serving it; reads of blocks still pending wait for its source to resume"
+        );
+        let disk = Arc::new(Disk::new(img, name));
+        // no link yet: on-demand requests wait for the source's `Query`
+        let (fetch, _) = mpsc::unbounded_channel();
+        disk.open_receiving(st.block_size, pending, fetch, Some(journal));
+        self.start_serving(disk)
+    }
+
+    pub fn start_serving(&self, disk: Arc<Disk>) -> std::io::Result<()> {
+        let h = self.listen(disk.clone())?;
+        self.keep_listener(disk.name(), h);
         self.mark_served(disk);
         Ok(())
+    }
+
+    fn keep_listener(&self, name: &str, h: tokio::task::JoinHandle<()>) {
+        if let Some(old) = self
+            .nbd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), h)
+        {
+            old.abort();
+        }
     }
 
     fn mark_served(&self, disk: Arc<Disk>) {
@@ -299,12 +430,20 @@ impl Agent {
                 },
             };
             let _ = tcp.set_nodelay(true);
+            crate::transport::detect_silence(&tcp);
             let (agent, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move {
-                let stream = match acceptor.accept(tcp).await {
-                    Ok(s) => s,
-                    Err(e) => {
+                let accepted =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                        .await;
+                let stream = match accepted {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
                         warn!(%peer, "rejected connection: TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(%peer, "rejected connection: no TLS handshake within 10 s");
                         return;
                     }
                 };
@@ -325,8 +464,17 @@ impl Agent {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (mut rd, mut wr) = tokio::io::split(stream);
-        let hello = read_frame(&mut rd).await?;
-        let (name, size, bs) = match self.check_hello(hello) {
+        let first =
+            match tokio::time::timeout(std::time::Duration::from_secs(30), read_frame(&mut rd))
+                .await
+            {
+                Ok(r) => r?,
+                Err(_) => return Err(AgentError::Refused("no Hello within 30 s".into())),
+            };
+        if let Some(Frame::Query { version, name }) = first {
+            return self.answer_query(rd, wr, version, name).await;
+        }
+        let (name, size, bs) = match self.check_hello(first) {
             Ok(x) => x,
             Err(msg) => {
                 let _ = write_frame(
@@ -340,26 +488,119 @@ impl Agent {
                 return Err(AgentError::Refused(msg));
             }
         };
-        // One session per disk name at a time.
-        if !self
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone())
-        {
-            let msg = format!("a migration of {name} is already in progress here");
-            let _ = write_frame(
+        // A newer link for the disk supersedes an older one (a source that
+        // retries after a silent link).
+        let (slot, _active) = self.take_slot(&name).await;
+        let result = self
+            .receive(&mut rd, wr, &name, Begin::Hello { size, bs }, &slot)
+            .await;
+        result.map(|done| done.then_some(name))
+    }
+
+    /// Fences and cancels any session of `name`, waits for it to end, and
+    /// takes its place.
+    async fn take_slot(self: &Arc<Self>, name: &str) -> (Slot, ActiveGuard) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            {
+                let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+                match active.get(name) {
+                    Some(old) if tokio::time::Instant::now() < deadline => {
+                        old.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                        old.cancel.notify_one();
+                    }
+                    _ => {
+                        static NEXT: std::sync::atomic::AtomicU64 =
+                            std::sync::atomic::AtomicU64::new(1);
+                        let slot = Slot {
+                            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                            ..Slot::default()
+                        };
+                        if let Some(old) = active.insert(name.to_string(), slot.clone()) {
+                            warn!(disk = name, "an older session did not end in 10 s; it is fenced and can no longer commit");
+                            old.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        return (
+                            slot.clone(),
+                            ActiveGuard(self.clone(), name.to_string(), slot.id),
+                        );
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `Query`: a source asks what this destination decided about `name`.
+    /// Any session of `name` is fenced first, so the answer stays true: a
+    /// link that was only silent can no longer commit after it.
+    async fn answer_query<R, W>(
+        self: &Arc<Self>,
+        mut rd: R,
+        mut wr: W,
+        version: u16,
+        name: String,
+    ) -> Result<Option<String>, AgentError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let check = if version != VERSION {
+            Err(format!("protocol version {version} not supported (this agent speaks {VERSION}); run the same migrator version on both sides"))
+        } else {
+            check_name(&name)
+        };
+        if let Err(msg) = check {
+            say_and_close(
                 &mut wr,
-                &Frame::Error {
+                Frame::Error {
                     message: msg.clone(),
                 },
             )
             .await;
             return Err(AgentError::Refused(msg));
         }
-        let _active = ActiveGuard(self.clone(), name.clone());
-        let result = self.receive(&mut rd, wr, &name, size, bs).await;
-        result.map(|done| done.then_some(name))
+        let (slot, _active) = self.take_slot(&name).await;
+        let state = self.read_state(&name).map(|s| s.state);
+        let answer = |state| Frame::State {
+            state,
+            pending: Vec::new(),
+        };
+        match (state, self.served(&name)) {
+            (Some(DiskState::Committed), Some(d)) => {
+                info!(
+                    disk = name,
+                    pending = d.pending_blocks(),
+                    "a source resumes the final blocks"
+                );
+                let r = self
+                    .receive(&mut rd, wr, &name, Begin::Resume(d), &slot)
+                    .await;
+                r.map(|done| done.then_some(name))
+            }
+            (Some(DiskState::Committed), None) => {
+                let msg = format!(
+                    "{name} was committed here, but this agent restarted before its last blocks arrived; \
+                     its copy is not served (finishing it after a restart is not supported yet)"
+                );
+                say_and_close(
+                    &mut wr,
+                    Frame::Error {
+                        message: msg.clone(),
+                    },
+                )
+                .await;
+                Err(AgentError::Refused(msg))
+            }
+            (Some(DiskState::Complete), _) => {
+                say_and_close(&mut wr, answer(LinkState::Complete)).await;
+                Ok(None)
+            }
+            _ => {
+                say_and_close(&mut wr, answer(LinkState::None)).await;
+                Ok(None)
+            }
+        }
     }
 
     fn check_hello(&self, hello: Option<Frame>) -> Result<(String, u64, u32), String> {
@@ -375,17 +616,7 @@ impl Agent {
         if version != VERSION {
             return Err(format!("protocol version {version} not supported (this agent speaks {VERSION}); run the same migrator version on both sides"));
         }
-        let valid_name = !name.is_empty()
-            && name.len() <= 64
-            && !name.starts_with('.')
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-        if !valid_name {
-            return Err(format!(
-                "disk name {name:?} is not allowed (use 1-64 of A-Z a-z 0-9 . _ -)"
-            ));
-        }
+        check_name(&name)?;
         if !block_size.is_power_of_two()
             || !(4096..=crate::transport::frame::MAX_BLOCK).contains(&block_size)
         {
@@ -393,12 +624,19 @@ impl Agent {
                 "block size {block_size} must be a power of two between 4 KiB and 16 MiB"
             ));
         }
-        if let Some(st) = self.read_state(&name) {
-            if st.state != DiskState::Partial {
+        match self.read_state(&name).map(|s| s.state) {
+            None | Some(DiskState::Partial | DiskState::Moved) => {}
+            Some(DiskState::Committed | DiskState::Complete) => {
                 return Err(format!(
-                    "disk {name} has already been migrated here ({}); remove it there to migrate it again",
+                    "{name} runs here already ({}); nothing to migrate",
                     self.image_path(&name).display()
-                ));
+                ))
+            }
+            Some(DiskState::InDoubt) => {
+                return Err(format!(
+                    "{name} was being sent on from here and it is not yet known whether its destination took over; \
+                     it cannot come back before that is settled"
+                ))
             }
         }
         let have = self
@@ -422,29 +660,15 @@ impl Agent {
         rd: &mut R,
         wr: W,
         name: &str,
-        size: u64,
-        block_size: u32,
+        begin: Begin,
+        slot: &Slot,
     ) -> Result<bool, AgentError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let bs = block_size as u64;
         let path = self.image_path(name);
-        let resumable = matches!(self.read_state(name), Some(st) if st.state == DiskState::Partial && st.size == size && st.block_size == block_size);
-        if !resumable {
-            let _ = std::fs::remove_file(&path);
-        }
         let io = |e: crate::image::ImageError| AgentError::Io(e.to_string());
-        let image = Arc::new(Image::create(&path, size).map_err(io)?);
-        self.write_state(
-            name,
-            &StateFile {
-                state: DiskState::Partial,
-                size,
-                block_size,
-            },
-        )?;
 
         // Outgoing frames go through one writer task (replies and Fetch requests).
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
@@ -461,31 +685,80 @@ impl Agent {
             let _ = wr.shutdown().await;
         });
 
-        if resumable {
-            let img = image.clone();
-            let hashes = tokio::task::spawn_blocking(move || block_hashes(&img, bs))
-                .await
-                .map_err(|e| AgentError::Io(e.to_string()))?
-                .map_err(io)?;
-            info!(
-                disk = name,
-                blocks = hashes.len(),
-                "resuming from a partial copy"
-            );
-            for batch in hashes.chunks(500_000) {
-                let _ = out_tx.send(Frame::Hashes(batch.to_vec()));
-            }
-        }
-        let _ = out_tx.send(Frame::Welcome);
-
         let mut disk: Option<Arc<Disk>> = None;
+        let (size, block_size, image) = match begin {
+            Begin::Hello {
+                size,
+                bs: block_size,
+            } => {
+                let bs = block_size as u64;
+                // a partial copy, or this disk's copy from before it left
+                let resumable = matches!(self.read_state(name), Some(st) if matches!(st.state, DiskState::Partial | DiskState::Moved) && st.size == size && st.block_size == block_size);
+                if !resumable {
+                    let _ = std::fs::remove_file(&path);
+                }
+                let image = Arc::new(Image::create(&path, size).map_err(io)?);
+                self.write_state(
+                    name,
+                    &StateFile {
+                        state: DiskState::Partial,
+                        size,
+                        block_size,
+                        to: None,
+                        pending: None,
+                    },
+                )?;
+                if resumable {
+                    let img = image.clone();
+                    let hashes = tokio::task::spawn_blocking(move || block_hashes(&img, bs))
+                        .await
+                        .map_err(|e| AgentError::Io(e.to_string()))?
+                        .map_err(io)?;
+                    info!(
+                        disk = name,
+                        blocks = hashes.len(),
+                        "resuming from a partial copy"
+                    );
+                    for batch in hashes.chunks(500_000) {
+                        let _ = out_tx.send(Frame::Hashes(batch.to_vec()));
+                    }
+                }
+                let _ = out_tx.send(Frame::Welcome);
+                (size, block_size, image)
+            }
+            Begin::Resume(d) => {
+                let st = self
+                    .read_state(name)
+                    .ok_or_else(|| AgentError::Io(format!("the state of {name} vanished")))?;
+                let _ = out_tx.send(Frame::State {
+                    state: LinkState::Committed,
+                    pending: d.pending_list(),
+                });
+                let (fetch_tx, fetch_rx) = mpsc::unbounded_channel::<u64>();
+                for block in d.reattach_fetch(fetch_tx) {
+                    let _ = out_tx.send(Frame::Fetch { block });
+                }
+                forward_fetches(fetch_rx, out_tx.clone());
+                let image = d.image().clone();
+                disk = Some(d);
+                (st.size, st.block_size, image)
+            }
+        };
+        let bs = block_size as u64;
+
         let mut prepared: Option<HashSet<u64>> = None;
         let mut vm: Option<IncomingVm> = None;
         let mut flusher = Flusher::default();
         // Done handled; a VM's memory stream may still be running (post-copy).
         let mut complete = false;
         let result = loop {
-            let frame = match read_frame(rd).await {
+            let read = tokio::select! {
+                r = read_frame(rd) => r,
+                _ = slot.cancel.notified() => {
+                    break Err(AgentError::Refused("superseded by a newer link for this disk".into()));
+                }
+            };
+            let frame = match read {
                 Ok(Some(f)) => f,
                 Ok(None) if complete => break Ok(true),
                 Ok(None) => match &disk {
@@ -507,6 +780,7 @@ impl Agent {
                     raw_len,
                     payload,
                 } => {
+                    failpoint::hit("dest.data");
                     if offset.checked_add(raw_len as u64).is_none_or(|e| e > size) {
                         break Err(self.refuse(
                             &out_tx,
@@ -520,7 +794,7 @@ impl Agent {
                         Err(e) => break Err(self.refuse(&out_tx, e.to_string())),
                     };
                     if let Err(e) =
-                        land(&image, disk.as_deref(), bs, offset, Landing::Data(data)).await
+                        land(&image, disk.as_ref(), bs, offset, Landing::Data(data)).await
                     {
                         break Err(e);
                     }
@@ -534,7 +808,7 @@ impl Agent {
                         ));
                     }
                     if let Err(e) =
-                        land(&image, disk.as_deref(), bs, offset, Landing::Zero(len)).await
+                        land(&image, disk.as_ref(), bs, offset, Landing::Zero(len)).await
                     {
                         break Err(e);
                     }
@@ -583,21 +857,51 @@ impl Agent {
                     let Some(pending) = prepared.take() else {
                         break Err(self.refuse(&out_tx, "commit before prepare".into()));
                     };
-                    if let Err(e) = self.write_state(
-                        name,
-                        &StateFile {
-                            state: DiskState::Committed,
-                            size,
-                            block_size,
-                        },
-                    ) {
+                    // Blocks stop being pending into this journal from now on.
+                    let journal = match Journal::create(&self.journal_path(name)) {
+                        Ok(j) => j,
+                        Err(e) => {
+                            break Err(AgentError::Io(format!(
+                                "cannot create {}: {e}",
+                                self.journal_path(name).display()
+                            )))
+                        }
+                    };
+                    let mut listed: Vec<u64> = pending.iter().copied().collect();
+                    listed.sort_unstable();
+                    // The decision: recorded durably unless a newer link has
+                    // fenced this one (it may have answered "not committed").
+                    let recorded = {
+                        let _active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+                        if slot.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+                            Err(AgentError::Refused(
+                                "a newer link for this disk fenced this one before its commit"
+                                    .into(),
+                            ))
+                        } else {
+                            self.write_state(
+                                name,
+                                &StateFile {
+                                    state: DiskState::Committed,
+                                    size,
+                                    block_size,
+                                    to: None,
+                                    pending: Some(listed),
+                                },
+                            )
+                        }
+                    };
+                    if let Err(e) = recorded {
                         break Err(e);
                     }
+                    failpoint::hit("dest.after_commit_record");
+                    let _ = out_tx.send(Frame::CommitAck);
                     // The commit point at the destination: serve from now on.
-                    let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel::<u64>();
+                    let (fetch_tx, fetch_rx) = mpsc::unbounded_channel::<u64>();
                     let d = match &vm {
                         Some(v) => {
-                            v.disk.open_receiving(block_size, pending, fetch_tx);
+                            v.disk
+                                .open_receiving(block_size, pending, fetch_tx, Some(journal));
                             self.mark_served(v.disk.clone());
                             // Not awaited here: during post-copy the VM's state
                             // still arrives through this loop.
@@ -639,8 +943,8 @@ impl Agent {
                                 Ok(i) => i,
                                 Err(e) => break Err(io(e)),
                             };
-                            let d =
-                                Arc::new(Disk::receiving(img, name, block_size, pending, fetch_tx));
+                            let d = Arc::new(Disk::new(img, name));
+                            d.open_receiving(block_size, pending, fetch_tx, Some(journal));
                             if let Err(e) = self.start_serving(d.clone()) {
                                 break Err(AgentError::Io(format!(
                                     "cannot serve {name} over NBD: {e}"
@@ -649,14 +953,7 @@ impl Agent {
                             d
                         }
                     };
-                    let out = out_tx.clone();
-                    tokio::spawn(async move {
-                        while let Some(block) = fetch_rx.recv().await {
-                            if out.send(Frame::Fetch { block }).is_err() {
-                                return;
-                            }
-                        }
-                    });
+                    forward_fetches(fetch_rx, out_tx.clone());
                     disk = Some(d);
                 }
                 Frame::Done if disk.is_some() && !complete => {
@@ -677,10 +974,13 @@ impl Agent {
                             state: DiskState::Complete,
                             size,
                             block_size,
+                            to: None,
+                            pending: None,
                         },
                     ) {
                         break Err(e);
                     }
+                    let _ = std::fs::remove_file(self.journal_path(name));
                     let _ = out_tx.send(Frame::DoneAck);
                     complete = true;
                     if vm.as_ref().is_none_or(|v| v.mem_ended) {
@@ -697,7 +997,7 @@ impl Agent {
         if let Some(v) = vm {
             if disk.is_some() {
                 // committed: the VM lives here now, whatever happens to the link
-                if let Some(dest) = v.keep() {
+                if let Some(dest) = v.keep(self) {
                     self.vms
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -728,15 +1028,56 @@ impl Agent {
     }
 }
 
-struct ActiveGuard(Arc<Agent>, String);
+/// Writes one last frame and closes the link.
+async fn say_and_close<W: AsyncWrite + Unpin>(wr: &mut W, f: Frame) {
+    let _ = write_frame(wr, &f).await;
+    let _ = wr.shutdown().await;
+}
+
+/// Sends the disk's on-demand requests as `Fetch` frames.
+fn forward_fetches(mut fetch_rx: mpsc::UnboundedReceiver<u64>, out: mpsc::UnboundedSender<Frame>) {
+    tokio::spawn(async move {
+        while let Some(block) = fetch_rx.recv().await {
+            if out.send(Frame::Fetch { block }).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Frees a session's slot (unless a newer session took it meanwhile).
+struct ActiveGuard(Arc<Agent>, String, u64);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.1);
+        let mut active = self.0.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.get(&self.1).is_some_and(|s| s.id == self.2) {
+            active.remove(&self.1);
+        }
+    }
+}
+
+/// How a session starts: a new migration (`Hello`), or a source resuming
+/// the final blocks of a disk committed here (`Query`).
+enum Begin {
+    Hello { size: u64, bs: u32 },
+    Resume(Arc<Disk>),
+}
+
+/// Disk names become file names: 1-64 of `A-Z a-z 0-9 . _ -`, not starting with a dot.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "disk name {name:?} is not allowed (use 1-64 of A-Z a-z 0-9 . _ -)"
+        ))
     }
 }
 
@@ -776,7 +1117,7 @@ enum Landing {
 /// pending are written: a guest write may have replaced a block since.
 async fn land(
     image: &Arc<Image>,
-    disk: Option<&Disk>,
+    disk: Option<&Arc<Disk>>,
     bs: u64,
     offset: u64,
     what: Landing,
@@ -805,19 +1146,30 @@ async fn land(
         }
         let from = (b * bs).max(offset);
         let to = ((b + 1) * bs).min(offset + len);
-        let img = disk.image().clone();
+        let d = disk.clone();
         let part = match &what {
             Landing::Data(d) => Some(d[(from - offset) as usize..(to - offset) as usize].to_vec()),
             Landing::Zero(_) => None,
         };
-        let r = tokio::task::spawn_blocking(move || match part {
-            Some(p) => img.write_at(&p, from),
-            None => img.zero(from, to - from, true),
+        // written and journaled durably before a guest write may touch it
+        let r = tokio::task::spawn_blocking(move || {
+            match part {
+                Some(p) => d.image().write_at(&p, from),
+                None => d.image().zero(from, to - from, true),
+            }
+            .map_err(|e| e.to_string())?;
+            d.record_landed(&[b]).map_err(|e| e.to_string())
         })
-        .await;
-        disk.end_landing(b);
-        r.map_err(|e| io(e.to_string()))?
-            .map_err(|e| io(e.to_string()))?;
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match r {
+            Ok(()) => disk.end_landing(b),
+            Err(e) => {
+                disk.abort_landing(b);
+                return Err(io(e));
+            }
+        }
     }
     Ok(())
 }

@@ -2,14 +2,15 @@
 //! control socket receives them (one JSON line).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::precopy::{self, throttle::ThrottleConfig};
-use crate::source::MigrateOptions;
+use crate::source::{Ledger, MigrateOptions};
 use crate::transport::tls::{parse_fingerprint, Identity};
 use crate::vm::VmOptions;
 
@@ -54,7 +55,8 @@ pub struct MigrateArgs {
 
 /// How the disk and memory travel (both `migrator disk migrate` and
 /// `migrator migrate`).
-#[derive(Args, Clone, Debug, Serialize, Deserialize)]
+#[derive(Args, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Tuning {
     /// How writes during the migration travel: `dirty` (resend dirty blocks in
     /// rounds) or `deltas` (forward every write, as the research prototype did).
@@ -92,6 +94,29 @@ pub struct Tuning {
     #[arg(long)]
     #[serde(default)]
     pub postcopy_after: Option<u64>,
+    /// After a link break at or after the commit, keep reconnecting this
+    /// many seconds to learn what the destination decided and to finish.
+    #[arg(long, default_value_t = 60)]
+    #[serde(default = "default_reconnect_s")]
+    pub reconnect_s: u64,
+}
+
+/// A link cap must be a positive, finite number of Mbit/s.
+pub fn check_rate(mbit: f64) -> Result<(), TuningError> {
+    if mbit.is_finite() && mbit > 0.0 {
+        Ok(())
+    } else {
+        Err(TuningError::MaxRate(mbit))
+    }
+}
+
+/// Megabits per second to bytes per second.
+pub fn mbit_to_bytes(m: f64) -> u64 {
+    (m * 1e6 / 8.0) as u64
+}
+
+fn default_reconnect_s() -> u64 {
+    60
 }
 
 impl Default for Tuning {
@@ -107,11 +132,12 @@ impl Default for Tuning {
             no_compress: false,
             no_auto_converge: false,
             postcopy_after: None,
+            reconnect_s: default_reconnect_s(),
         }
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModeArg {
     #[default]
@@ -120,7 +146,7 @@ pub enum ModeArg {
 }
 
 impl MigrateArgs {
-    pub fn options(&self, marker: Option<PathBuf>) -> Result<MigrateOptions> {
+    pub fn options(&self, ledger: Option<Arc<dyn Ledger>>) -> Result<MigrateOptions> {
         let identity = Identity::load(&self.keys.identity)?;
         let peers = self
             .keys
@@ -128,39 +154,66 @@ impl MigrateArgs {
             .iter()
             .map(|p| parse_fingerprint(p))
             .collect::<Result<Vec<_>, _>>()?;
-        if !(self.tuning.throttle_ratio > 0.0 && self.tuning.throttle_ratio <= 1.0) {
-            bail!(
-                "--throttle-ratio must be in (0, 1], got {}",
-                self.tuning.throttle_ratio
-            );
+        Ok(self
+            .tuning
+            .options(self.to.clone(), identity, peers, self.qmp.clone(), ledger)?)
+    }
+}
+
+impl Tuning {
+    /// The source's options for a link to `to` (`qmp`: move the VM too).
+    pub fn options(
+        &self,
+        to: String,
+        identity: Identity,
+        peers: Vec<crate::transport::tls::Fingerprint>,
+        qmp: Option<PathBuf>,
+        ledger: Option<Arc<dyn Ledger>>,
+    ) -> Result<MigrateOptions, TuningError> {
+        if !(self.throttle_ratio > 0.0 && self.throttle_ratio <= 1.0) {
+            return Err(TuningError::ThrottleRatio(self.throttle_ratio));
+        }
+        if let Some(m) = self.max_rate_mbit {
+            check_rate(m)?;
         }
         Ok(MigrateOptions {
-            to: self.to.clone(),
+            to,
             identity,
             peers,
             precopy: precopy::Config {
-                mode: match self.tuning.mode {
+                mode: match self.mode {
                     ModeArg::Dirty => precopy::Mode::Dirty,
                     ModeArg::Deltas => precopy::Mode::Deltas,
                 },
-                max_rounds: self.tuning.max_rounds,
-                downtime_target: Duration::from_millis(self.tuning.downtime_ms),
-                throttle: (!self.tuning.no_throttle).then_some(ThrottleConfig {
-                    ratio: self.tuning.throttle_ratio,
-                    max_delay: Duration::from_millis(self.tuning.max_delay_ms),
+                max_rounds: self.max_rounds,
+                downtime_target: Duration::from_millis(self.downtime_ms),
+                throttle: (!self.no_throttle).then_some(ThrottleConfig {
+                    ratio: self.throttle_ratio,
+                    max_delay: Duration::from_millis(self.max_delay_ms),
                 }),
                 ..precopy::Config::default()
             },
-            compress: !self.tuning.no_compress,
-            max_rate: self.tuning.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
-            marker,
-            vm: self.qmp.as_ref().map(|qmp| VmOptions {
-                qmp: qmp.clone(),
-                downtime: Duration::from_millis(self.tuning.downtime_ms),
-                max_bandwidth: self.tuning.max_rate_mbit.map(|m| (m * 1e6 / 8.0) as u64),
-                auto_converge: !self.tuning.no_auto_converge,
-                postcopy_after_passes: self.tuning.postcopy_after,
+            compress: !self.no_compress,
+            max_rate: self.max_rate_mbit.map(mbit_to_bytes),
+            live: Arc::default(),
+            ledger,
+            qmp_connection: None,
+            reconnect_for: Duration::from_secs(self.reconnect_s),
+            vm: qmp.map(|qmp| VmOptions {
+                qmp,
+                downtime: Duration::from_millis(self.downtime_ms),
+                max_bandwidth: self.max_rate_mbit.map(mbit_to_bytes),
+                auto_converge: !self.no_auto_converge,
+                postcopy_after_passes: self.postcopy_after,
             }),
         })
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TuningError {
+    #[error("--throttle-ratio must be in (0, 1], got {0}")]
+    ThrottleRatio(f64),
+    #[error("--max-rate-mbit must be above 0, got {0}")]
+    MaxRate(f64),
 }

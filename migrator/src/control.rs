@@ -13,7 +13,7 @@ use tracing::warn;
 use crate::args::MigrateArgs;
 use crate::disk::Disk;
 use crate::events::{Event, EventSink, Summary};
-use crate::source::{self, marker_path};
+use crate::source::{self, MarkerFile};
 
 /// Control socket: one JSON `MigrateArgs` line in, event JSON lines out. The
 /// migration is cancelled (rolled back) if the client goes away before commit.
@@ -39,7 +39,7 @@ pub async fn serve(l: UnixListener, disk: Arc<Disk>, image: PathBuf) {
                 _ => return,
             };
             let opts = req.and_then(|a| {
-                a.options(Some(marker_path(&image)))
+                a.options(Some(MarkerFile::for_image(&image)))
                     .map_err(|e| format!("{e:#}"))
             });
             let opts = match opts {

@@ -8,6 +8,13 @@
 //!  (VM)          Incoming ──open_receiving (commit)──▶ Receiving{pending} ...
 //! ```
 //!
+//! At the destination, each block that stops being pending (it landed, or a
+//! guest write replaced it whole) is appended to a journal, made durable
+//! before anything that depends on it is acknowledged: a landed block before
+//! it becomes writable, a replaced one with the write's FUA or the next FLUSH.
+//! After a restart the pending set is the commit's set minus the journal, so
+//! a late block never overwrites a guest write the guest was told is durable.
+//!
 //! `Incoming` exists so a destination QEMU can open its disk before the commit
 //! point: reads see the copy as it stands (QEMU reads sector 0 when it creates
 //! the device, to guess a geometry; the guest cannot run before the commit),
@@ -63,6 +70,70 @@ struct Receiving {
     fetch: mpsc::UnboundedSender<u64>,
 }
 
+/// Blocks no longer pending, `u64` little-endian each, append-only.
+pub struct Journal {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl Journal {
+    /// Creates (empties) the journal at `path`.
+    pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
+        let file = std::fs::File::create(path)?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens `path` to append to it, with the blocks it already holds (a
+    /// torn last entry is ignored: it was never made durable).
+    pub fn open(path: &std::path::Path) -> std::io::Result<(Self, HashSet<u64>)> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let done = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0xff; 8])))
+            .collect();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let keep = (bytes.len() - bytes.len() % 8) as u64;
+        file.set_len(keep)?;
+        Ok((
+            Self {
+                file,
+                path: path.to_path_buf(),
+            },
+            done,
+        ))
+    }
+
+    fn append(&mut self, blocks: &[u64]) -> Result<(), ImageError> {
+        use std::io::Write;
+        let mut b = Vec::with_capacity(blocks.len() * 8);
+        for x in blocks {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        self.file.write_all(&b).map_err(|e| self.err(e))
+    }
+
+    fn sync(&self) -> Result<(), ImageError> {
+        self.file.sync_data().map_err(|e| self.err(e))
+    }
+
+    fn err(&self, source: std::io::Error) -> ImageError {
+        ImageError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
 pub struct Disk {
     image: Arc<Image>,
     name: String,
@@ -73,6 +144,8 @@ pub struct Disk {
     /// Deltas mode: held across write + enqueue so deltas queue in the order
     /// their writes reached the image.
     order: tokio::sync::Mutex<()>,
+    /// Destination: the journal of blocks no longer pending.
+    journal: Arc<Mutex<Option<Journal>>>,
 }
 
 /// What a write must do about blocks still in flight at the destination.
@@ -91,6 +164,7 @@ impl Disk {
             role: Mutex::new(Role::Serving),
             arrived: Notify::new(),
             order: tokio::sync::Mutex::new(()),
+            journal: Arc::default(),
         }
     }
 
@@ -104,7 +178,7 @@ impl Disk {
         fetch: mpsc::UnboundedSender<u64>,
     ) -> Self {
         let d = Self::new(image, name);
-        d.open_receiving(block_size, pending, fetch);
+        d.open_receiving(block_size, pending, fetch, None);
         d
     }
 
@@ -117,13 +191,16 @@ impl Disk {
     }
 
     /// The commit point at the destination: requests held since
-    /// [`Disk::incoming`] proceed, with `pending` blocks still to arrive.
+    /// [`Disk::incoming`] proceed, with `pending` blocks still to arrive
+    /// (recorded in `journal` as they stop being pending).
     pub fn open_receiving(
         &self,
         block_size: u32,
         pending: HashSet<u64>,
         fetch: mpsc::UnboundedSender<u64>,
+        journal: Option<Journal>,
     ) {
+        *self.journal.lock().unwrap_or_else(|p| p.into_inner()) = journal;
         *self.lock_role() = Role::Receiving(Receiving {
             block_size: block_size as u64,
             pending,
@@ -235,12 +312,12 @@ impl Disk {
         .await
     }
 
-    /// Before a write at the destination: whole pending blocks are superseded, a
-    /// partially covered pending or landing block must arrive first.
-    fn check_pending_for_write(&self, offset: u64, len: u64) -> PendingCheck {
+    /// Before a write at the destination: whole pending blocks are superseded
+    /// (journaled), a partially covered pending or landing block must arrive first.
+    fn check_pending_for_write(&self, offset: u64, len: u64) -> Result<PendingCheck, DiskError> {
         let mut role = self.lock_role();
         let Role::Receiving(r) = &mut *role else {
-            return PendingCheck::Go;
+            return Ok(PendingCheck::Go);
         };
         let bs = r.block_size;
         let mut superseded = Vec::new();
@@ -250,16 +327,48 @@ impl Disk {
                 if r.pending.contains(&b) && r.requested.insert(b) {
                     let _ = r.fetch.send(b);
                 }
-                return PendingCheck::Wait;
+                return Ok(PendingCheck::Wait);
             }
             if r.pending.contains(&b) {
                 superseded.push(b);
             }
         }
+        if !superseded.is_empty() {
+            // journaled before the write: durable with its FUA or the next FLUSH
+            if let Some(j) = self
+                .journal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                j.append(&superseded)?;
+            }
+        }
         for b in superseded {
             r.pending.remove(&b);
         }
-        PendingCheck::Go
+        Ok(PendingCheck::Go)
+    }
+
+    /// Makes the journal durable (after the image, so an entry never
+    /// outlives the data it stands for).
+    fn sync_journal(journal: &Mutex<Option<Journal>>) -> Result<(), ImageError> {
+        if let Some(j) = journal.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            j.sync()?;
+        }
+        Ok(())
+    }
+
+    /// The receiver has written blocks `b` (not yet visible to writes):
+    /// make the image and the journal entry durable. Blocking: call it off
+    /// the async threads, before [`Disk::end_landing`].
+    pub fn record_landed(&self, blocks: &[u64]) -> Result<(), DiskError> {
+        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(j) = j.as_mut() else { return Ok(()) };
+        self.image.sync()?;
+        j.append(blocks)?;
+        j.sync()?;
+        Ok(())
     }
 
     fn tracking_engine(&self) -> Option<Arc<Mutex<Engine>>> {
@@ -285,7 +394,7 @@ impl Disk {
         if let Role::Moved { to } = &*self.lock_role() {
             return Err(DiskError::Moved { to: to.clone() });
         }
-        while let PendingCheck::Wait = self.check_pending_for_write(offset, len) {
+        while let PendingCheck::Wait = self.check_pending_for_write(offset, len)? {
             self.wait_arrived(offset, len).await;
         }
         let engine = self.tracking_engine();
@@ -298,6 +407,7 @@ impl Disk {
             None
         };
         let op = change.clone();
+        let journal = self.journal.clone();
         self.blocking(move |img| {
             match &op {
                 Delta::Data { offset, data } => img.write_at(data, *offset)?,
@@ -305,6 +415,7 @@ impl Disk {
             }
             if fua {
                 img.sync()?;
+                Self::sync_journal(&journal)?;
             }
             Ok(())
         })
@@ -356,7 +467,12 @@ impl Disk {
     }
 
     pub async fn flush(&self) -> Result<(), DiskError> {
-        self.blocking(|img| img.sync()).await
+        let journal = self.journal.clone();
+        self.blocking(move |img| {
+            img.sync()?;
+            Self::sync_journal(&journal)
+        })
+        .await
     }
 
     /// Allocation map of a range. Blocks still in flight at the destination are
@@ -411,6 +527,14 @@ impl Disk {
         Ok(engine)
     }
 
+    /// The pre-copy engine while the disk is being migrated.
+    pub fn engine(&self) -> Option<Arc<Mutex<Engine>>> {
+        match &*self.lock_role() {
+            Role::Tracking(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
     /// Rollback: stop tracking and release held writes. The image was never
     /// modified by the migration, so nothing else needs undoing.
     pub fn stop_tracking(&self) {
@@ -456,11 +580,53 @@ impl Disk {
         }
     }
 
+    /// Landing `b` failed: it is pending again.
+    pub fn abort_landing(&self, b: u64) {
+        if let Role::Receiving(r) = &mut *self.lock_role() {
+            r.landing.remove(&b);
+            r.pending.insert(b);
+        }
+        self.arrived.notify_waiters();
+    }
+
     pub fn end_landing(&self, b: u64) {
         if let Role::Receiving(r) = &mut *self.lock_role() {
             r.landing.remove(&b);
         }
         self.arrived.notify_waiters();
+    }
+
+    /// The blocks still to arrive, sorted (destination): what a resumed
+    /// link must bring.
+    pub fn pending_list(&self) -> Vec<u64> {
+        match &*self.lock_role() {
+            Role::Receiving(r) => {
+                let mut v: Vec<u64> = r.pending.iter().chain(&r.landing).copied().collect();
+                v.sort_unstable();
+                v
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A new link carries the final blocks: fetch requests go to `fetch`
+    /// from now on. Returns the blocks already asked for that have not
+    /// arrived, to ask for again on the new link.
+    pub fn reattach_fetch(&self, fetch: mpsc::UnboundedSender<u64>) -> Vec<u64> {
+        match &mut *self.lock_role() {
+            Role::Receiving(r) => {
+                r.fetch = fetch;
+                let mut v: Vec<u64> = r
+                    .requested
+                    .iter()
+                    .filter(|b| r.pending.contains(b))
+                    .copied()
+                    .collect();
+                v.sort_unstable();
+                v
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Blocks still pending (destination).
@@ -477,6 +643,10 @@ impl Disk {
         if let Role::Receiving(r) = &*role {
             if r.pending.is_empty() && r.landing.is_empty() {
                 *role = Role::Serving;
+                self.journal
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
             }
         }
         drop(role);
@@ -602,7 +772,7 @@ mod tests {
         );
         assert_eq!(disk.read(BS, 8).await.expect("read"), vec![0u8; 8]);
         let (tx, _rx) = mpsc::unbounded_channel();
-        disk.open_receiving(BS as u32, HashSet::new(), tx);
+        disk.open_receiving(BS as u32, HashSet::new(), tx, None);
         write.await.expect("join").expect("write");
         assert_eq!(disk.read(BS, 8).await.expect("read"), vec![3u8; 8]);
     }

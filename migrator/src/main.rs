@@ -19,8 +19,10 @@ use migrator::disk::Disk;
 use migrator::events::{Event, EventSink, Phase};
 use migrator::image::Image;
 use migrator::nbd::server::{serve_tcp, serve_unix};
+use migrator::node::api::{self, Reply, Request};
+use migrator::node::{Node, NodeConfig};
 use migrator::orchestrate;
-use migrator::source::{self, marker_path};
+use migrator::source::{self, marker_path, MarkerFile, Record};
 use migrator::transport::tls::{parse_fingerprint, Identity};
 
 #[derive(Parser)]
@@ -49,6 +51,38 @@ enum Cmd {
     /// network switch (tunnel at the old site, translation at the new one,
     /// DNS) → drain. The sites, gateways and VMs come from the config file.
     Migrate(OrchestrateArgs),
+    /// The node daemon and moves between nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// A node's VMs and its migrations in flight (phase, bytes, rate, ETA), as
+    /// `virsh domjobinfo` shows them.
+    Status {
+        #[command(flatten)]
+        node: NodeSocket,
+        /// Only this VM.
+        vm: Option<String>,
+        /// The node's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Abort a VM's migration before its commit point; it keeps running where it was.
+    Cancel {
+        vm: String,
+        #[command(flatten)]
+        node: NodeSocket,
+    },
+    /// Change a VM's migration while it runs.
+    Set {
+        vm: String,
+        #[command(flatten)]
+        node: NodeSocket,
+        /// Cap the link (and QEMU's memory stream) at this many Mbit/s.
+        #[arg(long)]
+        max_rate_mbit: Option<f64>,
+        /// The pause budget: the disk's switchover and QEMU's downtime limit.
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+    },
     /// Destination agent: receive migrations into DIR and serve them over NBD.
     Receive {
         /// Address for the migration link, e.g. 0.0.0.0:7800.
@@ -62,6 +96,46 @@ enum Cmd {
         dir: PathBuf,
         #[command(flatten)]
         keys: Keys,
+    },
+}
+
+#[derive(Args)]
+struct NodeSocket {
+    /// The node's control socket (the `control` of its node.toml).
+    #[arg(
+        long = "node",
+        env = "MIGRATOR_NODE",
+        default_value = "/run/migrator/node.sock"
+    )]
+    socket: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Run this host's node: serve the VMs that run here, receive VMs from
+    /// its peers, send them on when asked.
+    Run {
+        /// The node's config (see `migrator::node::NodeConfig`).
+        #[arg(
+            long,
+            default_value = "/etc/migrator/node.toml",
+            env = "MIGRATOR_NODE_CONFIG"
+        )]
+        config: PathBuf,
+    },
+    /// Send a VM from this node to one of its peers (by the peer's name).
+    Migrate {
+        vm: String,
+        /// The peer node (a `[peer.NAME]` of this node's config).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        node: NodeSocket,
+        /// JSON lines on stdout instead of progress bars.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        tuning: Tuning,
     },
 }
 
@@ -116,6 +190,19 @@ enum DiskCmd {
     },
     /// Migrate a disk to a destination agent.
     Migrate(MigrateArgs),
+    /// Settle a migration left in doubt (its image's marker says so): ask
+    /// the destination whether it committed; send it what it lacks if so,
+    /// or make the image servable again if not.
+    Resolve {
+        /// The image whose `.moved` marker says `in_doubt`.
+        #[arg(long)]
+        image: PathBuf,
+        /// The destination agent, host:port (the marker names it).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        keys: Keys,
+    },
 }
 
 fn main() -> Result<()> {
@@ -145,7 +232,40 @@ fn main() -> Result<()> {
                 control,
             }) => serve(image, socket, listen, name, control).await,
             Cmd::Disk(DiskCmd::Migrate(args)) => migrate_cli(args).await,
+            Cmd::Disk(DiskCmd::Resolve { image, to, keys }) => resolve_cli(image, to, keys).await,
             Cmd::Migrate(args) => orchestrate_cli(args).await,
+            Cmd::Node(NodeCmd::Run { config }) => node_run(config).await,
+            Cmd::Node(NodeCmd::Migrate {
+                vm,
+                to,
+                node,
+                json,
+                tuning,
+            }) => node_migrate(node.socket, vm, to, json, tuning).await,
+            Cmd::Status { node, vm, json } => status_cli(node.socket, vm, json).await,
+            Cmd::Cancel { vm, node } => {
+                let msg = node_call(&node.socket, Request::Cancel { vm }).await?;
+                println!("{msg}");
+                Ok(())
+            }
+            Cmd::Set {
+                vm,
+                node,
+                max_rate_mbit,
+                downtime_ms,
+            } => {
+                let msg = node_call(
+                    &node.socket,
+                    Request::Set {
+                        vm,
+                        max_rate_mbit,
+                        downtime_ms,
+                    },
+                )
+                .await?;
+                println!("{msg}");
+                Ok(())
+            }
         }
     })
 }
@@ -161,13 +281,20 @@ fn export_name(image: &Path, name: Option<String>) -> String {
 
 fn open_source(image: &Path, name: Option<String>) -> Result<Arc<Disk>> {
     let marker = marker_path(image);
-    if let Ok(to) = std::fs::read_to_string(&marker) {
-        bail!(
-            "image {} was migrated to {} (marker {}); the destination is the authority now. Remove the marker only if that copy is gone",
+    match MarkerFile(marker.clone()).read() {
+        None => {}
+        Some(Record::Moved { to }) => bail!(
+            "image {} was migrated to {to} (marker {}); the destination is the authority now. Remove the marker only if that copy is gone",
             image.display(),
-            to.trim(),
             marker.display()
-        );
+        ),
+        Some(Record::InDoubt { to }) => bail!(
+            "image {} was being committed to {to} when the link or this process was lost (marker {}); \
+             whether {to} took over is known only there: run `migrator disk resolve --image {} --to {to} --identity … --peer …` to ask it",
+            image.display(),
+            marker.display(),
+            image.display()
+        ),
     }
     let img = Image::open(image, true)?;
     Ok(Arc::new(Disk::new(img, export_name(image, name))))
@@ -208,6 +335,50 @@ async fn serve(
     Ok(())
 }
 
+async fn resolve_cli(image: PathBuf, to: String, keys: Keys) -> Result<()> {
+    let marker = MarkerFile(marker_path(&image));
+    match marker.read() {
+        Some(Record::InDoubt { to: recorded }) if recorded != to => bail!(
+            "{} was being committed to {recorded}, not {to}: ask that one",
+            image.display()
+        ),
+        Some(Record::InDoubt { .. }) => {}
+        Some(Record::Moved { to }) => bail!(
+            "{} has moved to {to} already; nothing is in doubt",
+            image.display()
+        ),
+        None => bail!(
+            "{} is not in doubt (no marker): it is served here",
+            image.display()
+        ),
+    }
+    let args = MigrateArgs {
+        control: None,
+        image: Some(image.clone()),
+        to,
+        keys,
+        qmp: None,
+        tuning: Tuning::default(),
+        json: false,
+    };
+    let opts = args.options(Some(MarkerFile::for_image(&image)))?;
+    let disk = Arc::new(Disk::new(
+        Image::open(&image, true)?,
+        export_name(&image, None),
+    ));
+    match source::settle(disk, opts).await? {
+        source::Settled::StayedHere => println!(
+            "the destination never committed: {} is the authority again (serve it)",
+            image.display()
+        ),
+        source::Settled::MovedThere => println!(
+            "the destination committed and now holds every block: {} is a stale copy",
+            image.display()
+        ),
+    }
+    Ok(())
+}
+
 async fn migrate_cli(args: MigrateArgs) -> Result<()> {
     let (tx, rx) = mpsc::unbounded_channel();
     let render = tokio::spawn(render(rx, args.json));
@@ -219,7 +390,7 @@ async fn migrate_cli(args: MigrateArgs) -> Result<()> {
             .clone()
             .context("--image or --control is required")?;
         let disk = open_source(&image, None)?;
-        let opts = args.options(Some(marker_path(&image)))?;
+        let opts = args.options(Some(MarkerFile::for_image(&image)))?;
         let mut job = tokio::spawn(source::migrate(
             disk.clone(),
             opts,
@@ -390,6 +561,76 @@ async fn render(mut rx: mpsc::UnboundedReceiver<Event>, json: bool) {
             }
         }
     }
+}
+
+async fn node_run(config: PathBuf) -> Result<()> {
+    let cfg = NodeConfig::load(&config)?;
+    let control = cfg.control_path();
+    let node = Node::start(cfg.clone()).await?;
+    let link = TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (the node's `listen`)", cfg.listen))?;
+    let ctl = migrator::node::bind_control(&control)
+        .with_context(|| format!("cannot bind the control socket {}", control.display()))?;
+    // The bound address on stdout, so `listen = "127.0.0.1:0"` can be used by scripts.
+    println!("listening on {}", link.local_addr()?);
+    info!(node = node.name(), addr = %link.local_addr()?, control = %control.display(), "node ready");
+    node.run(link, ctl, ctrl_c()).await?;
+    let _ = std::fs::remove_file(&control);
+    Ok(())
+}
+
+async fn node_migrate(
+    socket: PathBuf,
+    vm: String,
+    to: String,
+    json: bool,
+    tuning: Tuning,
+) -> Result<()> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let render = tokio::spawn(render(rx, json));
+    let run = api::migrate(&socket, &vm, &to, tuning, tx.clone());
+    let result = tokio::select! {
+        r = run => r.map(|_| ()).map_err(anyhow::Error::from),
+        _ = tokio::signal::ctrl_c() => {
+            // as `virsh migrate`: Ctrl-C aborts the job (refused past its commit point)
+            match node_call(&socket, Request::Cancel { vm: vm.clone() }).await {
+                Ok(m) => Err(anyhow::anyhow!("interrupted: {m}")),
+                Err(e) => Err(anyhow::anyhow!("interrupted, but the migration goes on: {e:#}")),
+            }
+        }
+    };
+    drop(tx);
+    let _ = render.await;
+    result
+}
+
+/// One request whose answer is a sentence.
+async fn node_call(socket: &Path, req: Request) -> Result<String> {
+    let mut said = String::new();
+    api::call(socket, &req, |r| {
+        if let Reply::Done { message } = r {
+            said = message
+        }
+    })
+    .await?;
+    Ok(said)
+}
+
+async fn status_cli(socket: PathBuf, vm: Option<String>, json: bool) -> Result<()> {
+    let mut st = api::status(&socket).await?;
+    if let Some(vm) = &vm {
+        st.vms.retain(|v| &v.name == vm);
+        if st.vms.is_empty() {
+            bail!("no VM named {vm} at node {}", st.node);
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    print!("{}", migrator::node::format_status(&st));
+    Ok(())
 }
 
 async fn receive(listen: String, dir: PathBuf, keys: Keys) -> Result<()> {

@@ -20,11 +20,12 @@ use tracing::{info, warn};
 
 use crate::disk::Disk;
 use crate::events::{Event, EventSink, Phase, Summary, VmSummary};
+use crate::failpoint;
 use crate::image::is_zero;
 use crate::memrelay;
 use crate::precopy::{self, Delta, Engine, Transmit};
 use crate::transport::frame::MAX_BLOCK;
-use crate::transport::frame::{block_hash, BlockHash, VERSION};
+use crate::transport::frame::{block_hash, BlockHash, LinkState, VERSION};
 use crate::transport::tls::{self, Fingerprint, Identity};
 use crate::transport::{read_frame, write_frame, Compressor, Frame, LinkError, SharedWriter};
 use crate::vm::{SourceVm, VmOptions};
@@ -55,16 +56,23 @@ pub enum MigrateError {
     NotConverged { rounds: u32, dirty_mib: f64 },
     #[error("{0}")]
     Disk(String),
-    #[error("committed: the destination is the authority, but sending the final blocks failed: {0}; its reads of those blocks wait until `migrator disk migrate` is run again")]
+    #[error("committed: the destination is the authority, but sending the final blocks failed: {0}; its reads of those blocks wait until this source sends them (a node retries by itself; after `disk serve`, run `migrator disk resolve`)")]
     AfterCommit(String),
     #[error("VM: {0}")]
     Vm(String),
-    #[error("cannot record the commit in {path}: {source}; rolled back, the source keeps serving")]
-    Marker {
-        path: PathBuf,
+    #[error("cannot record the migration's state before the commit: {source}; rolled back, the source keeps serving (check the disk holding the image)")]
+    Record {
         #[source]
         source: std::io::Error,
     },
+    #[error("the link to {to} was lost after asking it to commit, and it cannot be asked what it decided: {source}. The VM stays paused and the disk's writes held here until it answers: run the migration again once {to} is reachable")]
+    InDoubt {
+        to: String,
+        #[source]
+        source: Box<MigrateError>,
+    },
+    #[error("the link was lost before the destination committed ({0}); it says it did not, so the source keeps serving (and runs the VM): re-run to resume")]
+    NotCommitted(Box<MigrateError>),
 }
 
 #[derive(Clone)]
@@ -77,11 +85,242 @@ pub struct MigrateOptions {
     pub compress: bool,
     /// Cap on the link's use, bytes per second (`None`: as fast as it drains).
     pub max_rate: Option<u64>,
-    /// Written at the commit point so a restarted `disk serve` will not serve the
-    /// stale copy: `<image>.moved`.
-    pub marker: Option<PathBuf>,
+    /// What `migrator set` changes while the migration runs; starts from
+    /// `max_rate` when the migration does.
+    pub live: Arc<Live>,
+    /// Where the source records, durably, that it is in doubt (asked the
+    /// destination to commit) and then that it moved, so a restarted server
+    /// never serves a stale copy. `None`: nothing survives a crash here.
+    pub ledger: Option<Arc<dyn Ledger>>,
     /// Migrate the VM using this disk too (its memory through QEMU).
     pub vm: Option<VmOptions>,
+    /// The VM's QMP connection when this process holds it already (a node
+    /// owns its VMs); otherwise `vm.qmp` is connected to.
+    pub qmp_connection: Option<Arc<crate::qmp::Qmp>>,
+    /// After a link break at or after the commit, keep trying to reach the
+    /// destination this long (to learn what it decided, to finish the final
+    /// blocks) before giving up and reporting.
+    pub reconnect_for: Duration,
+}
+
+/// The knobs of a running migration.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// The link's cap, bytes per second; 0: none.
+    pub max_rate: AtomicU64,
+}
+
+/// Paces the link to `Live::max_rate`, re-anchored whenever the cap changes,
+/// so a new cap applies from the moment it is set.
+struct Pace {
+    live: Arc<Live>,
+    rate: u64,
+    since_bytes: u64,
+    since: Instant,
+}
+
+impl Pace {
+    fn new(live: Arc<Live>) -> Self {
+        Self {
+            live,
+            rate: 0,
+            since_bytes: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// How long to wait after `sent` bytes in all, to stay under the cap.
+    fn ahead(&mut self, sent: u64, now: Instant) -> Duration {
+        let rate = self.live.max_rate.load(Ordering::Relaxed);
+        if rate != self.rate {
+            (self.rate, self.since_bytes, self.since) = (rate, sent, now);
+        }
+        if rate == 0 {
+            return Duration::ZERO;
+        }
+        let due = Duration::from_secs_f64((sent - self.since_bytes) as f64 / rate as f64);
+        due.saturating_sub(now - self.since)
+    }
+}
+
+/// How long the source waits for `CommitAck` on a live link.
+const COMMIT_WAIT: Duration = Duration::from_secs(30);
+
+type LinkRead = tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+type LinkWrite = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A TLS link to the destination (pinned keys both ways).
+async fn connect(opts: &MigrateOptions) -> Result<(LinkRead, LinkWrite), MigrateError> {
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&opts.to))
+        .await
+        .map_err(|_| MigrateError::Connect {
+            addr: opts.to.clone(),
+            source: std::io::ErrorKind::TimedOut.into(),
+        })?
+        .map_err(|source| MigrateError::Connect {
+            addr: opts.to.clone(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    limit_unsent(&tcp);
+    crate::transport::detect_silence(&tcp);
+    let cfg = tls::client_config(&opts.identity, opts.peers.clone())
+        .map_err(|e| MigrateError::Refused(e.to_string()))?;
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(cfg).connect(tls::server_name(), tcp),
+    )
+    .await
+    .map_err(|_| MigrateError::Handshake {
+        addr: opts.to.clone(),
+        source: std::io::ErrorKind::TimedOut.into(),
+    })?
+    .map_err(|source| MigrateError::Handshake {
+        addr: opts.to.clone(),
+        source,
+    })?;
+    Ok(tokio::io::split(stream))
+}
+
+/// The link's read side, sorted: `Fetch` requests, the memory stream
+/// (QEMU's return path) and everything else.
+struct Reader {
+    fetch: mpsc::UnboundedReceiver<u64>,
+    inbound: mpsc::UnboundedReceiver<Inbound>,
+    mem: Option<mpsc::Receiver<Frame>>,
+    _task: AbortOnDrop,
+}
+
+fn spawn_reader(mut rd: LinkRead) -> Reader {
+    let (fetch_tx, fetch) = mpsc::unbounded_channel::<u64>();
+    let (in_tx, inbound) = mpsc::unbounded_channel::<Inbound>();
+    let (mem_in_tx, mem) = mpsc::channel::<Frame>(16);
+    let task = tokio::spawn(async move {
+        loop {
+            let msg = match read_frame(&mut rd).await {
+                Ok(Some(Frame::Fetch { block })) => {
+                    let _ = fetch_tx.send(block);
+                    continue;
+                }
+                Ok(Some(f @ (Frame::Mem { .. } | Frame::MemEnd))) => {
+                    // closed: QEMU's end is gone, its status says why
+                    let _ = mem_in_tx.send(f).await;
+                    continue;
+                }
+                Ok(Some(Frame::Ready)) => Inbound::Ready,
+                Ok(Some(Frame::CommitAck)) => Inbound::CommitAck,
+                Ok(Some(Frame::DoneAck)) => Inbound::DoneAck,
+                Ok(Some(Frame::VmLoaded)) => Inbound::VmLoaded,
+                Ok(Some(Frame::VmResumed)) => Inbound::VmResumed,
+                Ok(Some(Frame::Error { message })) => Inbound::Refused(message),
+                Ok(Some(other)) => Inbound::Refused(format!("unexpected frame {other:?}")),
+                Ok(None) => Inbound::Closed(None),
+                Err(e) => Inbound::Closed(Some(e)),
+            };
+            let stop = matches!(msg, Inbound::Refused(_) | Inbound::Closed(_));
+            if in_tx.send(msg).is_err() || stop {
+                return;
+            }
+        }
+    });
+    Reader {
+        fetch,
+        inbound,
+        mem: Some(mem),
+        _task: AbortOnDrop(task),
+    }
+}
+
+/// The destination's answer to `Query`, with the link it came on (after
+/// `Committed` that link carries the final blocks).
+pub struct Answer {
+    pub state: LinkState,
+    pub pending: Vec<u64>,
+    rd: LinkRead,
+    wr: LinkWrite,
+}
+
+/// Asks the destination what it holds of `name`.
+pub async fn ask(opts: &MigrateOptions, name: &str) -> Result<Answer, MigrateError> {
+    let (mut rd, mut wr) = connect(opts).await?;
+    write_frame(
+        &mut wr,
+        &Frame::Query {
+            version: VERSION,
+            name: name.to_string(),
+        },
+    )
+    .await?;
+    wr.flush().await.map_err(LinkError::Io)?;
+    match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd)).await {
+        Ok(Ok(Some(Frame::State { state, pending }))) => Ok(Answer {
+            state,
+            pending,
+            rd,
+            wr,
+        }),
+        Ok(Ok(Some(Frame::Error { message }))) => Err(MigrateError::Refused(message)),
+        Ok(Ok(Some(other))) => Err(MigrateError::Refused(format!(
+            "unexpected {other:?} instead of State"
+        ))),
+        Ok(Ok(None)) => Err(MigrateError::LinkClosed),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(MigrateError::Timeout("State")),
+    }
+}
+
+/// [`ask`] again every second while the destination cannot be reached, for
+/// at most `opts.reconnect_for`. A refusal is an answer: it is not retried.
+async fn ask_until(opts: &MigrateOptions, name: &str) -> Result<Answer, MigrateError> {
+    let deadline = Instant::now() + opts.reconnect_for;
+    loop {
+        match ask(opts, name).await {
+            Err(e) if !matches!(e, MigrateError::Refused(_)) && Instant::now() < deadline => {
+                warn!(to = %opts.to, "cannot ask the destination yet: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// After the commit: the final blocks (those the destination fetches
+/// first), `Done`, and its `DoneAck`. A block leaves `remaining` once written
+/// to the link, so a retry on a new link resends only what may be missing
+/// (the destination's `State` says exactly which).
+async fn send_final<W: AsyncWrite + Unpin>(
+    s: &mut Sender<W>,
+    remaining: &mut BTreeSet<u64>,
+    rx: &mut Reader,
+    resumed_at: &mut Option<Instant>,
+) -> Result<(), MigrateError> {
+    failpoint::hit("source.final_blocks");
+    while let Some(&first) = remaining.first() {
+        let next = match rx.fetch.try_recv() {
+            Ok(b) if remaining.contains(&b) => {
+                s.summary.fetched_blocks += 1;
+                b
+            }
+            _ => first,
+        };
+        s.send_blocks(next, 1).await?;
+        remaining.remove(&next);
+        if remaining.is_empty() || rx.fetch.is_empty() {
+            s.wr.flush().await?;
+        }
+    }
+    s.send(&Frame::Done).await?;
+    s.wr.flush().await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), rx.inbound.recv()).await {
+            Ok(Some(Inbound::DoneAck)) => return Ok(()),
+            Ok(Some(Inbound::VmResumed)) => *resumed_at = Some(Instant::now()),
+            Ok(Some(Inbound::VmLoaded | Inbound::CommitAck)) => {}
+            Ok(Some(other)) => return Err(inbound_error(other)),
+            Ok(None) => return Err(MigrateError::LinkClosed),
+            Err(_) => return Err(MigrateError::Timeout("DoneAck")),
+        }
+    }
 }
 
 /// Marker path for an image.
@@ -89,6 +328,69 @@ pub fn marker_path(image: &Path) -> PathBuf {
     let mut s = image.as_os_str().to_owned();
     s.push(".moved");
     PathBuf::from(s)
+}
+
+/// The source's durable record of its side of the commit. The destination
+/// decides (its `Committed` record is the commit); the source records only
+/// that it asked, so that after a crash it asks again instead of serving.
+pub trait Ledger: Send + Sync {
+    /// About to send `Commit` to `to`: until the destination answers, this
+    /// copy must neither take writes nor run the VM; once it committed, until
+    /// its last block landed, a restart must finish sending.
+    fn in_doubt(&self, to: &str) -> std::io::Result<()>;
+    /// The destination committed and holds every block: this copy is stale
+    /// for good.
+    fn moved(&self, to: &str) -> std::io::Result<()>;
+    /// The destination did not commit: this copy is the authority again.
+    fn rolled_back(&self) -> std::io::Result<()>;
+}
+
+/// What a source's record says, as `<image>.moved` holds it (JSON; a plain
+/// address, as older versions wrote, means `Moved`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Record {
+    InDoubt { to: String },
+    Moved { to: String },
+}
+
+impl Record {
+    pub fn parse(text: &str) -> Record {
+        serde_json::from_str(text).unwrap_or_else(|_| Record::Moved {
+            to: text.trim().to_string(),
+        })
+    }
+}
+
+/// The ledger of `disk serve`: `<image>.moved`, replaced atomically.
+pub struct MarkerFile(pub PathBuf);
+
+impl MarkerFile {
+    pub fn for_image(image: &Path) -> Arc<dyn Ledger> {
+        Arc::new(MarkerFile(marker_path(image)))
+    }
+
+    pub fn read(&self) -> Option<Record> {
+        std::fs::read_to_string(&self.0)
+            .ok()
+            .map(|t| Record::parse(&t))
+    }
+}
+
+impl Ledger for MarkerFile {
+    fn in_doubt(&self, to: &str) -> std::io::Result<()> {
+        write_durably(&self.0, &Record::InDoubt { to: to.into() })
+    }
+    fn moved(&self, to: &str) -> std::io::Result<()> {
+        write_durably(&self.0, &Record::Moved { to: to.into() })
+    }
+    fn rolled_back(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(&self.0) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        sync_parent(&self.0)
+    }
 }
 
 struct RollbackGuard<'a> {
@@ -117,7 +419,16 @@ struct Sender<W> {
     peer_hashes: HashMap<u64, BlockHash>,
     comp: Option<Compressor>,
     summary: Summary,
-    pace: Option<(u64, Instant)>,
+    pace: Pace,
+    /// Progress events, at most every 200 ms, from every frame sent (a
+    /// slow link shows its progress within a range, not after it).
+    progress: Option<Progress>,
+}
+
+struct Progress {
+    events: EventSink,
+    phase: Phase,
+    last: Instant,
 }
 
 impl<W: AsyncWrite + Unpin> Sender<W> {
@@ -128,22 +439,40 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
     async fn send(&mut self, f: &Frame) -> Result<(), LinkError> {
         let n = self.wr.send(f).await? as u64;
         self.summary.wire_bytes += n;
-        if let Some((rate, start)) = self.pace {
-            // Pace to the cap: never ahead of rate × elapsed.
-            let due = Duration::from_secs_f64(self.summary.wire_bytes as f64 / rate as f64);
-            let ahead = due.saturating_sub(start.elapsed());
-            if ahead > Duration::from_millis(2) {
-                self.wr.flush().await?;
-                tokio::time::sleep(ahead).await;
+        // Pace to the cap: never ahead of rate × elapsed.
+        let ahead = self.pace.ahead(self.summary.wire_bytes, Instant::now());
+        if ahead > Duration::from_millis(2) {
+            self.wr.flush().await?;
+            tokio::time::sleep(ahead).await;
+        }
+        let now = Instant::now();
+        self.engine().handle_sent(n, now);
+        let due = self.progress.as_ref().is_some_and(|p| {
+            p.phase != Phase::Memory && now - p.last >= Duration::from_millis(200)
+        });
+        if due {
+            let e = {
+                let engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+                self.progress.as_ref().map(|p| progress(&engine, p.phase))
+            };
+            if let (Some(p), Some(e)) = (&mut self.progress, e) {
+                p.last = now;
+                p.events.send(e);
             }
         }
-        self.engine().handle_sent(n, Instant::now());
         Ok(())
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        if let Some(p) = &mut self.progress {
+            p.phase = phase;
+        }
     }
 
     /// Read blocks `[start, start+count)` and send them: skipped when the
     /// destination already holds the same content, zero extents for zeros.
     async fn send_blocks(&mut self, start: u64, count: u64) -> Result<(), MigrateError> {
+        failpoint::hit("source.blocks");
         let size = self.disk.size();
         let off = start * self.bs;
         let len = (count * self.bs).min(size - off);
@@ -252,6 +581,7 @@ fn block_ranges(
 /// Messages from the destination that the sending loop acts on.
 enum Inbound {
     Ready,
+    CommitAck,
     DoneAck,
     VmLoaded,
     VmResumed,
@@ -298,22 +628,87 @@ pub async fn migrate(
     opts: MigrateOptions,
     events: EventSink,
 ) -> Result<Summary, MigrateError> {
-    let vm = match &opts.vm {
-        Some(o) => Some(Arc::new(
-            SourceVm::attach(o.clone())
-                .await
-                .map_err(|e| MigrateError::Vm(e.to_string()))?,
-        )),
+    let vm = match (&opts.vm, &opts.qmp_connection) {
+        (Some(o), Some(q)) => Some(SourceVm::attach_to(q.clone(), o.clone()).await),
+        (Some(o), None) => Some(SourceVm::attach(o.clone()).await),
+        (None, _) => None,
+    };
+    let vm = match vm {
+        Some(v) => Some(Arc::new(v.map_err(|e| MigrateError::Vm(e.to_string()))?)),
         None => None,
     };
     let mut guard = VmGuard { vm: vm.clone() };
     match transfer(disk, opts, events, vm, &mut guard).await {
-        Err(e) if !matches!(e, MigrateError::AfterCommit(_)) => {
+        Err(e)
+            if !matches!(
+                e,
+                MigrateError::AfterCommit(_) | MigrateError::InDoubt { .. }
+            ) =>
+        {
             guard.rollback().await;
             Err(e)
         }
         r => r,
     }
+}
+
+/// How an in-doubt move ended, once the destination answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The destination never committed: this copy is the authority.
+    StayedHere,
+    /// The destination committed (and now holds every block).
+    MovedThere,
+}
+
+/// A source that crashed or lost its link while in doubt: ask the
+/// destination (for up to `opts.reconnect_for`) what it decided, send it the
+/// blocks it still lacks if it committed, and record the outcome in
+/// `opts.ledger`. `disk` must not be served meanwhile; it only gives the
+/// blocks to send.
+pub async fn settle(disk: Arc<Disk>, opts: MigrateOptions) -> Result<Settled, MigrateError> {
+    let a = ask_until(&opts, disk.name()).await?;
+    let record = |r: std::io::Result<()>| r.map_err(|source| MigrateError::Record { source });
+    let ledger = opts.ledger.clone();
+    let settled = match a.state {
+        LinkState::None => {
+            if let Some(l) = &ledger {
+                record(l.rolled_back())?;
+            }
+            return Ok(Settled::StayedHere);
+        }
+        LinkState::Complete => Settled::MovedThere,
+        LinkState::Committed => {
+            let bs = opts.precopy.block_size as u64;
+            let engine = Engine::new(opts.precopy.clone(), disk.size(), Vec::new());
+            let mut s = Sender {
+                wr: Arc::new(SharedWriter::new(a.wr)),
+                disk: disk.clone(),
+                engine: Arc::new(Mutex::new(engine)),
+                bs,
+                peer_hashes: HashMap::new(),
+                comp: opts.compress.then(Compressor::default),
+                summary: Summary::default(),
+                pace: Pace::new(Arc::default()),
+                progress: None,
+            };
+            let mut rx = spawn_reader(a.rd);
+            let mut remaining: BTreeSet<u64> = a.pending.into_iter().collect();
+            info!(
+                disk = disk.name(),
+                blocks = remaining.len(),
+                "the destination committed: sending the blocks it lacks"
+            );
+            send_final(&mut s, &mut remaining, &mut rx, &mut None).await?;
+            s.wr.shutdown().await;
+            Settled::MovedThere
+        }
+    };
+    disk.commit_moved(opts.to.clone());
+    if let Some(l) = &ledger {
+        record(l.moved(&opts.to))?;
+    }
+    Ok(settled)
 }
 
 /// QEMU's memory migration in progress: its statuses and the tasks that
@@ -360,31 +755,13 @@ async fn transfer(
     vm_guard: &mut VmGuard,
 ) -> Result<Summary, MigrateError> {
     let t0 = Instant::now();
+    opts.live
+        .max_rate
+        .store(opts.max_rate.unwrap_or(0), Ordering::Relaxed);
     events.send(Event::Phase {
         phase: Phase::Connect,
     });
-    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&opts.to))
-        .await
-        .map_err(|_| MigrateError::Connect {
-            addr: opts.to.clone(),
-            source: std::io::ErrorKind::TimedOut.into(),
-        })?
-        .map_err(|source| MigrateError::Connect {
-            addr: opts.to.clone(),
-            source,
-        })?;
-    let _ = tcp.set_nodelay(true);
-    limit_unsent(&tcp);
-    let cfg = tls::client_config(&opts.identity, opts.peers.clone())
-        .map_err(|e| MigrateError::Refused(e.to_string()))?;
-    let stream = tokio_rustls::TlsConnector::from(cfg)
-        .connect(tls::server_name(), tcp)
-        .await
-        .map_err(|source| MigrateError::Handshake {
-            addr: opts.to.clone(),
-            source,
-        })?;
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (mut rd, mut wr) = connect(&opts).await?;
     let bs = opts.precopy.block_size as u64;
     write_frame(
         &mut wr,
@@ -459,40 +836,8 @@ async fn transfer(
         armed: true,
     };
 
-    // Reader: Fetch requests go to `fetch_tx`, the memory stream to `mem_in`,
-    // everything else to `inbound`.
-    let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel::<u64>();
-    let (in_tx, mut inbound) = mpsc::unbounded_channel::<Inbound>();
-    let (mem_in_tx, mem_in_rx) = mpsc::channel::<Frame>(16);
-    let reader = tokio::spawn(async move {
-        loop {
-            let msg = match read_frame(&mut rd).await {
-                Ok(Some(Frame::Fetch { block })) => {
-                    let _ = fetch_tx.send(block);
-                    continue;
-                }
-                Ok(Some(f @ (Frame::Mem { .. } | Frame::MemEnd))) => {
-                    // closed: QEMU's end is gone, its status says why
-                    let _ = mem_in_tx.send(f).await;
-                    continue;
-                }
-                Ok(Some(Frame::Ready)) => Inbound::Ready,
-                Ok(Some(Frame::DoneAck)) => Inbound::DoneAck,
-                Ok(Some(Frame::VmLoaded)) => Inbound::VmLoaded,
-                Ok(Some(Frame::VmResumed)) => Inbound::VmResumed,
-                Ok(Some(Frame::Error { message })) => Inbound::Refused(message),
-                Ok(Some(other)) => Inbound::Refused(format!("unexpected frame {other:?}")),
-                Ok(None) => Inbound::Closed(None),
-                Err(e) => Inbound::Closed(Some(e)),
-            };
-            let stop = matches!(msg, Inbound::Refused(_) | Inbound::Closed(_));
-            if in_tx.send(msg).is_err() || stop {
-                return;
-            }
-        }
-    });
-    let _reader_guard = AbortOnDrop(reader);
-    let mut mem_in_rx = Some(mem_in_rx);
+    let mut rx = spawn_reader(rd);
+    let mut mem_in_rx = rx.mem.take();
 
     let wr = Arc::new(SharedWriter::new(wr));
     let mut s = Sender {
@@ -502,10 +847,12 @@ async fn transfer(
         bs,
         peer_hashes,
         comp: opts.compress.then(Compressor::default),
-        pace: opts
-            .max_rate
-            .filter(|r| *r > 0)
-            .map(|r| (r, Instant::now())),
+        pace: Pace::new(opts.live.clone()),
+        progress: Some(Progress {
+            events: events.clone(),
+            phase: Phase::Bulk,
+            last: Instant::now(),
+        }),
         summary: Summary {
             disk: disk.name().to_string(),
             destination: opts.to.clone(),
@@ -514,11 +861,10 @@ async fn transfer(
         },
     };
     events.send(Event::Phase { phase: Phase::Bulk });
-    let mut last_progress = Instant::now();
     let mut phase = Phase::Bulk;
     let mut mem: Option<MemoryRun> = None;
     loop {
-        if let Ok(msg) = inbound.try_recv() {
+        if let Ok(msg) = rx.inbound.try_recv() {
             return Err(inbound_error(msg));
         }
         if let (Some(m), Some(vm)) = (&mut mem, &vm) {
@@ -586,6 +932,7 @@ async fn transfer(
                     opts.compress,
                 ));
                 phase = Phase::Memory;
+                s.set_phase(phase);
                 events.send(Event::Phase { phase });
             }
             Some(Transmit::Idle) => {
@@ -617,17 +964,15 @@ async fn transfer(
         }
         if phase == Phase::Bulk && !s.engine().is_bulk() {
             phase = Phase::Dirty;
+            s.set_phase(phase);
             events.send(Event::Phase { phase });
-        }
-        if phase != Phase::Memory && last_progress.elapsed() >= Duration::from_millis(200) {
-            last_progress = Instant::now();
-            events.send(progress(&s.engine(), phase));
         }
     }
 
     // Switchover: hold writes (the VM is paused already, if there is one),
     // take the final set, let the destination persist everything else, then
     // commit.
+    s.set_phase(Phase::Switchover);
     events.send(Event::Phase {
         phase: Phase::Switchover,
     });
@@ -671,7 +1016,7 @@ async fn transfer(
             }
         };
         tokio::select! {
-            msg = inbound.recv() => match msg {
+            msg = rx.inbound.recv() => match msg {
                 Some(Inbound::Ready) => {
                     ready = true;
                     marks.push(("destination disk ready", t_freeze.elapsed()));
@@ -700,12 +1045,6 @@ async fn transfer(
             }
         }
     }
-    if let Some(path) = &opts.marker {
-        write_marker(path, &opts.to).map_err(|source| MigrateError::Marker {
-            path: path.clone(),
-            source,
-        })?;
-    }
     if vm.is_some() {
         events.send(Event::Note {
             message: format!(
@@ -718,21 +1057,89 @@ async fn transfer(
             ),
         });
     }
-    // ---- commit point ----
+    // ---- the commit: the destination decides; the source records that it asked ----
+    if let Some(l) = &opts.ledger {
+        l.in_doubt(&opts.to)
+            .map_err(|source| MigrateError::Record { source })?;
+    }
+    failpoint::hit("source.before_commit");
+    let asked = async {
+        s.send(&Frame::Commit).await?;
+        s.wr.flush().await?;
+        loop {
+            match tokio::time::timeout(COMMIT_WAIT, rx.inbound.recv()).await {
+                Ok(Some(Inbound::CommitAck)) => return Ok(()),
+                Ok(Some(Inbound::VmLoaded)) => {}
+                Ok(Some(other)) => return Err(inbound_error(other)),
+                Ok(None) => return Err(MigrateError::LinkClosed),
+                Err(_) => return Err(MigrateError::Timeout("CommitAck")),
+            }
+        }
+    }
+    .await;
+    let mut remaining: BTreeSet<u64> = final_blocks.iter().copied().collect();
+    let mut relinked = false;
+    if let Err(lost) = asked {
+        warn!(
+            disk = disk.name(),
+            "no answer to Commit ({lost}); asking the destination what it decided"
+        );
+        match ask_until(&opts, disk.name()).await {
+            Ok(Answer {
+                state: LinkState::None,
+                ..
+            }) => {
+                if let Some(l) = &opts.ledger {
+                    if let Err(e) = l.rolled_back() {
+                        // a restart here asks again and hears the same answer
+                        warn!("cannot clear the in-doubt record: {e}");
+                    }
+                }
+                return Err(MigrateError::NotCommitted(Box::new(lost)));
+            }
+            Ok(a) => {
+                info!(
+                    disk = disk.name(),
+                    pending = a.pending.len(),
+                    "the destination committed"
+                );
+                remaining = a.pending.into_iter().collect();
+                s.wr = Arc::new(SharedWriter::new(a.wr));
+                rx = spawn_reader(a.rd);
+                relinked = true;
+            }
+            Err(e) => {
+                // Neither copy may run: the VM stays paused, writes stay held.
+                guard.armed = false;
+                vm_guard.vm = None;
+                return Err(MigrateError::InDoubt {
+                    to: opts.to.clone(),
+                    source: Box::new(e),
+                });
+            }
+        }
+    }
+    // ---- commit point: the destination's record decided it ----
+    // The record stays `in_doubt` until every final block has landed: a
+    // restart before then asks the destination and sends what it lacks.
     disk.commit_moved(opts.to.clone());
     guard.armed = false;
     vm_guard.vm = None;
     let t_commit = Instant::now();
     s.summary.frozen_ms = (t_commit - t_freeze).as_secs_f64() * 1e3;
+    s.set_phase(Phase::Committed);
     events.send(Event::Phase {
         phase: Phase::Committed,
     });
     let mut resumed_at = None;
     let after = async {
-        s.send(&Frame::Commit).await?;
-        s.wr.flush().await?;
         if let Some(vm) = &vm {
             if postcopy_run {
+                if relinked {
+                    return Err(MigrateError::Vm(
+                        "the link carrying post-copy memory was lost at the commit".into(),
+                    ));
+                }
                 // Post-copy: the destination runs on, fetching pages from here.
                 vm.continue_switchover()
                     .await
@@ -741,41 +1148,39 @@ async fn transfer(
                 vm.quit().await;
             }
         }
-        let mut remaining: BTreeSet<u64> = final_blocks.iter().copied().collect();
-        while !remaining.is_empty() {
-            let next = match fetch_rx.try_recv() {
-                Ok(b) if remaining.contains(&b) => {
-                    s.summary.fetched_blocks += 1;
-                    b
-                }
-                _ => match remaining.first() {
-                    Some(&b) => b,
-                    None => break,
-                },
-            };
-            remaining.remove(&next);
-            s.send_blocks(next, 1).await?;
-            if remaining.is_empty() || fetch_rx.is_empty() {
-                s.wr.flush().await?;
-            }
-        }
-        s.send(&Frame::Done).await?;
-        s.wr.flush().await?;
         loop {
-            match tokio::time::timeout(Duration::from_secs(60), inbound.recv()).await {
-                Ok(Some(Inbound::DoneAck)) => break,
-                Ok(Some(Inbound::VmResumed)) => resumed_at = Some(Instant::now()),
-                Ok(Some(Inbound::VmLoaded)) => {}
-                Ok(Some(other)) => return Err(inbound_error(other)),
-                Ok(None) => return Err(MigrateError::LinkClosed),
-                Err(_) => return Err(MigrateError::Timeout("DoneAck")),
+            let sent = send_final(&mut s, &mut remaining, &mut rx, &mut resumed_at).await;
+            let Err(e) = sent else { break };
+            if postcopy_run {
+                return Err(e);
+            }
+            warn!(
+                disk = disk.name(),
+                left = remaining.len(),
+                "link lost after the commit ({e}); reconnecting"
+            );
+            let a = ask_until(&opts, disk.name()).await.map_err(|_| e)?;
+            match a.state {
+                LinkState::Complete => break,
+                LinkState::Committed => {
+                    remaining = a.pending.into_iter().collect();
+                    s.wr = Arc::new(SharedWriter::new(a.wr));
+                    rx = spawn_reader(a.rd);
+                }
+                LinkState::None => {
+                    return Err(MigrateError::Refused(format!(
+                        "{} has no committed copy of {} although it acknowledged the commit",
+                        opts.to,
+                        disk.name()
+                    )))
+                }
             }
         }
         if let (Some(vm), Some(m)) = (&vm, &mut mem) {
             if resumed_at.is_none() {
                 // the destination resumes right after Commit: its word follows
                 while let Ok(Some(msg)) =
-                    tokio::time::timeout(Duration::from_secs(30), inbound.recv()).await
+                    tokio::time::timeout(Duration::from_secs(30), rx.inbound.recv()).await
                 {
                     if let Inbound::VmResumed = msg {
                         resumed_at = Some(Instant::now());
@@ -807,6 +1212,11 @@ async fn transfer(
     after
         .await
         .map_err(|e| MigrateError::AfterCommit(e.to_string()))?;
+    if let Some(l) = &opts.ledger {
+        if let Err(e) = l.moved(&opts.to) {
+            warn!("cannot record the move ({e}); the record says in doubt, so a restart here asks the destination again");
+        }
+    }
     s.wr.shutdown().await;
     s.summary.final_ms = t_commit.elapsed().as_secs_f64() * 1e3;
     s.summary.total_s = t0.elapsed().as_secs_f64();
@@ -916,25 +1326,36 @@ fn inbound_error(msg: Inbound) -> MigrateError {
         }
         Inbound::Closed(Some(e)) => MigrateError::Link(e),
         Inbound::Closed(None) => MigrateError::LinkClosed,
-        Inbound::Ready | Inbound::DoneAck | Inbound::VmLoaded | Inbound::VmResumed => {
+        Inbound::Ready
+        | Inbound::CommitAck
+        | Inbound::DoneAck
+        | Inbound::VmLoaded
+        | Inbound::VmResumed => {
             MigrateError::Refused("destination acknowledged out of order".into())
         }
     }
 }
 
-fn write_marker(path: &Path, to: &str) -> std::io::Result<()> {
+/// Replace `path` with `value` as JSON: a temporary file, fsync, rename,
+/// fsync of the directory. Any failure is returned: the caller needed it durable.
+pub fn write_durably<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension("moved.tmp");
+    let body = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "{to}")?;
+    f.write_all(&body)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    sync_parent(path)
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Keeps little unsent data in the link's socket buffer, so the writers

@@ -55,7 +55,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The running source VM.
 pub struct SourceVm {
-    qmp: Qmp,
+    qmp: std::sync::Arc<Qmp>,
     opts: VmOptions,
     sock: PathBuf,
 }
@@ -64,6 +64,12 @@ impl SourceVm {
     /// Connects to the source QEMU and checks it can be migrated.
     pub async fn attach(opts: VmOptions) -> Result<Self, VmError> {
         let qmp = Qmp::connect(&opts.qmp).await?;
+        Self::attach_to(std::sync::Arc::new(qmp), opts).await
+    }
+
+    /// The same over a QMP connection this process already holds (a node
+    /// owns its VMs' QMP; QEMU takes one client at a time).
+    pub async fn attach_to(qmp: std::sync::Arc<Qmp>, opts: VmOptions) -> Result<Self, VmError> {
         let status = qmp
             .execute_timeout("query-status", None, QMP_TIMEOUT)
             .await?;
@@ -468,6 +474,11 @@ impl DestVm {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// Its QMP connection (QEMU takes one client at a time on its socket).
+    pub fn qmp(&self) -> std::sync::Arc<Qmp> {
+        self.qmp.clone()
     }
 }
 

@@ -190,6 +190,11 @@ impl Engine {
         &self.cfg
     }
 
+    /// A new pause budget for the switchover, from the next check on.
+    pub fn set_downtime_target(&mut self, d: Duration) {
+        self.cfg.downtime_target = d;
+    }
+
     pub fn blocks(&self) -> u64 {
         self.blocks
     }

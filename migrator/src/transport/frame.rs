@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 5;
 /// Largest payload: a 16 MiB hash batch or data block plus its small header.
 pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024 + 64;
@@ -53,8 +53,25 @@ pub enum Frame {
     },
     /// Destination has everything but `Prepare`'s blocks on stable storage.
     Ready,
-    /// The commit point: the destination is now the authority.
+    /// Source → destination: commit, please. The destination decides: it
+    /// records the commit durably, answers `CommitAck`, then takes over.
     Commit,
+    /// Destination → source: the commit is on stable storage here; the
+    /// destination is the authority.
+    CommitAck,
+    /// First frame of a link that asks what the destination holds of `name`
+    /// (a source in doubt, or one resuming the final blocks).
+    Query {
+        version: u16,
+        name: String,
+    },
+    /// Destination → source, the answer to `Query`: the disk's durable state
+    /// here and, when committed, the blocks still pending. After a
+    /// `Committed` answer the link goes on as after `Commit` (Data, Done).
+    State {
+        state: LinkState,
+        pending: Vec<u64>,
+    },
     /// Source → destination: every pending block has been sent.
     Done,
     DoneAck,
@@ -88,6 +105,36 @@ pub enum Frame {
     VmResumed,
 }
 
+/// What a destination holds of a disk, as `State` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Nothing, or a copy that never committed: the source is the authority.
+    None,
+    /// Committed here; the listed blocks are still to come.
+    Committed,
+    /// Committed and every block landed.
+    Complete,
+}
+
+impl LinkState {
+    fn code(self) -> u8 {
+        match self {
+            LinkState::None => 0,
+            LinkState::Committed => 1,
+            LinkState::Complete => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> Result<Self, FrameError> {
+        Ok(match c {
+            0 => LinkState::None,
+            1 => LinkState::Committed,
+            2 => LinkState::Complete,
+            other => return Err(FrameError::UnknownState(other)),
+        })
+    }
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("frame payload of {0} bytes exceeds the limit")]
@@ -102,6 +149,8 @@ pub enum FrameError {
     NotUtf8(&'static str),
     #[error("data frame claims {0} bytes uncompressed, over the limit")]
     BlockTooLarge(u32),
+    #[error("unknown disk state {0} in a state frame")]
+    UnknownState(u8),
 }
 
 mod t {
@@ -123,6 +172,9 @@ mod t {
     pub const VM_READY: u8 = 16;
     pub const VM_LOADED: u8 = 17;
     pub const VM_RESUMED: u8 = 18;
+    pub const COMMIT_ACK: u8 = 19;
+    pub const QUERY: u8 = 20;
+    pub const STATE: u8 = 21;
 }
 
 struct Rd<'a> {
@@ -171,6 +223,15 @@ impl<'a> Rd<'a> {
             return Err(FrameError::Truncated(self.what));
         }
         Ok((compressed, raw_len, payload))
+    }
+
+    /// `count:u32 block:u64…`, the count checked against what is there.
+    fn blocks(&mut self) -> Result<Vec<u64>, FrameError> {
+        let n = self.u32()? as usize;
+        if n > self.b.len() / 8 {
+            return Err(FrameError::Truncated(self.what));
+        }
+        (0..n).map(|_| self.u64()).collect()
     }
 
     fn end(self) -> Result<(), FrameError> {
@@ -225,6 +286,9 @@ impl Frame {
             t::VM_READY => "vm-ready",
             t::VM_LOADED => "vm-loaded",
             t::VM_RESUMED => "vm-resumed",
+            t::COMMIT_ACK => "commit-ack",
+            t::QUERY => "query",
+            t::STATE => "state",
             other => return Err(FrameError::UnknownType(other)),
         };
         let mut r = Rd { b: payload, what };
@@ -271,14 +335,9 @@ impl Frame {
                 offset: r.u64()?,
                 len: r.u64()?,
             },
-            t::PREPARE => {
-                let n = r.u32()? as usize;
-                if n > r.b.len() / 8 {
-                    return Err(FrameError::Truncated(what));
-                }
-                let blocks = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
-                Frame::Prepare { blocks }
-            }
+            t::PREPARE => Frame::Prepare {
+                blocks: r.blocks()?,
+            },
             t::READY => Frame::Ready,
             t::COMMIT => Frame::Commit,
             t::DONE => Frame::Done,
@@ -305,6 +364,23 @@ impl Frame {
             t::VM_READY => Frame::VmReady,
             t::VM_LOADED => Frame::VmLoaded,
             t::VM_RESUMED => Frame::VmResumed,
+            t::COMMIT_ACK => Frame::CommitAck,
+            t::QUERY => {
+                let version = r.u16()?;
+                let n = r.u16()? as usize;
+                Frame::Query {
+                    version,
+                    name: r.string(n)?,
+                }
+            }
+            t::STATE => {
+                let state = LinkState::from_code(r.u8()?)?;
+                let blocks = r.blocks()?;
+                Frame::State {
+                    state,
+                    pending: blocks,
+                }
+            }
             _ => unreachable!("type checked above"),
         };
         r.end()?;
@@ -357,10 +433,7 @@ impl Frame {
                 t::ZERO
             }
             Frame::Prepare { blocks } => {
-                p.extend_from_slice(&(blocks.len() as u32).to_be_bytes());
-                for b in blocks {
-                    p.extend_from_slice(&b.to_be_bytes());
-                }
+                emit_blocks(&mut p, blocks);
                 t::PREPARE
             }
             Frame::Ready => t::READY,
@@ -400,12 +473,32 @@ impl Frame {
             Frame::VmReady => t::VM_READY,
             Frame::VmLoaded => t::VM_LOADED,
             Frame::VmResumed => t::VM_RESUMED,
+            Frame::CommitAck => t::COMMIT_ACK,
+            Frame::Query { version, name } => {
+                p.extend_from_slice(&version.to_be_bytes());
+                let n = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
+                p.extend_from_slice(&(n.len() as u16).to_be_bytes());
+                p.extend_from_slice(n);
+                t::QUERY
+            }
+            Frame::State { state, pending } => {
+                p.push(state.code());
+                emit_blocks(&mut p, pending);
+                t::STATE
+            }
         };
         let mut out = Vec::with_capacity(HEADER_LEN + p.len());
         out.extend_from_slice(&(p.len() as u32).to_be_bytes());
         out.push(kind);
         out.extend_from_slice(&p);
         out
+    }
+}
+
+fn emit_blocks(p: &mut Vec<u8>, blocks: &[u64]) {
+    p.extend_from_slice(&(blocks.len() as u32).to_be_bytes());
+    for b in blocks {
+        p.extend_from_slice(&b.to_be_bytes());
     }
 }
 
@@ -461,6 +554,16 @@ mod tests {
         assert_eq!(Frame::parse(4, &p), Err(FrameError::Truncated("data")));
         assert_eq!(Frame::parse(99, &[]), Err(FrameError::UnknownType(99)));
         assert_eq!(Frame::parse(8, &[0]), Err(FrameError::Trailing("commit")));
+        // A state frame with a state nobody defined, and one whose block list
+        // claims more blocks than it carries.
+        assert_eq!(
+            Frame::parse(21, &[7, 0, 0, 0, 0]),
+            Err(FrameError::UnknownState(7))
+        );
+        assert_eq!(
+            Frame::parse(21, &[1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1]),
+            Err(FrameError::Truncated("state"))
+        );
     }
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
@@ -509,6 +612,18 @@ mod tests {
             Just(Frame::VmReady),
             Just(Frame::VmLoaded),
             Just(Frame::VmResumed),
+            Just(Frame::CommitAck),
+            (any::<u16>(), "[a-z0-9._-]{0,40}")
+                .prop_map(|(version, name)| Frame::Query { version, name }),
+            (
+                prop_oneof![
+                    Just(LinkState::None),
+                    Just(LinkState::Committed),
+                    Just(LinkState::Complete)
+                ],
+                proptest::collection::vec(any::<u64>(), 0..50)
+            )
+                .prop_map(|(state, pending)| Frame::State { state, pending }),
         ]
     }
 

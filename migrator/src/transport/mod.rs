@@ -8,8 +8,10 @@
 //!                                           destination serves nothing)
 //!  [writes frozen] Prepare{final blocks} ─▶ fsync image, record pending set
 //!                                      ◀──  Ready
-//!  [source: commit point, refuses writes]
-//!  Commit                              ──▶  authority: serves NBD now; reads of
+//!  [source records `in doubt`]
+//!  Commit                              ──▶  records `committed` (fsync): THE decision
+//!                                      ◀──  CommitAck
+//!  [source: moved, refuses writes]          authority: serves NBD now; reads of
 //!                                           pending blocks wait / send Fetch
 //!  Data (final blocks, Fetch first)    ──▶  applied unless a guest write replaced them
 //!                                      ◀──  Fetch{block}  (any time after Commit)
@@ -35,6 +37,22 @@
 //! Complete`. A link break before `Commit` leaves the source authoritative and the
 //! destination's partial image in place; the next `Hello` for the same name
 //! answers with block hashes so only differing blocks travel again.
+//!
+//! **The destination decides.** Its durable `committed` record is the commit.
+//! A source that loses the link between `Commit` and `CommitAck` is in doubt:
+//! its VM stays paused and its writes held while it asks, on a new link:
+//!
+//! ```text
+//!  Query{version,name}                 ──▶  fences every older link for `name`
+//!                                           (it can no longer commit), then
+//!                                      ◀──  State{none | committed{pending} | complete}
+//!  none: the source resumes (rolls back); committed: the link goes on as after
+//!  CommitAck, with exactly the blocks still pending; complete: nothing to send.
+//! ```
+//! The same `Query` resumes the final blocks after a break past the commit.
+//! A newer `Hello` for a disk likewise fences and ends an older, silent link.
+//! Links detect silence with TCP keepalive and `TCP_USER_TIMEOUT`
+//! ([`detect_silence`]).
 
 pub mod frame;
 pub mod tls;
@@ -53,6 +71,34 @@ pub enum LinkError {
     Truncated,
     #[error("cannot decompress block at offset {offset}: {reason}")]
     Decompress { offset: u64, reason: String },
+}
+
+/// A link whose peer has gone silent (a black hole, a dead host) is
+/// released in about 20 s instead of hanging: keepalive probes after 5 s of
+/// silence, and unacknowledged data for 20 s closes the connection.
+pub fn detect_silence(tcp: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let fd = tcp.as_raw_fd();
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
+        // SAFETY: a valid socket and a properly sized option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(opt, "setsockopt: {}", std::io::Error::last_os_error());
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 2);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 20_000);
 }
 
 /// Read one frame; `Ok(None)` on a clean end of stream between frames.

@@ -4,3 +4,5 @@
 mod common;
 mod interop;
 mod migrate;
+mod node;
+mod node_proc;

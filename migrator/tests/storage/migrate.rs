@@ -13,12 +13,10 @@ use migrator::nbd::client::ClientError;
 use migrator::precopy;
 use migrator::source::{self, MigrateError, MigrateOptions};
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
 
 use crate::common::*;
-
-const MIB: u64 = 1024 * 1024;
 
 fn opts(k: &Keys, to: &str, max_rate: Option<u64>) -> MigrateOptions {
     MigrateOptions {
@@ -28,54 +26,12 @@ fn opts(k: &Keys, to: &str, max_rate: Option<u64>) -> MigrateOptions {
         precopy: precopy::Config::default(),
         compress: true,
         max_rate,
-        marker: None,
+        live: Default::default(),
+        ledger: None,
         vm: None,
+        qmp_connection: None,
+        reconnect_for: Duration::from_secs(5),
     }
-}
-
-/// Random writes through NBD until the source refuses them (it has moved) or
-/// `stop` is set; every acknowledged write is applied to `model`.
-async fn writer(
-    sock: std::path::PathBuf,
-    model: Arc<Mutex<Vec<u8>>>,
-    seed: u64,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> u64 {
-    let mut c = client(&sock).await;
-    let size = c.size();
-    let mut rng = StdRng::seed_from_u64(seed ^ 0xfeed);
-    let mut acked = 0;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let (off, len, zero) = random_write(&mut rng, size);
-        let mut data = vec![0u8; len];
-        if !zero {
-            rng.fill_bytes(&mut data);
-        }
-        let r = if zero {
-            c.write_zeroes(off, len as u32).await
-        } else {
-            c.write(off, &data, rng.gen_range(0..8) == 0).await
-        };
-        match r {
-            Ok(()) => {
-                model.lock().await[off as usize..off as usize + len].copy_from_slice(&data);
-                acked += 1;
-            }
-            Err(ClientError::Server { code: 1, .. }) => break, // EPERM: moved
-            Err(e) => panic!("write failed: {e}"),
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
-    acked
-}
-
-async fn read_all(sock: &Path) -> Vec<u8> {
-    let mut c = client(sock).await;
-    let mut out = vec![0u8; c.size() as usize];
-    for (i, chunk) in out.chunks_mut(4 * MIB as usize).enumerate() {
-        c.read(i as u64 * 4 * MIB, chunk).await.expect("read back");
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
