@@ -703,6 +703,72 @@ mod tests {
         assert_eq!(disk.read(3 * BS, 4).await.expect("read"), vec![9u8; 4]);
     }
 
+    /// What a restarted destination still waits for, after `steps` ran on
+    /// a receiving disk with a journal: the commit's set less the journal.
+    async fn pending_after_restart(steps: impl AsyncFnOnce(&Disk)) -> HashSet<u64> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let img = Image::create(&dir.path().join("d.img"), 8 * BS).expect("img");
+        let jpath = dir.path().join("d.landed");
+        let disk = Disk::new(img, "d");
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let committed: HashSet<u64> = [1, 3, 5].into();
+        let j = Journal::create(&jpath).expect("journal");
+        disk.open_receiving(BS as u32, committed.clone(), tx, Some(j));
+        steps(&disk).await;
+        // the restart sees only what reached the journal's file
+        let (_j, done) = Journal::open(&jpath).expect("reopen");
+        committed.difference(&done).copied().collect()
+    }
+
+    /// (What a restart reads is the journal's file; that its fsync comes with
+    /// the write's FUA or the next FLUSH, after the image's, only a machine
+    /// crash would show.)
+    #[tokio::test]
+    async fn a_guest_write_that_replaced_a_pending_block_is_journaled_for_a_restart() {
+        // replaced whole: a late copy must never overwrite it, even after a restart
+        let left = pending_after_restart(async |d: &Disk| {
+            d.write(3 * BS, vec![9u8; BS as usize], false)
+                .await
+                .expect("write");
+            d.flush().await.expect("flush");
+        })
+        .await;
+        assert_eq!(left, [1, 5].into());
+        let left = pending_after_restart(async |d: &Disk| {
+            d.write(5 * BS, vec![9u8; BS as usize], true)
+                .await
+                .expect("write");
+        })
+        .await;
+        assert_eq!(left, [1, 3].into());
+    }
+
+    #[tokio::test]
+    async fn a_landed_block_is_journaled_before_writes_may_touch_it() {
+        let left = pending_after_restart(async |d: &Disk| {
+            assert!(d.begin_landing(1));
+            d.image()
+                .write_at(&vec![7u8; BS as usize], BS)
+                .expect("land");
+            d.record_landed(&[1]).expect("journal");
+            d.end_landing(1);
+        })
+        .await;
+        assert_eq!(left, [3, 5].into());
+    }
+
+    #[test]
+    fn a_torn_journal_entry_is_not_counted() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("j");
+        let mut b = 4u64.to_le_bytes().to_vec();
+        b.extend_from_slice(&[1, 2, 3]); // a crash mid-append
+        std::fs::write(&p, &b).expect("write");
+        let (_j, done) = Journal::open(&p).expect("open");
+        assert_eq!(done, [4].into());
+        assert_eq!(std::fs::metadata(&p).expect("meta").len(), 8);
+    }
+
     #[tokio::test]
     async fn partial_write_waits_for_the_block() {
         let (_dir, disk, mut fetch) = receiving(&[1]);
