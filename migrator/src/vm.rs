@@ -294,6 +294,29 @@ impl DestVm {
         disk: &Path,
         postcopy: bool,
     ) -> Result<Self, VmError> {
+        Self::start(dir, name, disk, Some(postcopy)).await
+    }
+
+    /// Boots the VM from `DIR/NAME.qemu` on `disk` (a node starting a VM that
+    /// runs on it): the same command line, QMP and log as [`DestVm::launch`],
+    /// without waiting for a migration stream.
+    pub async fn boot(dir: &Path, name: &str, disk: &Path) -> Result<Self, VmError> {
+        Self::start(dir, name, disk, None).await
+    }
+
+    /// Whether `DIR/NAME.qemu` exists: the VM has a launch file here.
+    pub fn has_launch_file(dir: &Path, name: &str) -> bool {
+        dir.join(format!("{name}.qemu")).exists()
+    }
+
+    /// `incoming`: wait for a migration stream (with post-copy or not);
+    /// `None`: boot.
+    async fn start(
+        dir: &Path,
+        name: &str,
+        disk: &Path,
+        incoming: Option<bool>,
+    ) -> Result<Self, VmError> {
         let file = dir.join(format!("{name}.qemu"));
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
@@ -310,10 +333,9 @@ impl DestVm {
             });
         };
         let qmp_path = dir.join(format!("{name}.qmp"));
-        let incoming = dir.join(format!("{name}.mig"));
         let log = dir.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&qmp_path);
-        let _ = std::fs::remove_file(&incoming);
+        let _ = std::fs::remove_file(dir.join(format!("{name}.mig")));
         let open_log = || {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -322,8 +344,11 @@ impl DestVm {
                 .map_err(|e| VmError::Io(format!("cannot open {}: {e}", log.display())))
         };
         let mut cmd = tokio::process::Command::new(program);
-        cmd.args(rest)
-            .args(["-S", "-incoming", "defer", "-qmp"])
+        cmd.args(rest);
+        if incoming.is_some() {
+            cmd.args(["-S", "-incoming", "defer"]);
+        }
+        cmd.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
             .stdin(std::process::Stdio::null())
             .stdout(open_log()?)
@@ -364,27 +389,33 @@ impl DestVm {
                 }
             }
         };
-        let caps = json!({"capabilities": [
-            {"capability": "events", "state": true},
-            {"capability": "postcopy-ram", "state": postcopy},
-        ]});
-        qmp.execute_timeout("migrate-set-capabilities", Some(caps), QMP_TIMEOUT)
-            .await?;
-        qmp.execute_timeout(
-            "migrate-incoming",
-            Some(json!({"uri": format!("unix:{}", incoming.display())})),
-            QMP_TIMEOUT,
-        )
-        .await?;
-        info!(
-            vm = name,
-            pid = child.id(),
-            "destination QEMU waits for the migration stream"
-        );
+        let stream = dir.join(format!("{name}.mig"));
+        match incoming {
+            Some(postcopy) => {
+                let caps = json!({"capabilities": [
+                    {"capability": "events", "state": true},
+                    {"capability": "postcopy-ram", "state": postcopy},
+                ]});
+                qmp.execute_timeout("migrate-set-capabilities", Some(caps), QMP_TIMEOUT)
+                    .await?;
+                qmp.execute_timeout(
+                    "migrate-incoming",
+                    Some(json!({"uri": format!("unix:{}", stream.display())})),
+                    QMP_TIMEOUT,
+                )
+                .await?;
+                info!(
+                    vm = name,
+                    pid = child.id(),
+                    "destination QEMU waits for the migration stream"
+                );
+            }
+            None => info!(vm = name, pid = child.id(), "VM booted"),
+        }
         Ok(Self {
             child,
             qmp: std::sync::Arc::new(qmp),
-            incoming,
+            incoming: stream,
             log,
         })
     }

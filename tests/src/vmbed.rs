@@ -23,6 +23,14 @@ pub type Console = Arc<Mutex<Vec<(Instant, &'static str, String)>>>;
 /// JSON events of a `migrator … --json` run.
 pub type Events = Arc<Mutex<Vec<serde_json::Value>>>;
 
+/// Two running nodes (stopped when dropped) and their directories.
+pub struct Nodes {
+    _a: ChildGuard,
+    _b: ChildGuard,
+    pub a_dir: PathBuf,
+    pub b_dir: PathBuf,
+}
+
 pub struct VmBed {
     pub sites: Sites,
     /// One VM bed at a time on this machine (see [`qemu_slot`]).
@@ -257,11 +265,13 @@ impl VmBed {
 
     /// Follows the destination QEMU's console (its log file at the agent).
     pub fn tail_destination(&self) {
-        let (path, console, stop) = (
-            self.agent_dir.join("root.log"),
-            self.console.clone(),
-            self.stop.clone(),
-        );
+        self.tail_file(self.agent_dir.join("root.log"), "dst");
+    }
+
+    /// Follows a console written to `path` (QEMU started by an agent or a
+    /// node), its lines into the timeline as `tag`.
+    pub fn tail_file(&self, path: PathBuf, tag: &'static str) {
+        let (console, stop) = (self.console.clone(), self.stop.clone());
         std::thread::spawn(move || {
             let mut pos = 0u64;
             let mut partial = String::new();
@@ -277,13 +287,139 @@ impl VmBed {
                     while let Some(i) = partial.find('\n') {
                         let line: String = partial.drain(..=i).collect();
                         if let Ok(mut c) = console.lock() {
-                            c.push((Instant::now(), "dst", line.trim_end().to_string()));
+                            c.push((Instant::now(), tag, line.trim_end().to_string()));
                         }
                     }
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
+    }
+
+    /// Two nodes (`migrator node run`): `A` in site A with the guest's image
+    /// and `B` in site B, each with the guest's launch file, peers of each
+    /// other; node A boots the guest. Their QEMUs' consoles are followed as
+    /// `A` and `B`.
+    pub fn start_nodes(&self) -> Result<Nodes> {
+        let launch = std::fs::read_to_string(self.agent_dir.join("root.qemu"))?;
+        let mut procs = Vec::new();
+        let mut dirs = Vec::new();
+        let ips = [crate::bed::A_IP, crate::bed::B_IP];
+        let key_dirs = [&self.keys.src_dir, &self.keys.dst_dir];
+        let fps = [&self.keys.src_fp, &self.keys.dst_fp];
+        for (i, (name, ns)) in [("A", &self.sites.a), ("B", &self.sites.b)]
+            .into_iter()
+            .enumerate()
+        {
+            let peer = ["B", "A"][i];
+            let dir = self.path(&format!("node-{name}"));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("root.qemu"), &launch)?;
+            if name == "A" {
+                std::fs::copy(&self.image, dir.join("root.img"))?;
+            }
+            let config = self.path(&format!("node-{name}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "name = \"{name}\"\ndir = \"{}\"\nlisten = \"{}:7800\"\nidentity = \"{}\"\ncontrol = \"{}\"\n\n[peer.{peer}]\naddr = \"{}:7800\"\nfingerprint = \"{}\"\n",
+                    dir.display(),
+                    ips[i],
+                    key_dirs[i].display(),
+                    self.path(&format!("{name}.ctl")).display(),
+                    ips[1 - i],
+                    fps[1 - i],
+                ),
+            )?;
+            let mut c = ns.command(migrator_bin().to_str().unwrap_or("migrator"));
+            c.args(["node", "run", "--config"])
+                .arg(&config)
+                .stdout(Stdio::piped())
+                .stderr(crate::bed::log_file(
+                    &self.path(&format!("node-{name}.log")),
+                ));
+            let mut g = ChildGuard::spawn(&mut c)?;
+            let out =
+                g.0.as_mut()
+                    .and_then(|c| c.stdout.take())
+                    .context("node stdout")?;
+            let mut line = String::new();
+            BufReader::new(out).read_line(&mut line)?;
+            if !line.starts_with("listening on ") {
+                bail!(
+                    "node {name} did not start: {}",
+                    std::fs::read_to_string(self.path(&format!("node-{name}.log")))
+                        .unwrap_or_default()
+                );
+            }
+            procs.push(g);
+            dirs.push(dir);
+        }
+        self.tail_file(dirs[0].join("root.log"), "A");
+        self.tail_file(dirs[1].join("root.log"), "B");
+        let mut it = procs.into_iter();
+        let (Some(a), Some(b)) = (it.next(), it.next()) else {
+            bail!("two nodes")
+        };
+        Ok(Nodes {
+            _a: a,
+            _b: b,
+            a_dir: dirs[0].clone(),
+            b_dir: dirs[1].clone(),
+        })
+    }
+
+    /// `migrator node migrate root --to TO` at node `from`, with `--json`;
+    /// returns its events once it exits.
+    pub fn node_migrate(&self, from: &str, to: &str) -> Result<Vec<serde_json::Value>> {
+        let events: Events = Arc::new(Mutex::new(Vec::new()));
+        let mut c = Command::new(migrator_bin());
+        c.args(["node", "migrate", "root", "--to", to, "--json", "--node"])
+            .arg(self.path(&format!("{from}.ctl")))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut g = ChildGuard::spawn(&mut c)?;
+        let out =
+            g.0.as_mut()
+                .and_then(|c| c.stdout.take())
+                .context("migrate's stdout")?;
+        let ev = events.clone();
+        let reader = std::thread::spawn(move || read_events(out, &ev));
+        let st = wait_exit(&mut g, Duration::from_secs(300))?;
+        let _ = reader.join();
+        let events = events.lock().map(|e| e.clone()).unwrap_or_default();
+        if !st.success() {
+            bail!("{from} -> {to} failed: {events:?}\n{}", self.logs());
+        }
+        Ok(events)
+    }
+
+    /// Every switch of the guest's console from one QEMU to another (in the
+    /// order seen) went on exactly where it stopped: no heartbeat replayed or
+    /// skipped (one may be missing, printed but not yet written out when the
+    /// old QEMU quit). Returns the switches and the largest heartbeat gap.
+    pub fn continuity_across(&self) -> Result<(usize, Duration)> {
+        let beats: Vec<(Instant, &'static str, u64)> = self
+            .lines()
+            .into_iter()
+            .filter_map(|(t, tag, l)| beat(&l).map(|b| (t, tag, b)))
+            .collect();
+        let mut switches = 0;
+        for w in beats.windows(2) {
+            let ((_, t0, b0), (_, t1, b1)) = (w[0], w[1]);
+            if t0 != t1 {
+                switches += 1;
+                if !(b1 <= b0 + 2 && b1 + 1 >= b0) {
+                    bail!("{t0} ended at heartbeat {b0}, {t1} began at {b1}");
+                }
+            }
+        }
+        let gap = beats
+            .windows(2)
+            .map(|w| w[1].0.duration_since(w[0].0))
+            .max()
+            .unwrap_or_default();
+        Ok((switches, gap))
     }
 
     /// `migrator disk migrate --qmp …` of the guest to the agent at `addr`.
@@ -314,7 +450,7 @@ impl VmBed {
         Ok(g)
     }
 
-    fn lines(&self) -> Vec<(Instant, &'static str, String)> {
+    pub fn lines(&self) -> Vec<(Instant, &'static str, String)> {
         self.console.lock().map(|c| c.clone()).unwrap_or_default()
     }
 

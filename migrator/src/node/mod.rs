@@ -48,6 +48,7 @@ use crate::image::Image;
 use crate::precopy;
 use crate::source::{self, Ledger, Live, MigrateError, Settled};
 use crate::transport::tls::{parse_fingerprint, Fingerprint, Identity, TlsError};
+use crate::vm::DestVm;
 use api::{JobStatus, NodeStatus, Reply, Request, VmStatus};
 
 /// `node.toml`.
@@ -302,6 +303,9 @@ impl Node {
         };
         for name in node.agent.serve_completed().map_err(dir_err)? {
             info!(vm = name, "runs here: serving its disk");
+            if node.agent.read_state(&name).map(|s| s.state) == Some(DiskState::Complete) {
+                node.boot(&name).await;
+            }
         }
         for (name, st) in node.agent.states() {
             if st.state == DiskState::InDoubt {
@@ -405,6 +409,8 @@ impl Node {
                         disk.stop_tracking();
                     } else if let Err(e) = self.agent.start_serving(disk) {
                         warn!(vm = name, "cannot serve its disk: {e}");
+                    } else {
+                        self.boot(&name).await;
                     }
                     if let Some(q) = self.agent.vm(&name) {
                         resume_vm(&q, &name).await;
@@ -426,6 +432,30 @@ impl Node {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
             }
+        }
+    }
+
+    /// Starts the VM `name` from its launch file `DIR/NAME.qemu`, if it has
+    /// one and no QEMU of it runs here; its disk must be served already.
+    async fn boot(&self, name: &str) {
+        let dir = self.agent.dir();
+        if self.agent.vm(name).is_some() || !DestVm::has_launch_file(dir, name) {
+            return;
+        }
+        match DestVm::boot(dir, name, &self.agent.socket_path(name)).await {
+            Ok(vm) => {
+                let (stopped, vm_name) = (vm.stopped(), name.to_string());
+                self.agent.adopt_vm(name, vm);
+                tokio::spawn(async move {
+                    let (alarm, what) = stopped.await;
+                    if alarm {
+                        warn!(vm = vm_name, "the VM stopped: {what}");
+                    } else {
+                        info!(vm = vm_name, "the VM stopped: {what}");
+                    }
+                });
+            }
+            Err(e) => warn!(vm = name, "cannot start the VM from its launch file: {e}"),
         }
     }
 
