@@ -92,6 +92,9 @@ pub struct Agent {
     vms: Mutex<HashMap<String, DestVm>>,
     /// The NBD listener of each served disk.
     nbd: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Told the name of each disk a resumed link completed while no VM of
+    /// it runs here (its QEMU died with this process after the commit).
+    resumed: Mutex<Option<mpsc::UnboundedSender<String>>>,
 }
 
 /// A session's hold on a disk name.
@@ -146,6 +149,7 @@ impl Agent {
             served: Mutex::new(HashMap::new()),
             vms: Mutex::new(HashMap::new()),
             nbd: Mutex::new(HashMap::new()),
+            resumed: Mutex::new(None),
         })
     }
 
@@ -222,6 +226,12 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .map(|v| v.qmp())
+    }
+
+    /// Where to say that a resumed link completed a disk whose VM does not
+    /// run here (so its owner can start it).
+    pub fn on_resumed_without_vm(&self, tx: mpsc::UnboundedSender<String>) {
+        *self.resumed.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     }
 
     /// Registers a VM started here, so it can be moved on.
@@ -576,6 +586,11 @@ impl Agent {
                 let r = self
                     .receive(&mut rd, wr, &name, Begin::Resume(d), &slot)
                     .await;
+                if matches!(r, Ok(true)) && self.vm(&name).is_none() {
+                    if let Some(tx) = &*self.resumed.lock().unwrap_or_else(|p| p.into_inner()) {
+                        let _ = tx.send(name.clone());
+                    }
+                }
                 r.map(|done| done.then_some(name))
             }
             (Some(DiskState::Committed), None) => {

@@ -50,16 +50,24 @@ impl Sites {
 
     /// Bytes sent from site A into the link (everything: TCP, TLS, frames).
     pub fn a_tx_bytes(&self) -> Result<u64> {
-        let out = self
-            .a
-            .command("cat")
-            .arg(format!("/sys/class/net/{}/statistics/tx_bytes", self.a_dev))
-            .output()?;
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .context("tx_bytes")
+        tx_bytes(&self.a, &self.a_dev)
     }
+
+    /// Site B's interface towards A: what B sent.
+    pub fn b_tx_bytes(&self) -> Result<u64> {
+        tx_bytes(&self.b, &self.b_dev)
+    }
+}
+
+fn tx_bytes(ns: &Netns, dev: &str) -> Result<u64> {
+    let out = ns
+        .command("cat")
+        .arg(format!("/sys/class/net/{dev}/statistics/tx_bytes"))
+        .output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("tx_bytes")
 }
 
 /// A sparse image with `data` bytes of random content in `pieces` extents spread

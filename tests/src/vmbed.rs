@@ -25,8 +25,8 @@ pub type Events = Arc<Mutex<Vec<serde_json::Value>>>;
 
 /// Two running nodes (stopped when dropped) and their directories.
 pub struct Nodes {
-    _a: ChildGuard,
-    _b: ChildGuard,
+    pub a: ChildGuard,
+    pub b: ChildGuard,
     pub a_dir: PathBuf,
     pub b_dir: PathBuf,
 }
@@ -162,6 +162,10 @@ impl VmBed {
     /// messages, and both QEMUs' state as their monitors and threads show it.
     pub fn logs(&self) -> String {
         let mut s: String = [
+            self.path("node-A.log"),
+            self.path("node-B.log"),
+            self.path("node-A/root.log"),
+            self.path("node-B/root.log"),
             self.agent_dir.join("agent.log"),
             self.path("ctl.log"),
             self.agent_dir.join("root.log"),
@@ -301,16 +305,18 @@ impl VmBed {
     /// other; node A boots the guest. Their QEMUs' consoles are followed as
     /// `A` and `B`.
     pub fn start_nodes(&self) -> Result<Nodes> {
+        self.start_nodes_with(None)
+    }
+
+    /// [`VmBed::start_nodes`], node B with `fail_b` armed (a failpoint that
+    /// kills it: `MIGRATOR_FAILPOINTS`).
+    pub fn start_nodes_with(&self, fail_b: Option<&str>) -> Result<Nodes> {
         let launch = std::fs::read_to_string(self.agent_dir.join("root.qemu"))?;
-        let mut procs = Vec::new();
-        let mut dirs = Vec::new();
         let ips = [crate::bed::A_IP, crate::bed::B_IP];
         let key_dirs = [&self.keys.src_dir, &self.keys.dst_dir];
         let fps = [&self.keys.src_fp, &self.keys.dst_fp];
-        for (i, (name, ns)) in [("A", &self.sites.a), ("B", &self.sites.b)]
-            .into_iter()
-            .enumerate()
-        {
+        let mut procs = Vec::new();
+        for (i, name) in ["A", "B"].into_iter().enumerate() {
             let peer = ["B", "A"][i];
             let dir = self.path(&format!("node-{name}"));
             std::fs::create_dir_all(&dir)?;
@@ -318,9 +324,8 @@ impl VmBed {
             if name == "A" {
                 std::fs::copy(&self.image, dir.join("root.img"))?;
             }
-            let config = self.path(&format!("node-{name}.toml"));
             std::fs::write(
-                &config,
+                self.path(&format!("node-{name}.toml")),
                 format!(
                     "name = \"{name}\"\ndir = \"{}\"\nlisten = \"{}:7800\"\nidentity = \"{}\"\ncontrol = \"{}\"\n\n[peer.{peer}]\naddr = \"{}:7800\"\nfingerprint = \"{}\"\n",
                     dir.display(),
@@ -331,51 +336,64 @@ impl VmBed {
                     fps[1 - i],
                 ),
             )?;
-            let mut c = ns.command(migrator_bin().to_str().unwrap_or("migrator"));
-            c.args(["node", "run", "--config"])
-                .arg(&config)
-                .stdout(Stdio::piped())
-                .stderr(crate::bed::log_file(
-                    &self.path(&format!("node-{name}.log")),
-                ));
-            let mut g = ChildGuard::spawn(&mut c)?;
-            let out =
-                g.0.as_mut()
-                    .and_then(|c| c.stdout.take())
-                    .context("node stdout")?;
-            let mut line = String::new();
-            BufReader::new(out).read_line(&mut line)?;
-            if !line.starts_with("listening on ") {
-                bail!(
-                    "node {name} did not start: {}",
-                    std::fs::read_to_string(self.path(&format!("node-{name}.log")))
-                        .unwrap_or_default()
-                );
-            }
-            procs.push(g);
-            dirs.push(dir);
+            procs.push(self.spawn_node(name, if name == "B" { fail_b } else { None })?);
         }
-        self.tail_file(dirs[0].join("root.log"), "A");
-        self.tail_file(dirs[1].join("root.log"), "B");
+        let (a_dir, b_dir) = (self.path("node-A"), self.path("node-B"));
+        self.tail_file(a_dir.join("root.log"), "A");
+        self.tail_file(b_dir.join("root.log"), "B");
         let mut it = procs.into_iter();
         let (Some(a), Some(b)) = (it.next(), it.next()) else {
             bail!("two nodes")
         };
-        Ok(Nodes {
-            _a: a,
-            _b: b,
-            a_dir: dirs[0].clone(),
-            b_dir: dirs[1].clone(),
-        })
+        Ok(Nodes { a, b, a_dir, b_dir })
+    }
+
+    /// `migrator node run` for node `name` (`A` or `B`) in its site, with
+    /// `failpoint` armed; returns once it listens.
+    pub fn spawn_node(&self, name: &str, failpoint: Option<&str>) -> Result<ChildGuard> {
+        let ns = if name == "A" {
+            &self.sites.a
+        } else {
+            &self.sites.b
+        };
+        let log = self.path(&format!("node-{name}.log"));
+        let mut c = ns.command(migrator_bin().to_str().unwrap_or("migrator"));
+        c.args(["node", "run", "--config"])
+            .arg(self.path(&format!("node-{name}.toml")))
+            .stdout(Stdio::piped())
+            .stderr(crate::bed::log_file(&log));
+        if let Some(f) = failpoint {
+            c.env("MIGRATOR_FAILPOINTS", format!("{f}:kill"));
+        }
+        let mut g = ChildGuard::spawn(&mut c)?;
+        let out =
+            g.0.as_mut()
+                .and_then(|c| c.stdout.take())
+                .context("node stdout")?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        if !line.starts_with("listening on ") {
+            bail!(
+                "node {name} did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(g)
     }
 
     /// `migrator node migrate root --to TO` at node `from`, with `--json`;
     /// returns its events once it exits.
-    pub fn node_migrate(&self, from: &str, to: &str) -> Result<Vec<serde_json::Value>> {
+    pub fn node_migrate(
+        &self,
+        from: &str,
+        to: &str,
+        extra: &[&str],
+    ) -> Result<Vec<serde_json::Value>> {
         let events: Events = Arc::new(Mutex::new(Vec::new()));
         let mut c = Command::new(migrator_bin());
         c.args(["node", "migrate", "root", "--to", to, "--json", "--node"])
             .arg(self.path(&format!("{from}.ctl")))
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut g = ChildGuard::spawn(&mut c)?;
@@ -397,18 +415,19 @@ impl VmBed {
     /// Every switch of the guest's console from one QEMU to another (in the
     /// order seen) went on exactly where it stopped: no heartbeat replayed or
     /// skipped (one may be missing, printed but not yet written out when the
-    /// old QEMU quit). Returns the switches and the largest heartbeat gap.
-    pub fn continuity_across(&self) -> Result<(usize, Duration)> {
+    /// old QEMU quit). Returns each switch's pause (last heartbeat there to
+    /// first here) and the largest heartbeat gap overall.
+    pub fn continuity_across(&self) -> Result<(Vec<Duration>, Duration)> {
         let beats: Vec<(Instant, &'static str, u64)> = self
             .lines()
             .into_iter()
             .filter_map(|(t, tag, l)| beat(&l).map(|b| (t, tag, b)))
             .collect();
-        let mut switches = 0;
+        let mut switches = Vec::new();
         for w in beats.windows(2) {
-            let ((_, t0, b0), (_, t1, b1)) = (w[0], w[1]);
+            let ((i0, t0, b0), (i1, t1, b1)) = (w[0], w[1]);
             if t0 != t1 {
-                switches += 1;
+                switches.push(i1.duration_since(i0));
                 if !(b1 <= b0 + 2 && b1 + 1 >= b0) {
                     bail!("{t0} ended at heartbeat {b0}, {t1} began at {b1}");
                 }

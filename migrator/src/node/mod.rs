@@ -297,6 +297,18 @@ impl Node {
             jobs: Mutex::new(HashMap::new()),
         });
         node.adopt()?;
+        // A disk that completes here after a restart mid-move has no VM
+        // running (its QEMU died with this node after the commit): the
+        // commit made this the only copy, so it boots here, cold.
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        node.agent.on_resumed_without_vm(tx);
+        let n = node.clone();
+        tokio::spawn(async move {
+            while let Some(name) = rx.recv().await {
+                warn!(vm = name, "its disk completed here after a restart; its memory was lost with the old process: booting it");
+                n.boot(&name).await;
+            }
+        });
         let dir_err = |source| NodeError::Dir {
             path: node.cfg.dir.clone(),
             source,
