@@ -193,25 +193,14 @@ impl Agent {
 
     /// Every disk this directory knows, with its state, sorted by name.
     pub fn states(&self) -> Vec<(String, StateFile)> {
-        let mut out = Vec::new();
-        let Ok(rd) = std::fs::read_dir(&self.opts.dir) else {
-            return out;
-        };
-        for entry in rd.flatten() {
-            let p = entry.path();
-            let Some(name) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".state"))
-            else {
-                continue;
-            };
-            if let Some(st) = self.read_state(name) {
-                out.push((name.to_string(), st));
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        self.try_states().unwrap_or_default()
+    }
+
+    fn try_states(&self) -> std::io::Result<Vec<(String, StateFile)>> {
+        Ok(names_with_suffix(&self.opts.dir, ".state")?
+            .into_iter()
+            .filter_map(|n| self.read_state(&n).map(|st| (n, st)))
+            .collect())
     }
 
     /// The directory this agent keeps its disks in.
@@ -267,25 +256,17 @@ impl Agent {
     /// Serve disks that completed before a restart.
     pub fn serve_completed(self: &Arc<Self>) -> std::io::Result<Vec<String>> {
         let mut names = Vec::new();
-        for entry in std::fs::read_dir(&self.opts.dir)? {
-            let p = entry?.path();
-            let Some(name) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".state"))
-            else {
-                continue;
-            };
-            match self.read_state(name) {
-                Some(st) if st.state == DiskState::Complete => {
-                    let img =
-                        Image::open(&self.image_path(name), true).map_err(std::io::Error::other)?;
-                    self.start_serving(Arc::new(Disk::new(img, name)))?;
-                    names.push(name.to_string());
+        for (name, st) in self.try_states()? {
+            match st.state {
+                DiskState::Complete => {
+                    let img = Image::open(&self.image_path(&name), true)
+                        .map_err(std::io::Error::other)?;
+                    self.start_serving(Arc::new(Disk::new(img, &name)))?;
+                    names.push(name);
                 }
-                Some(st) if st.state == DiskState::Committed => {
-                    self.reopen_committed(name, &st)?;
-                    names.push(name.to_string());
+                DiskState::Committed => {
+                    self.reopen_committed(&name, &st)?;
+                    names.push(name);
                 }
                 _ => {}
             }
@@ -1041,6 +1022,23 @@ impl Agent {
         });
         AgentError::Refused(message)
     }
+}
+
+/// The names of the files in `dir` ending in `suffix`, without it, sorted.
+pub fn names_with_suffix(dir: &Path, suffix: &str) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if let Some(n) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(suffix))
+        {
+            out.push(n.to_string());
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Writes one last frame and closes the link.

@@ -1079,6 +1079,8 @@ async fn transfer(
     .await;
     let mut remaining: BTreeSet<u64> = final_blocks.iter().copied().collect();
     let mut relinked = false;
+    // every block already landed (the destination said `complete`)
+    let mut landed = false;
     if let Err(lost) = asked {
         warn!(
             disk = disk.name(),
@@ -1098,12 +1100,9 @@ async fn transfer(
                 return Err(MigrateError::NotCommitted(Box::new(lost)));
             }
             Ok(a) => {
-                info!(
-                    disk = disk.name(),
-                    pending = a.pending.len(),
-                    "the destination committed"
-                );
+                info!(disk = disk.name(), pending = a.pending.len(), state = ?a.state, "the destination committed");
                 remaining = a.pending.into_iter().collect();
+                landed = a.state == LinkState::Complete;
                 s.wr = Arc::new(SharedWriter::new(a.wr));
                 rx = spawn_reader(a.rd);
                 relinked = true;
@@ -1148,7 +1147,7 @@ async fn transfer(
                 vm.quit().await;
             }
         }
-        loop {
+        while !landed {
             let sent = send_final(&mut s, &mut remaining, &mut rx, &mut resumed_at).await;
             let Err(e) = sent else { break };
             if postcopy_run {
@@ -1161,7 +1160,7 @@ async fn transfer(
             );
             let a = ask_until(&opts, disk.name()).await.map_err(|_| e)?;
             match a.state {
-                LinkState::Complete => break,
+                LinkState::Complete => landed = true,
                 LinkState::Committed => {
                     remaining = a.pending.into_iter().collect();
                     s.wr = Arc::new(SharedWriter::new(a.wr));

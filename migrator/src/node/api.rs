@@ -96,7 +96,7 @@ pub struct JobStatus {
     pub round: u32,
     pub dirty_blocks: u64,
     pub max_rate_mbit: Option<f64>,
-    /// Guest writes delayed by throttling so far.
+    /// QEMU's memory passes so far (a VM's migration).
     pub memory_passes: Option<u64>,
 }
 

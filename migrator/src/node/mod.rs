@@ -40,7 +40,7 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
 
-use crate::agent::{check_name, Agent, AgentOptions, DiskState, StateFile};
+use crate::agent::{check_name, names_with_suffix, Agent, AgentOptions, DiskState, StateFile};
 use crate::args::{check_rate, mbit_to_bytes, Tuning, TuningError};
 use crate::disk::Disk;
 use crate::events::{Event, EventSink, Summary};
@@ -331,23 +331,17 @@ impl Node {
     /// Every `DIR/NAME.img` without a state runs here from now on.
     fn adopt(&self) -> Result<(), NodeError> {
         let dir = &self.cfg.dir;
-        let rd = std::fs::read_dir(dir).map_err(|source| NodeError::Dir {
+        let names = names_with_suffix(dir, ".img").map_err(|source| NodeError::Dir {
             path: dir.clone(),
             source,
         })?;
-        for entry in rd.flatten() {
-            let p = entry.path();
-            let Some(name) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".img"))
-            else {
-                continue;
-            };
+        for name in &names {
+            let name = name.as_str();
             if check_name(name).is_err() || self.agent.read_state(name).is_some() {
                 continue;
             }
-            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            let p = self.agent.image_path(name);
+            let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             self.agent
                 .write_state(
                     name,

@@ -318,7 +318,7 @@ async fn move_with_fault(
         &["A", "B"],
         move |from, to, addr| {
             if (from, to) == ("A", "B") {
-                let p = futures_lite_block(Proxy::start(addr.to_string()));
+                let p = block_on_here(Proxy::start(addr.to_string()));
                 let a = p.addr.clone();
                 *ps.lock().expect("slot") = Some(Arc::new(p));
                 a
@@ -364,8 +364,19 @@ async fn move_with_fault(
 }
 
 /// Runs a future to completion from a synchronous closure inside the runtime.
-fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+fn block_on_here<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+/// web1 runs at `b` only, and serves every acknowledged write.
+async fn assert_moved(a: &TestNode, b: &TestNode, model: &Mutex<Vec<u8>>, how: &str) {
+    assert_eq!(b.state("web1"), DiskState::Complete, "{how}");
+    assert_eq!(a.state("web1"), DiskState::Moved, "{how}");
+    assert_eq!(
+        hash(&read_all(&b.sock("web1")).await),
+        hash(&model.lock().await),
+        "{how}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -375,12 +386,7 @@ async fn recover_link_cut_after_commit_before_ack_finishes_at_the_destination() 
         move_with_fault(root.path(), "dest.after_commit_record", |p| p.cut()).await;
     let (a, b) = (&ns[0], &ns[1]);
     let s = r.expect("the source asks, hears `committed`, and sends the rest");
-    assert_eq!(b.state("web1"), DiskState::Complete, "{s:?}");
-    assert_eq!(a.state("web1"), DiskState::Moved);
-    assert_eq!(
-        hash(&read_all(&b.sock("web1")).await),
-        hash(&model.lock().await)
-    );
+    assert_moved(a, b, &model, &format!("{s:?}")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -411,11 +417,7 @@ async fn recover_link_cut_before_commit_keeps_the_vm_at_the_source_and_a_rerun_m
         s.resumed_bytes > 0,
         "the partial copy at B was reused: {s:?}"
     );
-    assert_eq!(b.state("web1"), DiskState::Complete);
-    assert_eq!(
-        hash(&read_all(&b.sock("web1")).await),
-        hash(&model.lock().await)
-    );
+    assert_moved(a, b, &model, "re-run").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -448,11 +450,7 @@ async fn recover_black_holed_link_at_the_commit_resolves_by_asking() {
     let s = migrate(a, "web1", "B")
         .await
         .expect("re-run after the black hole");
-    assert_eq!(b.state("web1"), DiskState::Complete, "{s:?}");
-    assert_eq!(
-        hash(&read_all(&b.sock("web1")).await),
-        hash(&model.lock().await)
-    );
+    assert_moved(a, b, &model, &format!("{s:?}")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -462,12 +460,7 @@ async fn recover_link_cut_while_final_blocks_flow_resumes_them() {
         move_with_fault(root.path(), "source.final_blocks", |p| p.cut()).await;
     let (a, b) = (&ns[0], &ns[1]);
     let s = r.expect("the final blocks resume on a new link");
-    assert_eq!(b.state("web1"), DiskState::Complete, "{s:?}");
-    assert_eq!(a.state("web1"), DiskState::Moved);
-    assert_eq!(
-        hash(&read_all(&b.sock("web1")).await),
-        hash(&model.lock().await)
-    );
+    assert_moved(a, b, &model, &format!("{s:?}")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
