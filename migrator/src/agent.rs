@@ -247,10 +247,15 @@ impl Agent {
             h.abort();
         }
         let _ = std::fs::remove_file(self.socket_path(name));
-        self.vms
+        let vm = self
+            .vms
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
+        if let Some(vm) = vm {
+            // its QEMU has quit (or is told to): reap it, leave no zombie
+            tokio::spawn(vm.reap());
+        }
     }
 
     /// Serve disks that completed before a restart.

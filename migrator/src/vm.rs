@@ -507,6 +507,20 @@ impl DestVm {
         self.child.id()
     }
 
+    /// Waits for QEMU to exit (it was told to quit), killing it after 10 s.
+    pub async fn reap(mut self) {
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                pid = self.child.id(),
+                "QEMU did not quit in 10 s: killing it"
+            );
+            let _ = self.child.kill().await;
+        }
+    }
+
     /// Its QMP connection (QEMU takes one client at a time on its socket).
     pub fn qmp(&self) -> std::sync::Arc<Qmp> {
         self.qmp.clone()

@@ -86,11 +86,11 @@ fn ring_a_running_guest_moves_to_another_node_and_home_again() {
     guest::fsck_clean(&image).expect("fsck");
 }
 
-/// QEMU processes running the bed's guest (the VM slot lock keeps other
-/// VM tests off this machine meanwhile).
+/// Live QEMU processes (not zombies) on this machine: the VM slot lock
+/// keeps other VM tests off it meanwhile.
 fn qemus() -> usize {
     let out = std::process::Command::new("pgrep")
-        .args(["-c", "-x", "qemu-system-x86"])
+        .args(["-c", "-x", "-r", "D,R,S,T", "qemu-system-x86"])
         .output()
         .expect("pgrep");
     String::from_utf8_lossy(&out.stdout)
@@ -143,7 +143,7 @@ fn recover_kill_9_of_the_destination_node_after_its_commit_boots_the_vm_there_on
         std::thread::sleep(Duration::from_millis(100));
     }
     let ps = std::process::Command::new("pgrep")
-        .args(["-a", "-x", "qemu-system-x86"])
+        .args(["-a", "-x", "qemu-system-x86"]) // zombies too, to tell them apart
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
