@@ -38,8 +38,9 @@ pub async fn serve(l: UnixListener, disk: Arc<Disk>, image: PathBuf) {
                 }
                 _ => return,
             };
+            let marker = MarkerFile::for_image(&image);
             let opts = req.and_then(|a| {
-                a.options(Some(MarkerFile::for_image(&image)))
+                a.options(Some(marker.clone()))
                     .map_err(|e| format!("{e:#}"))
             });
             let opts = match opts {
@@ -67,14 +68,15 @@ pub async fn serve(l: UnixListener, disk: Arc<Disk>, image: PathBuf) {
                     }
                 }
                 if client_gone {
-                    if !disk.is_read_only() {
-                        // Before the commit point: cancel, the guard rolls back.
+                    if !disk.is_read_only() && marker.gate.try_cancel() {
+                        // Before the commit was asked for: cancel, the guard rolls back.
                         warn!("migration client went away; rolling back");
                         job.abort();
                         return;
                     }
-                    // After it, the final blocks must still reach the destination.
-                    warn!("migration client went away after the commit point; finishing");
+                    // Asked for, or past, the commit: the destination may be the
+                    // authority; the migration finishes (or settles) on its own.
+                    warn!("migration client went away at or after the commit; finishing");
                 }
             };
             if client_gone {

@@ -281,7 +281,12 @@ fn export_name(image: &Path, name: Option<String>) -> String {
 
 fn open_source(image: &Path, name: Option<String>) -> Result<Arc<Disk>> {
     let marker = marker_path(image);
-    match MarkerFile(marker.clone()).read() {
+    match (MarkerFile {
+        path: marker.clone(),
+        gate: Default::default(),
+    })
+    .read()
+    {
         None => {}
         Some(Record::Moved { to }) => bail!(
             "image {} was migrated to {to} (marker {}); the destination is the authority now. Remove the marker only if that copy is gone",
@@ -336,7 +341,7 @@ async fn serve(
 }
 
 async fn resolve_cli(image: PathBuf, to: String, keys: Keys) -> Result<()> {
-    let marker = MarkerFile(marker_path(&image));
+    let marker = MarkerFile::for_image(&image);
     match marker.read() {
         Some(Record::InDoubt { to: recorded }) if recorded != to => bail!(
             "{} was being committed to {recorded}, not {to}: ask that one",

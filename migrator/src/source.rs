@@ -65,7 +65,7 @@ pub enum MigrateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the link to {to} was lost after asking it to commit, and it cannot be asked what it decided: {source}. The VM stays paused and the disk's writes held here until it answers: run the migration again once {to} is reachable")]
+    #[error("the link to {to} was lost after asking it to commit, and it cannot be asked what it decided: {source}. The VM stays paused and the disk's writes held here until it answers: a node keeps asking by itself; after `disk serve`, stop it and run `migrator disk resolve` once {to} is reachable")]
     InDoubt {
         to: String,
         #[source]
@@ -362,16 +362,62 @@ impl Record {
     }
 }
 
+/// Cancel and commit exclude each other: once a source has recorded that it
+/// asks for the commit, a cancel is refused (the destination may already
+/// have committed); once cancelled, it never asks.
+#[derive(Debug, Default)]
+pub struct CommitGate {
+    state: Mutex<(bool, bool)>,
+}
+
+impl CommitGate {
+    /// Records (with `record`) that the source asks for the commit, unless
+    /// it was cancelled.
+    pub fn begin_commit(
+        &self,
+        record: impl FnOnce() -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.1 {
+            return Err(std::io::Error::other("cancelled"));
+        }
+        record()?;
+        st.0 = true;
+        Ok(())
+    }
+
+    /// The destination did not commit: cancelling is possible again.
+    pub fn reopen(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = false;
+    }
+
+    /// Cancels, unless the commit was asked for already.
+    pub fn try_cancel(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.0 {
+            return false;
+        }
+        st.1 = true;
+        true
+    }
+}
+
 /// The ledger of `disk serve`: `<image>.moved`, replaced atomically.
-pub struct MarkerFile(pub PathBuf);
+pub struct MarkerFile {
+    pub path: PathBuf,
+    pub gate: CommitGate,
+}
 
 impl MarkerFile {
-    pub fn for_image(image: &Path) -> Arc<dyn Ledger> {
-        Arc::new(MarkerFile(marker_path(image)))
+    pub fn for_image(image: &Path) -> Arc<MarkerFile> {
+        Arc::new(MarkerFile {
+            path: marker_path(image),
+            gate: CommitGate::default(),
+        })
     }
 
     pub fn read(&self) -> Option<Record> {
-        std::fs::read_to_string(&self.0)
+        std::fs::read_to_string(&self.path)
             .ok()
             .map(|t| Record::parse(&t))
     }
@@ -379,17 +425,19 @@ impl MarkerFile {
 
 impl Ledger for MarkerFile {
     fn in_doubt(&self, to: &str) -> std::io::Result<()> {
-        write_durably(&self.0, &Record::InDoubt { to: to.into() })
+        self.gate
+            .begin_commit(|| write_durably(&self.path, &Record::InDoubt { to: to.into() }))
     }
     fn moved(&self, to: &str) -> std::io::Result<()> {
-        write_durably(&self.0, &Record::Moved { to: to.into() })
+        write_durably(&self.path, &Record::Moved { to: to.into() })
     }
     fn rolled_back(&self) -> std::io::Result<()> {
-        match std::fs::remove_file(&self.0) {
+        match std::fs::remove_file(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        sync_parent(&self.0)
+        self.gate.reopen();
+        sync_parent(&self.path)
     }
 }
 
@@ -1389,6 +1437,25 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cancel_and_commit_exclude_each_other() {
+        let g = CommitGate::default();
+        g.begin_commit(|| Ok(())).expect("asks for the commit");
+        assert!(!g.try_cancel(), "no cancel once the commit was asked for");
+        g.reopen(); // the destination said it did not commit
+        assert!(g.try_cancel());
+        assert!(
+            g.begin_commit(|| Ok(())).is_err(),
+            "a cancelled source never asks"
+        );
+        // a record that fails leaves the gate open
+        let g = CommitGate::default();
+        assert!(g
+            .begin_commit(|| Err(std::io::Error::other("disk full")))
+            .is_err());
+        assert!(g.try_cancel());
+    }
 
     #[test]
     fn ranges_merge_and_round_to_blocks() {

@@ -46,7 +46,7 @@ use crate::disk::Disk;
 use crate::events::{Event, EventSink, Summary};
 use crate::image::Image;
 use crate::precopy;
-use crate::source::{self, Ledger, Live, MigrateError, Settled};
+use crate::source::{self, CommitGate, Ledger, Live, MigrateError, Settled};
 use crate::transport::tls::{parse_fingerprint, Fingerprint, Identity, TlsError};
 use crate::vm::DestVm;
 use api::{JobStatus, NodeStatus, Reply, Request, VmStatus};
@@ -184,17 +184,9 @@ struct Job {
     started: Instant,
     live: Arc<Live>,
     disk: Arc<Disk>,
-    gate: Mutex<Gate>,
+    gate: CommitGate,
     cancel: Notify,
     status: Mutex<JobStatus>,
-}
-
-/// Cancel and commit exclude each other: once the source recorded that it
-/// asked for the commit, a cancel is refused; once cancelled, it never asks.
-#[derive(Default)]
-struct Gate {
-    committing: bool,
-    cancelled: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -239,15 +231,11 @@ impl NodeLedger {
 
 impl Ledger for NodeLedger {
     fn in_doubt(&self, _addr: &str) -> std::io::Result<()> {
-        let mut gate = self.job.as_ref().map(|j| lock(&j.gate));
-        if gate.as_ref().is_some_and(|g| g.cancelled) {
-            return Err(std::io::Error::other("cancelled"));
+        let record = || self.write(DiskState::InDoubt, Some(self.to.clone()));
+        match &self.job {
+            Some(j) => j.gate.begin_commit(record),
+            None => record(),
         }
-        self.write(DiskState::InDoubt, Some(self.to.clone()))?;
-        if let Some(g) = gate.as_mut() {
-            g.committing = true;
-        }
-        Ok(())
     }
 
     fn moved(&self, _addr: &str) -> std::io::Result<()> {
@@ -257,7 +245,7 @@ impl Ledger for NodeLedger {
     fn rolled_back(&self) -> std::io::Result<()> {
         self.write(DiskState::Complete, None)?;
         if let Some(j) = &self.job {
-            lock(&j.gate).committing = false;
+            j.gate.reopen();
         }
         Ok(())
     }
@@ -672,7 +660,7 @@ impl Node {
             started: Instant::now(),
             live: Arc::default(),
             disk: disk.clone(),
-            gate: Mutex::default(),
+            gate: CommitGate::default(),
             cancel: Notify::new(),
             status: Mutex::new(JobStatus {
                 to: to.to_string(),
@@ -752,11 +740,9 @@ impl Node {
             .get(vm)
             .cloned()
             .ok_or_else(|| NodeError::NoMigration(vm.to_string()))?;
-        let mut gate = lock(&job.gate);
-        if gate.committing || job.disk.is_read_only() {
+        if job.disk.is_read_only() || !job.gate.try_cancel() {
             return Err(NodeError::PastCommit(vm.to_string()));
         }
-        gate.cancelled = true;
         job.cancel.notify_one();
         Ok(())
     }

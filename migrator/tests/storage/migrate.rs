@@ -59,14 +59,20 @@ async fn integrity(seeds: std::ops::Range<u64>, mode: precopy::Mode) {
         std::fs::create_dir_all(&dst_dir).expect("mkdir");
         let a = agent(&dst_dir, k.dst.clone(), vec![k.src.fingerprint()]).await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let before = hash(&model.lock().await);
         let w = tokio::spawn(writer(
             served.sock.clone(),
             model.clone(),
             seed,
             stop.clone(),
         ));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut o = opts(&k, &a.addr, Some(40 * MIB));
+        // the move starts once the writer is writing (a loaded machine may
+        // take a while to get its first write through)
+        let t = std::time::Instant::now();
+        while hash(&model.lock().await) == before && t.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut o = opts(&k, &a.addr, Some(20 * MIB));
         o.precopy.mode = mode;
         let summary = source::migrate(served.disk.clone(), o, EventSink::none())
             .await
