@@ -13,9 +13,9 @@
 //! `partial` (resumable: the next migration of NAME compares block hashes),
 //! `committed` (this copy is the authority, final blocks arriving), `complete`
 //! (the authority: the disk runs here). A node that sends a disk on records
-//! `in_doubt` before its `Commit` and `moved` once the destination took
-//! over; a moved copy stays as the base for the disk's return, when only
-//! blocks whose hashes differ travel.
+//! `in_doubt` before its `Commit` and `moved` once the destination holds
+//! every block; a moved copy stays as the base for the disk's return, when
+//! only blocks whose hashes differ travel.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
