@@ -162,17 +162,23 @@ pub fn start_agent(sites: &Sites, dir: &Path, k: &Keys) -> Result<(ChildGuard, S
     .args(["--peer", &k.src_fp])
     .stdout(Stdio::piped())
     .stderr(log_file(&dir.join("agent.log")));
-    let mut g = ChildGuard::spawn(&mut c)?;
+    spawn_listening(&mut c, "the agent")
+}
+
+/// Spawns `c` (a `migrator` that prints `listening on ADDR` first, its
+/// stdout piped) and returns it with that address, once it listens.
+pub fn spawn_listening(c: &mut Command, what: &str) -> Result<(ChildGuard, String)> {
+    let mut g = ChildGuard::spawn(c)?;
     let out =
         g.0.as_mut()
             .and_then(|c| c.stdout.take())
-            .context("agent stdout")?;
+            .with_context(|| format!("{what}'s stdout"))?;
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line)?;
     let addr = line
         .trim()
         .strip_prefix("listening on ")
-        .context("agent did not start")?
+        .with_context(|| format!("{what} did not start"))?
         .to_string();
     Ok((g, addr))
 }

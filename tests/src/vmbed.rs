@@ -365,20 +365,9 @@ impl VmBed {
         if let Some(f) = failpoint {
             c.env("MIGRATOR_FAILPOINTS", format!("{f}:kill"));
         }
-        let mut g = ChildGuard::spawn(&mut c)?;
-        let out =
-            g.0.as_mut()
-                .and_then(|c| c.stdout.take())
-                .context("node stdout")?;
-        let mut line = String::new();
-        BufReader::new(out).read_line(&mut line)?;
-        if !line.starts_with("listening on ") {
-            bail!(
-                "node {name} did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        Ok(g)
+        crate::bed::spawn_listening(&mut c, &format!("node {name}"))
+            .map(|(g, _)| g)
+            .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())
     }
 
     /// `migrator node migrate root --to TO` at node `from`, with `--json`;
@@ -393,16 +382,8 @@ impl VmBed {
         let mut c = Command::new(migrator_bin());
         c.args(["node", "migrate", "root", "--to", to, "--json", "--node"])
             .arg(self.path(&format!("{from}.ctl")))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut g = ChildGuard::spawn(&mut c)?;
-        let out =
-            g.0.as_mut()
-                .and_then(|c| c.stdout.take())
-                .context("migrate's stdout")?;
-        let ev = events.clone();
-        let reader = std::thread::spawn(move || read_events(out, &ev));
+            .args(extra);
+        let (mut g, reader) = spawn_json(c, events.clone())?;
         let st = wait_exit(&mut g, Duration::from_secs(300))?;
         let _ = reader.join();
         let events = events.lock().map(|e| e.clone()).unwrap_or_default();
@@ -457,16 +438,8 @@ impl VmBed {
     /// [`VmBed::migrate_command`] with `--json`; its events arrive in `events`.
     pub fn migrate(&self, addr: &str, extra: &[&str], events: Events) -> Result<ChildGuard> {
         let mut c = self.migrate_command(addr, extra);
-        c.arg("--json")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut g = ChildGuard::spawn(&mut c)?;
-        let out =
-            g.0.as_mut()
-                .and_then(|c| c.stdout.take())
-                .context("migrate's stdout")?;
-        std::thread::spawn(move || read_events(out, &events));
-        Ok(g)
+        c.arg("--json");
+        spawn_json(c, events).map(|(g, _)| g)
     }
 
     pub fn lines(&self) -> Vec<(Instant, &'static str, String)> {
@@ -638,6 +611,18 @@ fn qemu_threads() -> String {
 }
 
 /// The heartbeat number in a console line.
+/// Runs a `migrator … --json` command; its events arrive in `events` (the
+/// thread reading them ends with its stdout).
+fn spawn_json(mut c: Command, events: Events) -> Result<(ChildGuard, std::thread::JoinHandle<()>)> {
+    c.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut g = ChildGuard::spawn(&mut c)?;
+    let out =
+        g.0.as_mut()
+            .and_then(|c| c.stdout.take())
+            .context("migrate's stdout")?;
+    Ok((g, std::thread::spawn(move || read_events(out, &events))))
+}
+
 pub fn beat(line: &str) -> Option<u64> {
     line.rsplit_once("heartbeat ")
         .and_then(|(_, n)| n.trim().parse().ok())

@@ -103,11 +103,7 @@ fn main() -> Result<()> {
 }
 
 fn median(legs: &[Leg]) -> Leg {
-    fn med(mut v: Vec<f64>) -> f64 {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    }
-    let col = |f: fn(&Leg) -> f64| med(legs.iter().map(f).collect());
+    let col = |f: fn(&Leg) -> f64| tests::load::median(legs.iter().map(f).collect());
     Leg {
         total_s: col(|l| l.total_s),
         pause_ms: col(|l| l.pause_ms),
