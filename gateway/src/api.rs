@@ -1,29 +1,19 @@
 //! The HTTP/JSON control API (TCP or unix socket), every route behind a
 //! bearer token: a request without the right token gets 401 and changes
-//! nothing.
-//!
-//! | method | path | body | does |
-//! |---|---|---|---|
-//! | POST | /v1/services | `{name, address, site}` | register a service |
-//! | POST | /v1/migrations/{service}/prepare | `{to}` | prepare a migration |
-//! | POST | /v1/migrations/{service}/switch | `{role: old\|new, peer, public?, lan?}` | switch this site |
-//! | POST | /v1/migrations/{service}/drain | `{deadline_s?}` | old site: drain and tear down |
-//! | GET | /v1/status | | services, migrations, flows, bytes, drops |
-//! | GET | /metrics | | the same as Prometheus text |
+//! nothing. The routes and their bodies are the types of `gateway-api`
+//! (shared with the clients).
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use gateway_api::{Drain, ErrorReply, Prepare, Service, Status, Switch};
 
-use crate::control::{Control, ControlError, SwitchRequest};
-use crate::state::Service;
+use crate::control::{Control, ControlError};
 
 #[derive(Clone)]
 pub struct Api {
@@ -40,7 +30,13 @@ impl IntoResponse for ControlError {
             ControlError::Conflict(_) => StatusCode::CONFLICT,
             ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (code, Json(serde_json::json!({"error": self.to_string()}))).into_response()
+        (
+            code,
+            Json(ErrorReply {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -60,32 +56,13 @@ fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), Box<Response>> {
             (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
-                Json(serde_json::json!({"error": "missing or wrong bearer token"})),
+                Json(ErrorReply {
+                    error: "missing or wrong bearer token".into(),
+                }),
             )
                 .into_response(),
         )),
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Register {
-    name: String,
-    address: IpAddr,
-    site: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Prepare {
-    to: String,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Drain {
-    #[serde(default)]
-    deadline_s: Option<u64>,
 }
 
 /// Parses a JSON body; a bad one is a 400 with serde's reason.
@@ -94,7 +71,9 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Box<Response>
         Box::new(
             (
                 StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({"error": format!("bad request body: {e}")})),
+                Json(ErrorReply {
+                    error: format!("bad request body: {e}"),
+                }),
             )
                 .into_response(),
         )
@@ -105,19 +84,11 @@ async fn register(State(api): State<Api>, headers: HeaderMap, raw: axum::body::B
     if let Err(r) = authorized(&api, &headers) {
         return *r;
     }
-    let r: Register = match body(&raw) {
+    let r: Service = match body(&raw) {
         Ok(r) => r,
         Err(e) => return *e,
     };
-    match api
-        .control
-        .register(Service {
-            name: r.name,
-            address: r.address,
-            site: r.site,
-        })
-        .await
-    {
+    match api.control.register(r).await {
         Ok(s) => (StatusCode::CREATED, Json(s)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -137,7 +108,7 @@ async fn migrate(
             Ok(p) => api.control.prepare(&service, &p.to).await,
             Err(e) => return *e,
         },
-        "switch" => match body::<SwitchRequest>(&raw) {
+        "switch" => match body::<Switch>(&raw) {
             Ok(s) => api.control.switch(&service, s).await,
             Err(e) => return *e,
         },
@@ -153,11 +124,29 @@ async fn migrate(
             api.control.drain(&service, d.deadline_s).await
         }
         other => Err(ControlError::NotFound(format!(
-            "no action {other:?}: use prepare, switch or drain"
+            "no action {other:?}: use prepare, switch or drain (POST), or handover (GET)"
         ))),
     };
     match result {
         Ok(m) => Json(m).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handover(
+    State(api): State<Api>,
+    Path((service, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return *r;
+    }
+    if action != "handover" {
+        return ControlError::NotFound(format!("no action {action:?} to GET: use handover"))
+            .into_response();
+    }
+    match api.control.handover(&service).await {
+        Ok(h) => Json(h).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -168,12 +157,12 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> Response {
     }
     let (state, migrations) = api.control.status().await;
     let counters = api.control.plane.as_ref().map(|p| p.snapshot());
-    Json(serde_json::json!({
-        "site": api.control.config.site,
-        "services": state.services,
-        "migrations": migrations,
-        "data_plane": counters,
-    }))
+    Json(Status {
+        site: api.control.config.site.clone(),
+        services: state.services,
+        migrations,
+        data_plane: counters,
+    })
     .into_response()
 }
 
@@ -246,7 +235,12 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
 pub fn router(api: Api) -> Router {
     Router::new()
         .route("/v1/services", post(register))
-        .route("/v1/migrations/{service}/{action}", post(migrate))
+        .route(
+            "/v1/migrations/{service}/{action}",
+            post(migrate).get(handover),
+        )
+        // a switch carries the connections of the site the VM left
+        .layer(DefaultBodyLimit::max(32 << 20))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(api)

@@ -1,17 +1,24 @@
 //! The control plane: services, migrations and their phases; applies them to
 //! the routing tables and the data plane; persists them; drains.
+//!
+//! A VM's part here is one [`Role`]: it runs here (`new`: serve) or ran
+//! here (`old`: forward the address clients used here to where it runs).
+//! A switch changes the part whatever it was (a VM may come back, or move
+//! on from here), routes first; asked again for the part it already has,
+//! it changes nothing (a client retrying a lost answer succeeds).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use gateway_api::{FlowState, HandedFlow, Handover, MigrationStatus, Origin, Switch, Traffic};
 use tokio::sync::Mutex;
 
 use crate::netlink::{Net, REVERSE_TABLE};
-use crate::plane::{Plane, Side, SideStats};
+use crate::plane::Plane;
 use crate::state::{Migration, Phase, Role, Service, State};
+use crate::tables::Handed;
 use crate::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,29 +31,6 @@ pub enum ControlError {
     Conflict(String),
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SwitchRequest {
-    /// "old": the VM left this site; "new": the VM arrived here.
-    pub role: String,
-    /// The other site (a configured peer).
-    pub peer: String,
-    /// New site: the VM's public address here.
-    #[serde(default)]
-    pub public: Option<IpAddr>,
-    /// New site: the interface the VM is reached through (required). Old
-    /// site: its old LAN, where we then answer ARP for its address.
-    #[serde(default)]
-    pub lan: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct MigrationStatus {
-    #[serde(flatten)]
-    pub migration: Migration,
-    pub traffic: Option<SideStats>,
 }
 
 pub struct Control {
@@ -152,10 +136,10 @@ impl Control {
             ControlError::NotFound(format!("no service {service:?}: register it first"))
         })?;
         if let Some(m) = st.migrations.get(service) {
-            if matches!(m.phase, Phase::Switched | Phase::Draining { .. }) {
-                return Err(ControlError::Conflict(format!(
-                    "service {service} is already switched"
-                )));
+            if m.role.is_some() && matches!(m.phase, Phase::Switched | Phase::Draining { .. }) {
+                // it runs here or is forwarded from here: that goes on
+                // until the next switch says otherwise
+                return Ok(m.clone());
             }
         }
         let m = Migration {
@@ -169,37 +153,71 @@ impl Control {
         Ok(m)
     }
 
-    /// Installs the routes and data-plane entries of a switched migration.
-    /// Routes first: a failure leaves no half-registered address in the
-    /// data plane, and every step is idempotent, so a retry completes it.
-    async fn apply(&self, address: IpAddr, role: &Role) -> Result<(), ControlError> {
+    /// The address clients reach `m`'s VM at on this site: its public one
+    /// here, or its own.
+    fn address_here(m: &Migration) -> IpAddr {
+        match &m.role {
+            Some(Role::New {
+                public: Some(p), ..
+            }) => *p,
+            Some(Role::Old {
+                address: Some(a), ..
+            }) => *a,
+            _ => m.address,
+        }
+    }
+
+    /// Installs a role's routes and data-plane entries. Routes first: a
+    /// failure leaves no half-registered address in the data plane, and
+    /// every step is idempotent, so a retry completes it.
+    async fn apply(
+        &self,
+        m: &Migration,
+        role: &Role,
+        handed: &[Handed],
+    ) -> Result<(), ControlError> {
         let (plane, net) = self.parts()?;
         let dev = self.config.tunnel.device.clone();
         let timeouts = self.config.tunnel.timeouts();
-        let side = match role {
-            Role::Old { peer, lan } => {
+        let guest = m.address;
+        let key = match role {
+            Role::Old { peer, lan, address } => {
                 let peer = self.peer_address(peer)?;
+                let address = address.unwrap_or(guest);
                 net.add_host_route(address, &dev, None).await?;
-                if let Some(lan) = lan {
+                if let (Some(lan), true) = (lan, address == guest) {
                     if address.is_ipv6() {
                         // proxy NDP answers only for entries, and only with this on
                         write_knob(&format!("/proc/sys/net/ipv6/conf/{lan}/proxy_ndp"))?;
                     }
                     net.add_proxy_neighbour(address, lan).await?;
                 }
-                Side::Old {
-                    peer,
-                    flows: tunnel::flow::FlowTable::new(timeouts),
-                    last_ms: plane.now_ms(),
-                }
+                let mut t = plane.lock();
+                t.forward(address, peer, timeouts, plane.now_ms());
+                address
             }
-            Role::New { peer, public, lan } => {
-                let peer_addr = self.peer_address(peer)?;
-                net.add_host_route(*public, &dev, None).await?;
-                net.add_default_route(&dev, REVERSE_TABLE, address.is_ipv6())
+            Role::New {
+                public,
+                lan,
+                origins,
+                ..
+            } => {
+                let origins = origins
+                    .iter()
+                    .map(|o| Ok((self.peer_address(&o.site)?, o.address)))
+                    .collect::<Result<Vec<_>, ControlError>>()?;
+                if let Some(p) = public {
+                    net.add_host_route(*p, &dev, None).await?;
+                }
+                net.add_default_route(&dev, REVERSE_TABLE, guest.is_ipv6())
                     .await?;
-                net.add_rule_from(address, lan, REVERSE_TABLE).await?;
-                if address.is_ipv4() {
+                net.add_rule_from(guest, lan, REVERSE_TABLE).await?;
+                if guest.is_ipv4() && public.is_none() {
+                    // at home its own packets come back out of the TUN
+                    // device with its own address
+                    net.add_unnumbered(&dev).await?;
+                }
+                if guest.is_ipv4() && public.is_some() {
                     // the VM still believes its old LAN is on-link: answer its
                     // ARP for those hosts too (its packets then follow the rule
                     // above into the tunnel, back to the old LAN). IPv6 has no
@@ -208,84 +226,265 @@ impl Control {
                     // its router, as it does any other host.
                     write_knob(&format!("/proc/sys/net/ipv4/conf/{lan}/proxy_arp"))?;
                 }
-                Side::New {
-                    peer: peer_addr,
-                    public: *public,
-                    tunnelled: tunnel::flow::FlowTable::new(timeouts),
-                    translated: tunnel::flow::FlowTable::new(timeouts),
-                }
+                let mut t = plane.lock();
+                t.serve(guest, *public, &origins, handed, timeouts, plane.now_ms());
+                guest
             }
         };
-        let fast = match &side {
-            Side::Old { peer, .. } => (*peer, tunnel::fastpath::Role::Old),
-            Side::New { peer, .. } => (*peer, tunnel::fastpath::Role::New),
-        };
-        let mut t = plane.tables.lock().unwrap_or_else(|p| p.into_inner());
-        t.sides.insert(address, side);
-        if let Some(Err(e)) = plane.fast(|f| f.set_guest(address, fast.0, fast.1)) {
+        let fast = plane.lock().fast_role(key);
+        let result = plane.fast(|f| match fast {
+            Some((peer, role)) => f.set_guest(key, peer, role).map(|_| ()),
+            None => {
+                // every packet of it through the plane (replies choose
+                // their way per connection)
+                f.remove_guest(key);
+                Ok(())
+            }
+        });
+        if let Some(Err(e)) = result {
             // the data plane still carries everything
-            tracing::warn!(error = %e, %address, "the kernel fast path will not carry this guest");
+            tracing::warn!(error = %e, address = %key, "the kernel fast path will not carry this guest");
         }
         Ok(())
     }
 
-    pub async fn switch(
-        &self,
-        service: &str,
-        req: SwitchRequest,
-    ) -> Result<Migration, ControlError> {
-        let mut st = self.state.lock().await;
-        let m = st.migrations.get(service).cloned().ok_or_else(|| {
-            ControlError::NotFound(format!("no migration of {service:?}: prepare it first"))
-        })?;
-        if !matches!(m.phase, Phase::Prepared { .. }) {
-            return Err(ControlError::Conflict(format!(
-                "{service} is not in the prepared phase"
-            )));
-        }
-        let lan_ok = |l: &String| !l.is_empty() && l.len() < 16;
-        if req.lan.as_ref().is_some_and(|l| !lan_ok(l)) {
-            return Err(ControlError::BadRequest(
-                "`lan` must be an interface name".into(),
-            ));
-        }
-        let role = match req.role.as_str() {
-            "old" => Role::Old {
-                peer: req.peer,
-                lan: req.lan,
-            },
-            "new" => Role::New {
-                peer: req.peer,
-                public: match req.public {
-                    None => return Err(ControlError::BadRequest("role new needs `public`".into())),
+    /// Removes what [`Self::apply`] installed for `m`'s current role (a
+    /// drained forward has nothing left).
+    async fn unapply(&self, m: &Migration) -> Result<(), ControlError> {
+        let (plane, net) = self.parts()?;
+        let dev = &self.config.tunnel.device;
+        let key = match (&m.role, &m.phase) {
+            (Some(Role::Old { .. }), Phase::Switched | Phase::Draining { .. }) => {
+                let address = Self::address_here(m);
+                net.del_host_route(address, dev, None).await?;
+                if let Some(Role::Old { lan: Some(lan), .. }) = &m.role {
+                    if address == m.address {
+                        net.del_proxy_neighbour(address, lan).await?;
+                    }
+                }
+                address
+            }
+            (Some(Role::New { public, lan, .. }), _) => {
+                net.del_rule_from(m.address, lan, REVERSE_TABLE).await?;
+                if let Some(p) = public {
+                    net.del_host_route(*p, dev, None).await?;
+                }
+                m.address
+            }
+            _ => return Ok(()),
+        };
+        plane.lock().remove(key);
+        plane.fast(|f| f.remove_guest(key));
+        Ok(())
+    }
+
+    /// The role a switch request asks of this site, checked against what
+    /// this site knows.
+    fn role_for(&self, svc: &Service, m: &Migration, req: &Switch) -> Result<Role, ControlError> {
+        let lan_ok = |l: &str| !l.is_empty() && l.len() < 16;
+        let service = &svc.name;
+        match req {
+            Switch::Old { peer, lan } => {
+                if lan.as_deref().is_some_and(|l| !lan_ok(l)) {
+                    return Err(ControlError::BadRequest(
+                        "`lan` must be an interface name".into(),
+                    ));
+                }
+                self.peer_address(peer)?;
+                let address = match &m.role {
+                    Some(Role::New { public, .. }) => *public,
+                    Some(Role::Old { address, .. }) => *address,
+                    None if svc.site == self.config.site => None,
+                    None => {
+                        return Err(ControlError::Conflict(format!(
+                            "{service} never ran at {}: there is nothing to forward here",
+                            self.config.site
+                        )))
+                    }
+                };
+                Ok(Role::Old {
+                    peer: peer.clone(),
+                    lan: lan.clone(),
+                    address,
+                })
+            }
+            Switch::New {
+                peer,
+                public,
+                lan,
+                handover,
+            } => {
+                if !lan_ok(lan) {
+                    return Err(ControlError::BadRequest(
+                        "`lan` must be an interface name".into(),
+                    ));
+                }
+                let home = svc.site == self.config.site;
+                let public = match public {
                     Some(p) if p.is_ipv4() != m.address.is_ipv4() => {
                         return Err(ControlError::BadRequest(format!(
                             "public address {p} and the service's address {} are of different families",
                             m.address
                         )))
                     }
-                    Some(p) => p,
-                },
-                lan: req.lan.ok_or_else(|| {
-                    ControlError::BadRequest("role new needs `lan` (an interface name)".into())
-                })?,
-            },
-            r => {
-                return Err(ControlError::BadRequest(format!(
-                    "role must be old or new, not {r:?}"
-                )))
+                    Some(p) if home && *p != m.address => {
+                        return Err(ControlError::BadRequest(format!(
+                            "{} is {service}'s home: it is reached at its own address {} here, not at {p}",
+                            self.config.site, m.address
+                        )))
+                    }
+                    Some(p) if !home => Some(*p),
+                    None if !home => {
+                        return Err(ControlError::BadRequest(format!(
+                            "role new needs `public` ({} is not {service}'s home)",
+                            self.config.site
+                        )))
+                    }
+                    _ => None,
+                };
+                let mut origins = match handover {
+                    Some(h) => {
+                        if h.site != *peer {
+                            return Err(ControlError::BadRequest(format!(
+                                "the handover is from {}, not from {peer}",
+                                h.site
+                            )));
+                        }
+                        let mut o = h.origins.clone();
+                        o.push(Origin {
+                            site: h.site.clone(),
+                            address: h.address,
+                        });
+                        o
+                    }
+                    None if *peer == svc.site => vec![Origin {
+                        site: peer.clone(),
+                        address: m.address,
+                    }],
+                    None => {
+                        return Err(ControlError::BadRequest(format!(
+                            "{service} comes from {peer}, not from its home {}: pass the handover from {peer} (GET /v1/migrations/{service}/handover there)",
+                            svc.site
+                        )))
+                    }
+                };
+                origins.retain(|o| o.site != self.config.site);
+                origins.sort();
+                origins.dedup();
+                for o in &origins {
+                    self.peer_address(&o.site)?;
+                    if o.address.is_ipv4() != m.address.is_ipv4() {
+                        return Err(ControlError::BadRequest(format!(
+                            "origin {} has an address of another family ({})",
+                            o.site, o.address
+                        )));
+                    }
+                }
+                Ok(Role::New {
+                    peer: peer.clone(),
+                    public,
+                    lan: lan.clone(),
+                    origins,
+                })
             }
+        }
+    }
+
+    pub async fn switch(&self, service: &str, req: Switch) -> Result<Migration, ControlError> {
+        let mut st = self.state.lock().await;
+        let m = st.migrations.get(service).cloned().ok_or_else(|| {
+            ControlError::NotFound(format!("no migration of {service:?}: prepare it first"))
+        })?;
+        let svc = st
+            .services
+            .get(service)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("no service {service:?}")))?;
+        let role = self.role_for(&svc, &m, &req)?;
+        let phase = match (&role, &m.phase) {
+            // a forward re-pointed keeps draining; a drained one is gone
+            (Role::Old { .. }, p @ (Phase::Draining { .. } | Phase::Drained { .. }))
+                if matches!(m.role, Some(Role::Old { .. })) =>
+            {
+                p.clone()
+            }
+            _ => Phase::Switched,
         };
-        self.apply(m.address, &role).await?;
+        if m.role.as_ref() == Some(&role) && m.phase == phase {
+            return Ok(m); // asked again
+        }
+        if matches!(phase, Phase::Drained { .. }) {
+            return Ok(m); // nothing forwarded any more
+        }
+        let handed: Vec<Handed> = match &req {
+            Switch::New {
+                handover: Some(h), ..
+            } => h.flows.iter().map(handed).collect(),
+            _ => Vec::new(),
+        };
+        let same_kind = matches!((&m.role, &role), (Some(Role::Old { .. }), Role::Old { .. }));
+        if !same_kind {
+            self.unapply(&m).await?;
+        }
+        self.apply(&m, &role, &handed).await?;
         let m = Migration {
             role: Some(role),
-            phase: Phase::Switched,
+            phase,
             ..m
         };
         st.migrations.insert(service.into(), m.clone());
         self.save(&st).await?;
-        tracing::info!(%service, address = %m.address, "switched");
+        tracing::info!(%service, address = %m.address, role = ?m.role, "switched");
         Ok(m)
+    }
+
+    /// What this site knows of a VM that runs here, for the site it moves
+    /// to next.
+    pub async fn handover(&self, service: &str) -> Result<Handover, ControlError> {
+        let st = self.state.lock().await;
+        let m = st
+            .migrations
+            .get(service)
+            .ok_or_else(|| ControlError::NotFound(format!("no migration of {service:?}")))?;
+        let home = st
+            .services
+            .get(service)
+            .is_some_and(|s| s.site == self.config.site);
+        let origins = match &m.role {
+            Some(Role::New { origins, .. }) => origins.clone(),
+            // at home before its first move: nothing forwards to it
+            None if home => Vec::new(),
+            _ => {
+                return Err(ControlError::Conflict(format!(
+                    "{service} does not run at {}: ask the site it runs at",
+                    self.config.site
+                )))
+            }
+        };
+        let flows = match &self.plane {
+            Some(p) => p.lock().handover(m.address),
+            None => Vec::new(),
+        };
+        Ok(Handover {
+            site: self.config.site.clone(),
+            address: Self::address_here(m),
+            origins,
+            flows: flows
+                .into_iter()
+                .map(|h| HandedFlow {
+                    origin: h.origin,
+                    proto: h.key.proto,
+                    lo: h.key.lo.into(),
+                    hi: h.key.hi.into(),
+                    tcp: h.tcp.and_then(|t| match t {
+                        tunnel::flow::TcpState::Opening => Some(FlowState::Opening),
+                        tunnel::flow::TcpState::Established => Some(FlowState::Established),
+                        tunnel::flow::TcpState::HalfClosed => Some(FlowState::HalfClosed),
+                        tunnel::flow::TcpState::Closed => None,
+                    }),
+                })
+                .collect(),
+        })
     }
 
     pub async fn drain(
@@ -298,10 +497,16 @@ impl Control {
             .migrations
             .get_mut(service)
             .ok_or_else(|| ControlError::NotFound(format!("no migration of {service:?}")))?;
-        if !matches!(m.role, Some(Role::Old { .. })) || m.phase != Phase::Switched {
-            return Err(ControlError::Conflict(format!(
-                "{service}: only a switched migration at its old site drains"
-            )));
+        match (&m.role, &m.phase) {
+            (Some(Role::Old { .. }), Phase::Draining { .. } | Phase::Drained { .. }) => {
+                return Ok(m.clone()); // asked again
+            }
+            (Some(Role::Old { .. }), Phase::Switched) => {}
+            _ => {
+                return Err(ControlError::Conflict(format!(
+                    "{service}: only a switched migration at its old site drains"
+                )))
+            }
         }
         let deadline = unix_now() + deadline_s.unwrap_or(self.config.tunnel.drain_deadline_s);
         m.phase = Phase::Draining {
@@ -319,10 +524,19 @@ impl Control {
             .values()
             .map(|m| MigrationStatus {
                 migration: m.clone(),
-                traffic: self
-                    .plane
-                    .as_ref()
-                    .and_then(|p| p.tables.lock().ok().and_then(|t| t.stats(m.address))),
+                traffic: self.plane.as_ref().and_then(|p| {
+                    let key = match m.role {
+                        Some(Role::New { .. }) => m.address,
+                        _ => Self::address_here(m),
+                    };
+                    p.lock().stats(key).map(|s| Traffic {
+                        flows: s.flows,
+                        live_flows: s.live_flows,
+                        packets: s.packets,
+                        bytes: s.bytes,
+                        translated_flows: s.translated_flows,
+                    })
+                }),
             })
             .collect();
         (st, migrations)
@@ -330,14 +544,28 @@ impl Control {
 
     /// Re-installs switched and draining migrations (after a restart).
     pub async fn restore(&self) -> anyhow::Result<()> {
-        let st = self.state.lock().await.clone();
-        for m in st.migrations.values() {
+        let mut st = self.state.lock().await;
+        let mut changed = false;
+        for m in st.migrations.values_mut() {
+            if let Some(Role::New { peer, origins, .. }) = &mut m.role {
+                if origins.is_empty() {
+                    // written by a gateway that knew one move only
+                    origins.push(Origin {
+                        site: peer.clone(),
+                        address: m.address,
+                    });
+                    changed = true;
+                }
+            }
             if let (Some(role), Phase::Switched | Phase::Draining { .. }) = (&m.role, &m.phase) {
-                self.apply(m.address, role)
+                self.apply(m, role, &[])
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot restore {}: {e}", m.service))?;
                 tracing::info!(service = %m.service, "restored after restart");
             }
+        }
+        if changed {
+            self.save(&st).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         Ok(())
     }
@@ -353,29 +581,13 @@ impl Control {
         let mut st = self.state.lock().await;
         let mut done = Vec::new();
         {
-            let mut t = plane.tables.lock().unwrap_or_else(|p| p.into_inner());
+            let mut t = plane.lock();
             // what the kernel carried keeps its flows live, as if it had
             // come through the data plane
             for c in &carried {
                 t.carried(c, now_ms);
             }
-            let mut ended = Vec::new();
-            for side in t.sides.values_mut() {
-                match side {
-                    Side::Old { flows, .. } => {
-                        flows.expire(now_ms);
-                    }
-                    Side::New {
-                        tunnelled,
-                        translated,
-                        ..
-                    } => {
-                        tunnelled.expire(now_ms);
-                        ended.extend(translated.expire(now_ms).into_iter().map(|(k, _)| k));
-                    }
-                }
-            }
-            for k in ended.iter().filter(|k| k.proto == 6) {
+            for k in t.expire(now_ms).iter().filter(|k| k.proto == 6) {
                 // the guest may send as either end
                 plane.fast(|f| {
                     let _ = f.set_translated(k.lo, k.hi, false);
@@ -386,20 +598,8 @@ impl Control {
                 let Phase::Draining { deadline_unix } = m.phase else {
                     continue;
                 };
-                let idle = match t.sides.get(&m.address) {
-                    Some(Side::Old { flows, last_ms, .. }) => {
-                        flows.live() == 0 && now_ms.saturating_sub(*last_ms) >= quiet_ms
-                    }
-                    _ => true,
-                };
-                if idle || unix_now() >= deadline_unix {
+                if t.idle(Self::address_here(m), now_ms, quiet_ms) || unix_now() >= deadline_unix {
                     done.push(m.service.clone());
-                }
-            }
-            for s in &done {
-                if let Some(m) = st.migrations.get(s) {
-                    t.sides.remove(&m.address);
-                    plane.fast(|f| f.remove_guest(m.address));
                 }
             }
         }
@@ -407,21 +607,32 @@ impl Control {
             return Ok(());
         }
         for s in &done {
-            if let Some(m) = st.migrations.get_mut(s) {
-                if let Some(net) = &self.net {
-                    net.del_host_route(m.address, &self.config.tunnel.device, None)
-                        .await?;
-                    if let Some(Role::Old { lan: Some(lan), .. }) = &m.role {
-                        net.del_proxy_neighbour(m.address, lan).await?;
-                    }
+            if let Some(m) = st.migrations.get(s).cloned() {
+                self.unapply(&m).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                if let Some(m) = st.migrations.get_mut(s) {
+                    m.phase = Phase::Drained {
+                        at_unix: unix_now(),
+                    };
                 }
-                m.phase = Phase::Drained {
-                    at_unix: unix_now(),
-                };
-                tracing::info!(service = %s, address = %m.address, "drained: route and tunnel removed");
+                tracing::info!(service = %s, address = %Self::address_here(&m), "drained: route and tunnel removed");
             }
         }
         self.save(&st).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(())
+    }
+}
+
+/// A handed-over flow as the data plane keeps it.
+fn handed(f: &HandedFlow) -> Handed {
+    let (key, _) =
+        tunnel::flow::FlowKey::between(f.proto, (f.lo.ip(), f.lo.port()), (f.hi.ip(), f.hi.port()));
+    Handed {
+        origin: f.origin,
+        key,
+        tcp: f.tcp.map(|t| match t {
+            FlowState::Opening => tunnel::flow::TcpState::Opening,
+            FlowState::Established => tunnel::flow::TcpState::Established,
+            FlowState::HalfClosed => tunnel::flow::TcpState::HalfClosed,
+        }),
     }
 }

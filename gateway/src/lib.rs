@@ -21,6 +21,7 @@ pub mod control;
 pub mod netlink;
 pub mod plane;
 pub mod state;
+pub mod tables;
 
 /// `gateway.toml`.
 ///

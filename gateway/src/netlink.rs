@@ -12,6 +12,13 @@ use rtnetlink::packet_route::route::RouteMessage;
 use rtnetlink::packet_route::rule::RuleAction;
 use rtnetlink::{Handle, RouteMessageBuilder};
 
+/// The address the TUN device gets so that the kernel's (loose)
+/// reverse-path check accepts what the data plane writes into it with a
+/// source routed elsewhere (a VM at home: its own address, on its LAN). An
+/// interface without an IPv4 address fails that check for every source
+/// not routed through it. Link-local, /32, no route added with it.
+pub const UNNUMBERED: Ipv4Addr = Ipv4Addr::new(169, 254, 74, 77);
+
 /// The routing table of a site's reverse-tunnel default route.
 pub const REVERSE_TABLE: u32 = 7477;
 const RULE_PRIORITY: u32 = 7477;
@@ -99,6 +106,21 @@ impl Net {
             .execute()
             .await
             .with_context(|| format!("cannot route {addr} into {dev}"))
+    }
+
+    /// `ip addr add 169.254.74.77/32 dev DEV` ([`UNNUMBERED`]); present is fine.
+    pub async fn add_unnumbered(&self, dev: &str) -> anyhow::Result<()> {
+        let index = self.ifindex(dev).await?;
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(UNNUMBERED), 32)
+            .execute()
+            .await
+        {
+            Err(e) if exists(&e) => Ok(()),
+            r => r.with_context(|| format!("cannot give {dev} the address {UNNUMBERED}/32")),
+        }
     }
 
     /// `ip route del ADDR/32 dev DEV [table T]`; absent is fine.

@@ -4,64 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Service {
-    pub name: String,
-    /// The VM's own (guest) address.
-    pub address: IpAddr,
-    pub site: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "role")]
-pub enum Role {
-    /// This site is where the VM was: capture its address, tunnel to `peer`;
-    /// answer ARP for it on `lan` (its old LAN) when given.
-    Old {
-        peer: String,
-        #[serde(default)]
-        lan: Option<String>,
-    },
-    /// This site is where the VM is now: deliver from `peer`, reverse-tunnel
-    /// replies of tunnelled flows, translate `public` ↔ guest for the rest.
-    /// `lan`: the interface the VM is reached through.
-    New {
-        peer: String,
-        public: IpAddr,
-        lan: String,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "phase")]
-pub enum Phase {
-    Prepared {
-        to: String,
-    },
-    Switched,
-    /// Old site: tear down once no flow is left or at the deadline.
-    Draining {
-        deadline_unix: u64,
-    },
-    Drained {
-        at_unix: u64,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Migration {
-    pub service: String,
-    pub address: IpAddr,
-    pub role: Option<Role>,
-    #[serde(flatten)]
-    pub phase: Phase,
-}
+pub use gateway_api::{Migration, Phase, Role, Service};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -108,6 +56,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     #[test]
     fn round_trips_through_the_file() {
@@ -131,6 +80,7 @@ mod tests {
                 role: Some(Role::Old {
                     peer: "siteB".into(),
                     lan: Some("br0".into()),
+                    address: None,
                 }),
                 phase: Phase::Draining { deadline_unix: 99 },
             },

@@ -200,6 +200,25 @@ impl FlowTable {
         self.record(key, forward, Some(ack), packets, bytes, now_ms)
     }
 
+    /// A flow another table knew (another gateway's, handed over when the
+    /// VM moved on), in `tcp` state, its idle clock starting now. A flow
+    /// this table knows already is left as it is.
+    pub fn adopt(&mut self, key: FlowKey, tcp: Option<TcpState>, now_ms: u64) {
+        self.flows.entry(key).or_insert(Flow {
+            tcp: if key.proto == 6 {
+                Some(tcp.unwrap_or(TcpState::Established))
+            } else {
+                None
+            },
+            fin_lo: false,
+            fin_hi: false,
+            first_ms: now_ms,
+            last_ms: now_ms,
+            packets: [0; 2],
+            bytes: [0; 2],
+        });
+    }
+
     /// Records `packets` packets of `bytes` in all, each with `flags`.
     fn record(
         &mut self,

@@ -242,6 +242,43 @@ fn split(b: &mut RecvBatch, len: usize, resegment: Option<u16>) -> io::Result<us
     gso_split(pkt, hdr, &mut b.bufs, &mut b.sizes, HEADROOM, is_v6)
 }
 
+/// An inner TCP packet out of the tunnel longer than `max` bytes (a
+/// peer's GSO, or GRO on this host, carried a super-packet whole; its
+/// checksum may hold only the pseudo-header's sum): cut into segments of at
+/// most `max` bytes with complete checksums, written into `out` (each
+/// `max` bytes long at least). How many; an error for a packet that is not
+/// a TCP packet without IP options or extension headers, or does not fit.
+pub fn cut(
+    pkt: &mut [u8],
+    max: u16,
+    out: &mut [Vec<u8>],
+    sizes: &mut [usize],
+) -> io::Result<usize> {
+    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+    let (is_v6, start, addrs) = match pkt.first().map(|b| b >> 4) {
+        Some(4) if pkt.len() >= 40 && pkt[0] == 0x45 && pkt[9] == 6 => (false, 20, 12..20),
+        Some(6) if pkt.len() >= 60 && pkt[6] == 6 => (true, 40, 8..40),
+        _ => return Err(bad("not a TCP packet this can cut")),
+    };
+    let tcp_len = pkt.len() - start;
+    let hdr_len = start + usize::from(pkt[start + 12] >> 4) * 4;
+    if hdr_len < start + 20 || hdr_len >= pkt.len() || hdr_len >= usize::from(max) {
+        return Err(bad("a TCP header that does not fit"));
+    }
+    // what the kernel hands over with NEEDS_CSUM: the pseudo-header's sum
+    let partial = !crate::checksum::finish(crate::checksum::sum(&pkt[addrs], 6 + tcp_len as u32));
+    pkt[start + 16..start + 18].copy_from_slice(&partial.to_be_bytes());
+    let hdr = VirtioNetHdr {
+        flags: NEEDS_CSUM,
+        gso_type: if is_v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+        hdr_len: hdr_len as u16,
+        gso_size: max - hdr_len as u16,
+        csum_start: start as u16,
+        csum_offset: 16,
+    };
+    gso_split(pkt, hdr, out, sizes, 0, is_v6)
+}
+
 impl Tun {
     /// Writes the packets of `c` (TCP segments of a flow coalesced, see
     /// [`Coalescer`]), one `writev` each. Returns how many the kernel
@@ -336,6 +373,45 @@ mod tests {
             }
             assert_eq!(got, data);
         }
+    }
+
+    #[test]
+    fn an_oversize_packet_out_of_the_tunnel_is_cut_with_every_byte_and_checksum() {
+        let data: Vec<u8> = (0..4000u32).map(|i| (i * 7) as u8).collect();
+        let mut p = Vec::new();
+        PacketBuilder::ipv4([10, 0, 1, 2], [10, 9, 0, 2], 64)
+            .tcp(40000, 80, 1000, 500)
+            .ack(7)
+            .write(&mut p, &data)
+            .expect("build");
+        // as a sender's TSO leaves it: only the pseudo-header's sum
+        p[36..38].fill(0);
+        let mut out = vec![vec![0u8; 1480]; 8];
+        let mut sizes = vec![0; 8];
+        let n = cut(&mut p, 1480, &mut out, &mut sizes).expect("cut");
+        assert_eq!(n, 3);
+        let mut got = Vec::new();
+        for (i, b) in out.iter().take(n).enumerate() {
+            let seg = &b[..sizes[i]];
+            assert!(seg.len() <= 1480);
+            let ip = etherparse::Ipv4HeaderSlice::from_slice(seg).expect("ip");
+            let tcp = etherparse::TcpHeaderSlice::from_slice(&seg[20..]).expect("tcp");
+            let payload = &seg[20 + tcp.slice().len()..];
+            let want = tcp
+                .to_header()
+                .calc_checksum_ipv4_raw(ip.source(), ip.destination(), payload)
+                .expect("checksum");
+            assert_eq!(tcp.checksum(), want, "segment {i}");
+            assert_eq!(tcp.sequence_number(), 1000 + got.len() as u32);
+            got.extend_from_slice(payload);
+        }
+        assert_eq!(got, data);
+        let mut udp = Vec::new();
+        PacketBuilder::ipv4([10, 0, 1, 2], [10, 9, 0, 2], 64)
+            .udp(1, 2)
+            .write(&mut udp, &data)
+            .expect("build");
+        assert!(cut(&mut udp, 1480, &mut out, &mut sizes).is_err());
     }
 
     #[test]

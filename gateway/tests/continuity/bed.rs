@@ -20,6 +20,8 @@ pub struct Bed {
     pub wan: Netns,
     pub a: Netns,
     pub b: Netns,
+    /// A third site, when the bed has one ([`Bed::ring`]).
+    pub c: Option<Netns>,
     pub vm: Netns,
     /// Another host on siteA's LAN (a bridge), which stays there.
     pub neighbour: Netns,
@@ -67,6 +69,16 @@ impl Bed {
     }
 
     pub fn with_tunnel(tunnel_extra: &str) -> Self {
+        Self::build(tunnel_extra, false)
+    }
+
+    /// Three sites: siteC at 192.0.2.2 with the public prefix 10.3.0.0/24
+    /// (fd00:3::/64), every gateway peered with both others.
+    pub fn ring() -> Self {
+        Self::build("", true)
+    }
+
+    fn build(tunnel_extra: &str, three: bool) -> Self {
         assert!(
             available(),
             "these tests need root and iproute2 (network namespaces)"
@@ -78,6 +90,32 @@ impl Bed {
         let (cw, wc) = veth(&client, "10.0.0.2/24", &wan, "10.0.0.1/24").expect("veth");
         let (aw, wa) = veth(&a, "198.51.100.2/30", &wan, "198.51.100.1/30").expect("veth");
         let (bw, wb) = veth(&b, "203.0.113.2/30", &wan, "203.0.113.1/30").expect("veth");
+        let c = three.then(|| {
+            let c = mk("sc");
+            let (cw, wcs) = veth(&c, "192.0.2.2/30", &wan, "192.0.2.1/30").expect("veth");
+            c.exec(&["ip", "route", "add", "default", "via", "192.0.2.1"])
+                .expect("route");
+            wan.exec(&["ip", "route", "add", "10.3.0.0/24", "via", "192.0.2.2"])
+                .expect("route");
+            sysctl(&c, "net.ipv4.ip_forward=1");
+            sysctl(&wan, &format!("net.ipv4.conf.{wcs}.rp_filter=1"));
+            (c, cw)
+        });
+        if let Some((c, cw)) = &c {
+            // A veth hands its peer packets whose checksum the sender left
+            // to "the hardware" (and super-packets whole): a real link
+            // carries complete packets. Which matters once a site's
+            // userspace plane receives what another's kernel fast path
+            // sent (the serving site of a VM that moved twice): the
+            // gateways' WAN links checksum and segment in software.
+            for (ns, dev) in [(&a, &aw), (&b, &bw), (c, cw)] {
+                ns.exec(&[
+                    "ethtool", "-K", dev, "tx", "off", "tso", "off", "gso", "off",
+                ])
+                .expect("ethtool (tests/install-deps.sh installs it)");
+            }
+        }
+        let c = c.map(|(c, _)| c);
         // IPv6 beside IPv4 (no duplicate address detection: usable at once)
         for (ns, addr, dev) in [
             (&client, "fd00::2/64", &cw),
@@ -176,6 +214,7 @@ impl Bed {
             wan,
             a,
             b,
+            c,
             vm,
             neighbour,
             vm_link,
@@ -187,6 +226,7 @@ impl Bed {
     }
 
     fn echo_servers(&self) {
+        self.push_server("10.1.0.10:7002");
         self.tcp_echo("10.1.0.10:7000");
         self.tcp_echo("[fd00:1::10]:7000");
         self.udp_echo("10.1.0.10:7001");
@@ -210,6 +250,35 @@ impl Bed {
         });
     }
 
+    /// A server that speaks first and never stops: after the client names
+    /// its stream `k` (8 bytes), it sends `byte(k, i)` for ever.
+    fn push_server(&self, at: &'static str) {
+        let l = in_netns(&self.vm.name, move || TcpListener::bind(at))
+            .expect("netns")
+            .expect("bind");
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { break };
+                std::thread::spawn(move || {
+                    let mut k = [0u8; 8];
+                    if conn.read_exact(&mut k).is_err() {
+                        return;
+                    }
+                    let k = u64::from_be_bytes(k);
+                    let mut i = 0u64;
+                    loop {
+                        let chunk: Vec<u8> = (i..i + 4096).map(|j| byte(k, j)).collect();
+                        if conn.write_all(&chunk).is_err() {
+                            return;
+                        }
+                        i += 4096;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                });
+            }
+        });
+    }
+
     fn udp_echo(&self, at: &'static str) {
         let u = in_netns(&self.vm.name, move || UdpSocket::bind(at))
             .expect("netns")
@@ -227,7 +296,7 @@ impl Bed {
         name: &str,
         site: &str,
         wan: &str,
-        peer: (&str, &str),
+        peers: &[(&str, &str)],
     ) -> (PathBuf, PathBuf) {
         let sock = self.dir.path().join(format!("{name}.sock"));
         let config = self.dir.path().join(format!("{name}.toml"));
@@ -235,10 +304,14 @@ impl Bed {
         let text = format!(
             "site = \"{site}\"\nwan = \"{wan}\"\nstate_dir = \"{name}-state\"\n\
              [api]\nunix = \"{name}.sock\"\ntoken = \"{TOKEN}\"\n\
-             [tunnel]\ndevice = \"{dev}\"\ndrain_quiet_ms = 1000\nudp_idle_s = 2\n{}\n\
-             [[peer]]\nsite = \"{}\"\naddress = \"{}\"\n",
-            self.tunnel_extra, peer.0, peer.1
+             [tunnel]\ndevice = \"{dev}\"\ndrain_quiet_ms = 1000\nudp_idle_s = 2\n{}\n",
+            self.tunnel_extra
         );
+        let peers: String = peers
+            .iter()
+            .map(|(site, addr)| format!("[[peer]]\nsite = \"{site}\"\naddress = \"{addr}\"\n"))
+            .collect();
+        let text = text + &peers;
         std::fs::write(&config, text).expect("config");
         (config, sock)
     }
@@ -283,14 +356,33 @@ impl Bed {
         }
     }
 
+    /// The other sites' (name, gateway address) as `site` sees them.
+    fn peers_of(&self, site: &str) -> Vec<(&'static str, &'static str)> {
+        let mut all = vec![("siteA", "198.51.100.2"), ("siteB", "203.0.113.2")];
+        if self.c.is_some() {
+            all.push(("siteC", "192.0.2.2"));
+        }
+        all.retain(|(s, _)| *s != site);
+        all
+    }
+
     pub fn gateway_a(&self) -> Gw {
-        let (c, s) = self.write_config("a", "siteA", "198.51.100.2", ("siteB", "203.0.113.2"));
+        let peers = self.peers_of("siteA");
+        let (c, s) = self.write_config("a", "siteA", "198.51.100.2", &peers);
         self.start(&self.a, &c, &s, "a")
     }
 
     pub fn gateway_b(&self) -> Gw {
-        let (c, s) = self.write_config("b", "siteB", "203.0.113.2", ("siteA", "198.51.100.2"));
+        let peers = self.peers_of("siteB");
+        let (c, s) = self.write_config("b", "siteB", "203.0.113.2", &peers);
         self.start(&self.b, &c, &s, "b")
+    }
+
+    pub fn gateway_c(&self) -> Gw {
+        let ns = self.c.as_ref().expect("a bed with three sites");
+        let peers = self.peers_of("siteC");
+        let (c, s) = self.write_config("c", "siteC", "192.0.2.2", &peers);
+        self.start(ns, &c, &s, "c")
     }
 
     pub fn restart_gateway_a(&self, old: Gw) -> Gw {
@@ -336,6 +428,37 @@ impl Bed {
             .exec(&["ip", "-6", "addr", "add", "fd00:1::1/64", "dev", l, "nodad"])
             .expect("addr");
         self.b.exec(&["ip", "link", "set", l, "up"]).expect("up");
+    }
+
+    /// The VM's link moves from one site to another (into siteA's bridge
+    /// when it comes home), its gateway addresses the same everywhere.
+    pub fn move_vm_between(&self, from: &Netns, to: &Netns) {
+        let l = &self.vm_link;
+        from.exec(&["ip", "link", "set", l, "netns", &to.name])
+            .expect("move");
+        if to.name == self.a.name {
+            to.exec(&["ip", "link", "set", l, "master", "br0"])
+                .expect("bridge port");
+        } else {
+            to.exec(&["ip", "addr", "add", "10.1.0.1/24", "dev", l])
+                .expect("addr");
+            to.exec(&["ip", "-6", "addr", "add", "fd00:1::1/64", "dev", l, "nodad"])
+                .expect("addr");
+        }
+        to.exec(&["ip", "link", "set", l, "up"]).expect("up");
+    }
+
+    /// `ip route` and `ip rule` of a namespace, for the test's messages.
+    pub fn routes(&self, ns: &Netns) -> String {
+        let show = |args: &[&str]| {
+            let o = std::process::Command::new("ip")
+                .args(["-n", &ns.name])
+                .args(args)
+                .output()
+                .expect("ip");
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        show(&["route", "show"]) + &show(&["rule", "show"])
     }
 
     /// Both gateways switch `service`: B takes it with `public`, A tunnels.
@@ -460,7 +583,7 @@ impl Bed {
     }
 
     pub fn assert_no_gateway_errors(&self) {
-        for name in ["a", "b"] {
+        for name in ["a", "b", "c"] {
             let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
                 .unwrap_or_default();
             assert!(
@@ -505,6 +628,47 @@ impl Gw {
         let value =
             serde_json::from_str(rest).unwrap_or(serde_json::Value::String(rest.to_string()));
         (code, value)
+    }
+
+    /// Its TUN device (as its config names it).
+    pub fn tun(&self) -> String {
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        text.lines()
+            .find_map(|l| l.strip_prefix("device = \""))
+            .and_then(|r| r.strip_suffix('"'))
+            .expect("a device line")
+            .to_string()
+    }
+
+    /// `POST` a typed body; panics unless the answer is 2xx.
+    pub fn post<T: serde::Serialize>(&self, path: &str, body: &T) -> serde_json::Value {
+        let text = serde_json::to_string(body).expect("json");
+        let (code, reply) = self.api("POST", path, &text);
+        assert!((200..300).contains(&code), "{path} {text} → {code} {reply}");
+        reply
+    }
+
+    /// This site's part for `service`: its role (`old`/`new`), the peer
+    /// it names, its phase.
+    pub fn part(&self, service: &str) -> gateway_api::Migration {
+        self.try_part(service)
+            .unwrap_or_else(|| panic!("no migration of {service} here"))
+    }
+
+    pub fn try_part(&self, service: &str) -> Option<gateway_api::Migration> {
+        let (code, st) = self.api("GET", "/v1/status", "");
+        assert_eq!(code, 200, "{st}");
+        let st: gateway_api::Status = serde_json::from_value(st).expect("a status");
+        st.migration(service).map(|m| m.migration.clone())
+    }
+
+    /// What the data plane carried here for `service`.
+    pub fn part_traffic(&self, service: &str) -> gateway_api::Traffic {
+        let (_, st) = self.api("GET", "/v1/status", "");
+        let st: gateway_api::Status = serde_json::from_value(st).expect("a status");
+        st.migration(service)
+            .and_then(|m| m.traffic.clone())
+            .unwrap_or_default()
     }
 
     pub fn wait_phase(&self, service: &str, phase: &str, timeout: Duration) -> bool {
@@ -767,5 +931,113 @@ impl UdpFlow {
             0,
             "corrupted UDP datagrams"
         );
+    }
+}
+
+/// Connections on which the VM speaks first and all the time (the push
+/// server): after a move its segments reach the serving gateway before any
+/// of the client's, so only what the gateways handed over tells it which way
+/// each connection goes back. Every byte is checked.
+pub struct Downloads {
+    stop: Arc<AtomicBool>,
+    verified: Vec<Arc<AtomicU64>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Downloads {
+    /// Streams `ks` from `to` (the push server at whatever address).
+    pub fn start(bed: &Bed, ks: std::ops::Range<u64>, to: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let (mut verified, mut threads) = (Vec::new(), Vec::new());
+        let to: SocketAddr = to.parse().expect("addr");
+        for k in ks {
+            let mut s = in_netns(&bed.client.name, move || {
+                TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            })
+            .expect("netns")
+            .expect("connect to the VM");
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            s.write_all(&k.to_be_bytes()).expect("name the stream");
+            let v = Arc::new(AtomicU64::new(0));
+            let (v_r, stop_r, errs) = (v.clone(), stop.clone(), errors.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut got = 0u64;
+                let mut buf = vec![0u8; 65536];
+                while !stop_r.load(Ordering::Relaxed) {
+                    match s.read(&mut buf) {
+                        Ok(0) => {
+                            errs.lock()
+                                .expect("lock")
+                                .push(format!("download {k}: closed at {got}"));
+                            return;
+                        }
+                        Ok(n) => {
+                            if let Some(o) = (0..n).find(|&o| buf[o] != byte(k, got + o as u64)) {
+                                errs.lock().expect("lock").push(format!(
+                                    "download {k}: byte {} corrupted",
+                                    got + o as u64
+                                ));
+                                return;
+                            }
+                            got += n as u64;
+                            v_r.store(got, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            errs.lock()
+                                .expect("lock")
+                                .push(format!("download {k}: read failed at {got}: {e}"));
+                            return;
+                        }
+                    }
+                }
+            }));
+            verified.push(v);
+        }
+        Self {
+            stop,
+            verified,
+            errors,
+            threads,
+        }
+    }
+
+    pub fn verified(&self) -> Vec<u64> {
+        self.verified
+            .iter()
+            .map(|v| v.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Every download verified at least 64 KiB more than `before`.
+    pub fn wait_progress_beyond(&self, before: &[u64], timeout: Duration) {
+        let t = Instant::now();
+        loop {
+            {
+                let e = self.errors.lock().expect("lock");
+                assert!(e.is_empty(), "download errors: {e:?}");
+            }
+            let now = self.verified();
+            if now.iter().zip(before).all(|(n, b)| *n >= b + 65536) {
+                return;
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "downloads stalled: before {before:?}, now {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops reading (the connections close) and checks nothing went wrong.
+    pub fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("reader");
+        }
+        let e = self.errors.lock().expect("lock");
+        assert!(e.is_empty(), "download errors: {e:?}");
     }
 }

@@ -17,6 +17,7 @@ mod bed;
 use std::time::Duration;
 
 use bed::*;
+use gateway_api::{Action, Drain, Handover, Prepare, Role, Switch};
 
 /// `n` checksummed TCP streams and a UDP flow from the client to the VM,
 /// then the move: every stream keeps going through the tunnel, the UDP
@@ -317,5 +318,199 @@ fn with_the_kernel_fast_path_connections_survive_and_the_drain_waits_for_them() 
         "a new connection to the old address was tunnelled after the drain"
     );
     bed.echo_once("10.2.0.100:7000", b"still here");
+    bed.assert_no_gateway_errors();
+}
+
+/// Where `g` sends `service`: its role's peer (and that it is an old site).
+fn forwards_to(g: &Gw, service: &str) -> String {
+    match g.part(service).role {
+        Some(Role::Old { peer, .. }) => peer,
+        other => panic!("{service} is not forwarded here: {other:?}"),
+    }
+}
+
+/// One move of the VM's link and the gateways' switch, as `migrator
+/// migrate` does it: the site the VM left hands over what it knew, the new
+/// site serves with it, the old one forwards to it, every other forwarding
+/// site is re-pointed to it, the old one drains.
+fn move_around(
+    bed: &Bed,
+    (from, g_from): (&tests::netns::Netns, &Gw),
+    (to, g_to): (&tests::netns::Netns, &Gw),
+    others: &[&Gw],
+    site_from: &str,
+    site_to: &str,
+    public: Option<&str>,
+) {
+    let web1 = |a: Action| a.path("web1");
+    for g in [g_from, g_to] {
+        g.post(&web1(Action::Prepare), &Prepare { to: site_to.into() });
+    }
+    let (code, h) = g_from.api("GET", &web1(Action::Handover), "");
+    assert_eq!(code, 200, "{h}");
+    let handover: Handover = serde_json::from_value(h).expect("a handover");
+    bed.move_vm_between(from, to);
+    let lan = if to.name == bed.a.name {
+        "br0".to_string()
+    } else {
+        bed.vm_link.clone()
+    };
+    g_to.post(
+        &web1(Action::Switch),
+        &Switch::New {
+            peer: site_from.into(),
+            public: public.map(|p| p.parse().expect("addr")),
+            lan,
+            handover: Some(handover),
+        },
+    );
+    let old = |g: &Gw| {
+        g.post(
+            &web1(Action::Switch),
+            &Switch::Old {
+                peer: site_to.into(),
+                lan: Some("br0".into()).filter(|_| g.ns == bed.a.name),
+            },
+        );
+    };
+    old(g_from);
+    for g in others {
+        if g.try_part("web1").is_some_and(|m| m.forwards()) {
+            old(g);
+        }
+    }
+    g_from.post(&web1(Action::Drain), &Drain::default());
+}
+
+/// A→B→C→A: connections opened at every site (to the VM's own address
+/// before the first move, to B's and C's public addresses after) all stay
+/// alive to the end, byte for byte, both those where the client speaks
+/// first and those where the VM does; each old site forwards straight to
+/// where the VM runs (never through another site), and drains on its own
+/// once its connections end.
+#[test]
+fn ring_of_three_sites_keeps_every_connection_and_never_chains_a_tunnel() {
+    let bed = Bed::ring();
+    let c = bed.c.as_ref().expect("siteC");
+    let (ga, gb, gc) = (bed.gateway_a(), bed.gateway_b(), bed.gateway_c());
+    for g in [&ga, &gb, &gc] {
+        let (code, body) = g.api(
+            "POST",
+            "/v1/services",
+            r#"{"name":"web1","address":"10.1.0.10","site":"siteA"}"#,
+        );
+        assert_eq!(code, 201, "{body}");
+    }
+    // at home, before any move
+    let s1 = Streams::start(&bed, 3);
+    let d1 = Downloads::start(&bed, 0..2, "10.1.0.10:7002");
+    let all_progress = |s: &[&Streams], d: &[&Downloads]| {
+        let (sb, db): (Vec<_>, Vec<_>) = (
+            s.iter().map(|x| x.verified()).collect(),
+            d.iter().map(|x| x.verified()).collect(),
+        );
+        for (x, b) in s.iter().zip(&sb) {
+            x.wait_progress_beyond(b, Duration::from_secs(20));
+        }
+        for (x, b) in d.iter().zip(&db) {
+            x.wait_progress_beyond(b, Duration::from_secs(20));
+        }
+    };
+    all_progress(&[&s1], &[&d1]);
+
+    // A → B
+    move_around(
+        &bed,
+        (&bed.a, &ga),
+        (&bed.b, &gb),
+        &[&gc],
+        "siteA",
+        "siteB",
+        Some("10.2.0.100"),
+    );
+    all_progress(&[&s1], &[&d1]);
+    assert_eq!(forwards_to(&ga, "web1"), "siteB");
+    bed.echo_once("10.2.0.100:7000", b"hello at siteB");
+    let s2 = Streams::start_to(&bed, 3, "10.2.0.100:7000");
+    let d2 = Downloads::start(&bed, 10..12, "10.2.0.100:7002");
+    all_progress(&[&s1, &s2], &[&d1, &d2]);
+
+    // B → C: A re-pointed to C, B forwards its own public address to C
+    move_around(
+        &bed,
+        (&bed.b, &gb),
+        (c, &gc),
+        &[&ga],
+        "siteB",
+        "siteC",
+        Some("10.3.0.100"),
+    );
+    all_progress(&[&s1, &s2], &[&d1, &d2]);
+    assert_eq!(forwards_to(&ga, "web1"), "siteC", "A chains through B");
+    assert_eq!(forwards_to(&gb, "web1"), "siteC");
+    assert!(gc.part("web1").serves());
+    let (ra, rb, rc) = (bed.routes(&bed.a), bed.routes(&bed.b), bed.routes(c));
+    let into = |g: &Gw, addr: &str| format!("{addr} dev {} ", g.tun());
+    assert!(
+        ra.contains(&into(&ga, "10.1.0.10")),
+        "A captures the VM's address:\n{ra}"
+    );
+    assert!(
+        rb.contains(&into(&gb, "10.2.0.100")) && !rb.contains("10.1.0.10"),
+        "B forwards only its own public address:\n{rb}"
+    );
+    assert!(
+        rc.contains(&into(&gc, "10.3.0.100")) && rc.contains("from 10.1.0.10 iif"),
+        "C serves:\n{rc}"
+    );
+    // B carries only the connections opened to it: A's go straight to C
+    let b_flows = gb.part_traffic("web1").flows;
+    assert!(
+        b_flows <= 5,
+        "B carried {b_flows} flows (5 were opened to it)"
+    );
+    bed.echo_once("10.3.0.100:7000", b"hello at siteC");
+    let s3 = Streams::start_to(&bed, 3, "10.3.0.100:7000");
+    let d3 = Downloads::start(&bed, 20..22, "10.3.0.100:7002");
+    all_progress(&[&s1, &s2, &s3], &[&d1, &d2, &d3]);
+
+    // C → A: home again; B and C forward to A
+    move_around(
+        &bed,
+        (c, &gc),
+        (&bed.a, &ga),
+        &[&gb],
+        "siteC",
+        "siteA",
+        None,
+    );
+    all_progress(&[&s1, &s2, &s3], &[&d1, &d2, &d3]);
+    assert!(ga.part("web1").serves());
+    assert_eq!(forwards_to(&gb, "web1"), "siteA");
+    assert_eq!(forwards_to(&gc, "web1"), "siteA");
+    let ra = bed.routes(&bed.a);
+    assert!(
+        !ra.contains(&into(&ga, "10.1.0.10")),
+        "at home the VM's address is on its LAN again:\n{ra}"
+    );
+    bed.echo_once("10.1.0.10:7000", b"hello at home");
+    bed.echo_from(&bed.neighbour.name, "10.1.0.10:7000", b"hello neighbour");
+
+    // everything ends; each old site drains on its own
+    for s in [s1, s2, s3] {
+        s.finish();
+    }
+    for d in [d1, d2, d3] {
+        d.finish();
+    }
+    for (g, name) in [(&gb, "B"), (&gc, "C")] {
+        assert!(
+            g.wait_phase("web1", "drained", Duration::from_secs(30)),
+            "{name} never drained: {:?}",
+            g.part("web1")
+        );
+    }
+    assert!(bed.connect_fails("10.2.0.100:7000"), "B still forwards");
+    bed.echo_once("10.1.0.10:7000", b"still at home");
     bed.assert_no_gateway_errors();
 }
