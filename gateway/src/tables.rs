@@ -491,17 +491,17 @@ mod tests {
         t.outbound(p, 0).0
     }
 
+    /// Site B's tables after the first move (from home, site A).
+    fn serving_after_the_first_move() -> Tables {
+        let mut t = Tables::default();
+        let home = [(ip(GW_A), ip(G))];
+        t.serve(ip(G), Some(ip(P_B)), &home, &[], Timeouts::default(), 0);
+        t
+    }
+
     #[test]
     fn the_first_move_tunnels_old_connections_home_and_translates_new_ones() {
-        let mut t = Tables::default();
-        t.serve(
-            ip(G),
-            Some(ip(P_B)),
-            &[(ip(GW_A), ip(G))],
-            &[],
-            Timeouts::default(),
-            0,
-        );
+        let mut t = serving_after_the_first_move();
         assert_eq!(t.fast_role(ip(G)), Some((ip(GW_A), Role::New)));
         // a client's connection forwarded by the home site: delivered, and
         // the VM's replies go back there untranslated
@@ -548,15 +548,7 @@ mod tests {
     /// they came, translated back to the address the client used.
     #[test]
     fn a_second_move_sends_each_connection_back_through_the_site_it_came_to() {
-        let mut b = Tables::default();
-        b.serve(
-            ip(G),
-            Some(ip(P_B)),
-            &[(ip(GW_A), ip(G))],
-            &[],
-            Timeouts::default(),
-            0,
-        );
+        let mut b = serving_after_the_first_move();
         assert_eq!(
             inbound(&mut b, &tcp(CLIENT, 40000, G, 7000, false)),
             In::Deliver
@@ -737,15 +729,7 @@ mod tests {
         );
         assert_eq!(addrs(&r), (ip(G), ip(CLIENT)));
         // with the home site as its one origin, the kernel's flows are home's
-        let mut b = Tables::default();
-        b.serve(
-            ip(G),
-            Some(ip(P_B)),
-            &[(ip(GW_A), ip(G))],
-            &[],
-            Timeouts::default(),
-            0,
-        );
+        let mut b = serving_after_the_first_move();
         b.carried(&carried, 0);
         assert_eq!(b.stats(ip(G)).expect("stats").flows, 1);
     }

@@ -60,6 +60,18 @@ pub enum DiskState {
     Moved,
 }
 
+impl std::fmt::Display for DiskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiskState::Partial => "partial",
+            DiskState::Committed => "committed",
+            DiskState::Complete => "complete",
+            DiskState::InDoubt => "in doubt",
+            DiskState::Moved => "moved",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateFile {
     pub state: DiskState,

@@ -435,7 +435,7 @@ async fn orchestrate_cli(a: OrchestrateArgs) -> Result<()> {
         tuning: a.tuning.clone(),
         json: false,
     };
-    let mut plan = orchestrate::Plan::new(&cfg, &a.service, &a.to, &base)?;
+    let mut plan = orchestrate::Plan::resolve(&cfg, &a.service, &a.to, &base).await?;
     plan.drain_deadline = Duration::from_secs(a.drain_deadline_s);
     plan.drain_wait = Duration::from_secs(a.drain_wait_s);
     let (tx, rx) = mpsc::unbounded_channel();

@@ -124,17 +124,20 @@ pub struct Keys {
     pub dst_fp: String,
 }
 
+/// `migrator keygen --dir DIR`: a key pair there; its fingerprint.
+pub fn keygen(d: &Path) -> Result<String> {
+    let out = Command::new(migrator_bin())
+        .args(["keygen", "--dir"])
+        .arg(d)
+        .output()?;
+    if !out.status.success() {
+        bail!("keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 pub fn keys(dir: &Path) -> Result<Keys> {
-    let gen = |d: &Path| -> Result<String> {
-        let out = Command::new(migrator_bin())
-            .args(["keygen", "--dir"])
-            .arg(d)
-            .output()?;
-        if !out.status.success() {
-            bail!("keygen failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
+    let gen = keygen;
     let (src_dir, dst_dir) = (dir.join("keys-src"), dir.join("keys-dst"));
     Ok(Keys {
         src_fp: gen(&src_dir)?,

@@ -23,6 +23,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::bed::{log_file, tbf, workspace_bin, Sites};
 use crate::delay::{self, DelayLine};
+use crate::guest;
 use crate::netns::{block_on_in, in_netns, unique, veth, Netns};
 use crate::proc::ChildGuard;
 use crate::vmbed::{Guest, GuestNet, VmBed};
@@ -32,6 +33,10 @@ pub const GUEST_IP: &str = "10.1.0.10";
 pub const PUBLIC_IP: &str = "10.2.0.100";
 pub const A_WAN: &str = "198.51.100.2";
 pub const B_WAN: &str = "203.0.113.2";
+/// The third site of a ring bed ([`SysBed::ring`]), and the guest's
+/// public address there.
+pub const C_WAN: &str = "192.0.2.2";
+pub const PUBLIC_C: &str = "10.3.0.100";
 pub const NAME: &str = "web1.example.test.";
 /// The MAC address of the guest's gateway at either site.
 pub const GATEWAY_MAC: &str = "02:00:0a:01:00:01";
@@ -66,6 +71,8 @@ pub struct SysBed {
     pub wan: Netns,
     /// The guest, the two sites (`vm.sites.a`, `vm.sites.b`), the keys.
     pub vm: VmBed,
+    /// A ring bed's third site, siteC.
+    pub c: Option<Netns>,
     pub gateways: Vec<ChildGuard>,
     /// `migrator.toml` for `migrator migrate`.
     pub config: PathBuf,
@@ -78,6 +85,24 @@ fn sysctl(ns: &Netns, kv: &str) -> Result<()> {
 
 impl SysBed {
     pub fn new(o: SysOpts) -> Result<Self> {
+        Self::build(o, false)
+    }
+
+    /// Three sites with a node each (`migrator node run`, named after its
+    /// site; node siteA boots the guest), siteC at [`C_WAN`] with the
+    /// public prefix 10.3.0.0/24 and the guest's tap `tapc`; `config` is a
+    /// `migrator.toml` with nodes. Start them with [`SysBed::start_nodes`].
+    ///
+    /// A veth hands its peer packets whose checksum the sender left to
+    /// "the hardware" (and super-packets whole), which a real link never
+    /// carries: once a site's userspace data plane receives what another's
+    /// kernel fast path sent (a VM that moved twice), that shows. So here
+    /// the sites' WAN links checksum and segment in software.
+    pub fn ring(o: SysOpts) -> Result<Self> {
+        Self::build(o, true)
+    }
+
+    fn build(o: SysOpts, ring: bool) -> Result<Self> {
         let mk = |t: &str| Netns::new(unique(t));
         let (client, wan, a, b) = (mk("cl")?, mk("wan")?, mk("sa")?, mk("sb")?);
         let (cw, wc) = veth(&client, "10.0.0.2/24", &wan, "10.0.0.1/24")?;
@@ -115,20 +140,49 @@ impl SysBed {
         for ns in [&wan, &a, &b] {
             sysctl(ns, "net.ipv4.ip_forward=1")?;
         }
+        let c = if ring {
+            let c = mk("sc")?;
+            let (cw, wcc) = veth(&c, &format!("{C_WAN}/30"), &wan, "192.0.2.1/30")?;
+            c.exec(&["ip", "tuntap", "add", "dev", "tapc", "mode", "tap"])?;
+            c.exec(&["ip", "link", "set", "tapc", "address", GATEWAY_MAC])?;
+            c.exec(&["ip", "addr", "add", "10.1.0.1/24", "dev", "tapc"])?;
+            c.exec(&["ip", "link", "set", "tapc", "up"])?;
+            c.exec(&["ip", "route", "add", "default", "via", "192.0.2.1"])?;
+            wan.exec(&["ip", "route", "add", "10.3.0.0/24", "via", C_WAN])?;
+            sysctl(&c, "net.ipv4.ip_forward=1")?;
+            for (ns, dev) in [(&a, &aw), (&b, &bw), (&c, &cw)] {
+                ns.exec(&[
+                    "ethtool", "-K", dev, "tx", "off", "tso", "off", "gso", "off",
+                ])
+                .context("ethtool (tests/install-deps.sh installs it)")?;
+            }
+            Some((c, cw, wcc))
+        } else {
+            None
+        };
+        let wan_devs: Vec<&String> = [&wc, &wa, &wb]
+            .into_iter()
+            .chain(c.as_ref().map(|c| &c.2))
+            .collect();
         // ingress filtering at the wan router: strict reverse-path checks on
         // its real interfaces (not on the delay line's, where they re-enter)
-        for dev in [&wc, &wa, &wb] {
+        for dev in &wan_devs {
             sysctl(&wan, &format!("net.ipv4.conf.{dev}.rp_filter=1"))?;
         }
         if let Some(r) = o.rate_mbit {
-            for (ns, dev) in [
+            let mut shaped = vec![
                 (&wan, &wc),
                 (&wan, &wa),
                 (&wan, &wb),
                 (&client, &cw),
                 (&a, &aw),
                 (&b, &bw),
-            ] {
+            ];
+            if let Some((c, cw, wcc)) = &c {
+                shaped.push((&wan, wcc));
+                shaped.push((c, cw));
+            }
+            for (ns, dev) in shaped {
                 tbf(ns, dev, r, 100)?;
             }
         }
@@ -140,7 +194,7 @@ impl SysBed {
             wan.exec(&[
                 "ip", "route", "add", "default", "dev", "dly0", "table", "100",
             ])?;
-            for dev in [&wc, &wa, &wb] {
+            for dev in &wan_devs {
                 wan.exec(&["ip", "rule", "add", "iif", dev, "lookup", "100"])?;
             }
             Some(line)
@@ -165,15 +219,22 @@ impl SysBed {
             client,
             wan,
             vm,
+            c: c.map(|c| c.0),
             gateways: Vec::new(),
             config,
             _delay: delay_line,
         };
-        bed.write_configs()?;
+        if ring {
+            bed.write_ring_configs()?;
+        } else {
+            bed.write_configs()?;
+        }
         Ok(bed)
     }
 
-    fn write_configs(&self) -> Result<()> {
+    /// The zone file and a gateway config per site (site A's serves the
+    /// zone), each gateway peered with every other site.
+    fn write_gateway_configs(&self, sites: &[(&str, &str)]) -> Result<()> {
         let d = self.vm.dir.path();
         let secret = DNS_KEY.rsplit(':').next().unwrap_or_default();
         std::fs::write(
@@ -182,18 +243,17 @@ impl SysBed {
                 "$ORIGIN example.test.\n$TTL 300\n@ IN SOA ns1 hostmaster 1 3600 600 86400 60\n@ IN NS ns1\nns1 IN A {A_WAN}\nweb1 IN A {GUEST_IP}\n"
             ),
         )?;
-        for (site, wan, peer, peer_wan, dns) in [
-            ("siteA", A_WAN, "siteB", B_WAN, true),
-            ("siteB", B_WAN, "siteA", A_WAN, false),
-        ] {
+        for (site, wan) in sites {
             let mut t = format!(
                 "site = \"{site}\"\nwan = \"{wan}\"\nstate_dir = \"{site}-state\"\n\
                  [api]\nlisten = \"{wan}:7300\"\ntoken = \"{TOKEN}\"\n\
-                 [tunnel]\ndevice = \"{}\"\ndrain_quiet_ms = 1000\nudp_idle_s = 2\n\
-                 [[peer]]\nsite = \"{peer}\"\naddress = \"{peer_wan}\"\n",
+                 [tunnel]\ndevice = \"{}\"\ndrain_quiet_ms = 1000\nudp_idle_s = 2\n",
                 unique("gt")
             );
-            if dns {
+            for (peer, peer_wan) in sites.iter().filter(|(p, _)| p != site) {
+                t += &format!("[[peer]]\nsite = \"{peer}\"\naddress = \"{peer_wan}\"\n");
+            }
+            if *site == "siteA" {
                 t += &format!(
                     "[dns]\nlisten = [\"{wan}:53\"]\n[[dns.key]]\nname = \"mig-key\"\nsecret = \"{secret}\"\n\
                      [[dns.zone]]\norigin = \"example.test.\"\nfile = \"example.test.zone\"\n"
@@ -201,6 +261,136 @@ impl SysBed {
             }
             std::fs::write(d.join(format!("{site}.toml")), t)?;
         }
+        Ok(())
+    }
+
+    /// The sites, their gateways' WAN addresses and namespaces.
+    fn sites(&self) -> Vec<(&'static str, &'static str, &Netns)> {
+        let mut v = vec![
+            ("siteA", A_WAN, &self.vm.sites.a),
+            ("siteB", B_WAN, &self.vm.sites.b),
+        ];
+        if let Some(c) = &self.c {
+            v.push(("siteC", C_WAN, c));
+        }
+        v
+    }
+
+    /// Gateways, nodes (keys, launch files, configs) and the node-mode
+    /// `migrator.toml` of a ring bed.
+    fn write_ring_configs(&self) -> Result<()> {
+        self.write_gateway_configs(&[("siteA", A_WAN), ("siteB", B_WAN), ("siteC", C_WAN)])?;
+        let v = &self.vm;
+        let c_keys = v.path("keys-c");
+        let c_fp = crate::bed::keygen(&c_keys)?;
+        let nodes = [
+            ("siteA", A_WAN, &v.keys.src_dir, &v.keys.src_fp, "tapa"),
+            ("siteB", B_WAN, &v.keys.dst_dir, &v.keys.dst_fp, "tapb"),
+            ("siteC", C_WAN, &c_keys, &c_fp, "tapc"),
+        ];
+        for (name, wan, key, _, tap) in &nodes {
+            let dir = v.path(&format!("node-{name}"));
+            std::fs::create_dir_all(&dir)?;
+            // the VM is `web1` on the nodes too: its files web1.img, web1.qemu
+            let mut launch = guest::qemu_nbd_command(&v.k, "{disk}", "{name}", &v.append);
+            guest::add_tap(&mut launch, tap);
+            launch.args(["-monitor", "unix:{dir}/{name}.hmp,server=on,wait=off"]);
+            std::fs::write(dir.join("web1.qemu"), guest::launch_file(&launch))?;
+            if *name == "siteA" {
+                std::fs::copy(&v.image, dir.join("web1.img"))?;
+            }
+            let mut t = format!(
+                "name = \"{name}\"\ndir = \"{}\"\nlisten = \"{wan}:7800\"\nidentity = \"{}\"\ncontrol = \"{}\"\n",
+                dir.display(),
+                key.display(),
+                v.path(&format!("{name}.ctl")).display(),
+            );
+            for (peer, peer_wan, _, fp, _) in nodes.iter().filter(|n| n.0 != *name) {
+                t += &format!(
+                    "\n[peer.{peer}]\naddr = \"{peer_wan}:7800\"\nfingerprint = \"{fp}\"\n"
+                );
+            }
+            std::fs::write(v.path(&format!("node-{name}.toml")), t)?;
+        }
+        let mut m = format!(
+            "identity = \"{}\"\n[dns]\nkey = \"{DNS_KEY}\"\nttl = 5\n",
+            v.keys.src_dir.display()
+        );
+        for (site, wan, _) in self.sites() {
+            m += &format!(
+                "[site.{site}]\ngateway = \"{wan}:7300\"\ntoken = \"{TOKEN}\"\nnode = \"{}\"\n",
+                v.path(&format!("{site}.ctl")).display()
+            );
+            if site == "siteA" {
+                m += &format!("lan = \"br0\"\ndns = \"{A_WAN}:53\"\n");
+            }
+        }
+        m += &format!(
+            "[vm.web1]\nsite = \"siteA\"\naddress = \"{GUEST_IP}\"\nname = \"{NAME}\"\n\
+             public = {{ siteB = \"{PUBLIC_IP}\", siteC = \"{PUBLIC_C}\" }}\nlan = {{ siteB = \"tapb\", siteC = \"tapc\" }}\n"
+        );
+        std::fs::write(&self.config, m)?;
+        Ok(())
+    }
+
+    /// A ring bed's nodes, one per site (node siteA boots the guest);
+    /// their QEMUs' consoles are followed as `A`, `B`, `C`.
+    pub fn start_nodes(&self) -> Result<Vec<ChildGuard>> {
+        let mut out = Vec::new();
+        for ((site, _, ns), tag) in self.sites().into_iter().zip(["A", "B", "C"]) {
+            let log = self.vm.path(&format!("node-{site}.log"));
+            let mut c = ns.command(workspace_bin("migrator").to_str().unwrap_or("migrator"));
+            c.args(["node", "run", "--config"])
+                .arg(self.vm.path(&format!("node-{site}.toml")))
+                .stdout(Stdio::piped())
+                .stderr(log_file(&log));
+            let (g, _) = crate::bed::spawn_listening(&mut c, &format!("node {site}"))
+                .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+            out.push(g);
+            self.vm
+                .tail_file(self.vm.path(&format!("node-{site}")).join("web1.log"), tag);
+        }
+        Ok(out)
+    }
+
+    /// `migrator migrate web1 --to SITE --json --drain-wait-s 0` with the
+    /// ring bed's config, from site A's namespace; its JSON events once it
+    /// exited.
+    pub fn ring_migrate(&self, to: &str) -> Result<Vec<serde_json::Value>> {
+        let mut c = self
+            .vm
+            .sites
+            .a
+            .command(workspace_bin("migrator").to_str().unwrap_or("migrator"));
+        c.args([
+            "migrate",
+            "web1",
+            "--to",
+            to,
+            "--json",
+            "--drain-wait-s",
+            "0",
+            "--config",
+        ])
+        .arg(&self.config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let out = c.output().context("cannot run migrator migrate")?;
+        let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if !out.status.success() {
+            bail!(
+                "migrate --to {to} failed: {}\n{events:?}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(events)
+    }
+
+    fn write_configs(&self) -> Result<()> {
+        self.write_gateway_configs(&[("siteA", A_WAN), ("siteB", B_WAN)])?;
         let v = &self.vm;
         std::fs::write(
             &self.config,
@@ -220,11 +410,20 @@ impl SysBed {
         Ok(())
     }
 
-    /// Starts both gateways (site A's with the DNS zone).
+    /// Starts every site's gateway (site A's with the DNS zone).
     pub fn start_gateways(&mut self) -> Result<()> {
-        for (site, ns) in [("siteA", &self.vm.sites.a), ("siteB", &self.vm.sites.b)] {
+        let sites: Vec<(&str, Command)> = self
+            .sites()
+            .into_iter()
+            .map(|(s, _, ns)| {
+                (
+                    s,
+                    ns.command(workspace_bin("gateway").to_str().unwrap_or("gateway")),
+                )
+            })
+            .collect();
+        for (site, mut cmd) in sites {
             let d = self.vm.dir.path();
-            let mut cmd = ns.command(workspace_bin("gateway").to_str().unwrap_or("gateway"));
             cmd.args(["run", "--config"])
                 .arg(d.join(format!("{site}.toml")))
                 .env("NO_COLOR", "1")
@@ -311,27 +510,34 @@ impl SysBed {
 
     /// A gateway's `/v1/status`, asked from inside its site.
     pub fn gateway_status(&self, site: &str) -> Result<serde_json::Value> {
-        let (ns, addr) = match site {
-            "siteA" => (&self.vm.sites.a, A_WAN),
-            _ => (&self.vm.sites.b, B_WAN),
-        };
+        let (ns, addr) = self
+            .sites()
+            .into_iter()
+            .find(|(s, _, _)| *s == site)
+            .map(|(_, addr, ns)| (ns.name.clone(), addr))
+            .with_context(|| format!("no site {site} in this bed"))?;
         let gw = migrator::orchestrate::gateway::Gateway::new(
             site,
             migrator::orchestrate::gateway::Endpoint::Tcp(format!("{addr}:7300")),
             TOKEN.into(),
         );
-        Ok(block_on_in(
-            &ns.name,
-            move || async move { gw.status().await },
-        )??)
+        let st = block_on_in(&ns, move || async move { gw.status().await })??;
+        Ok(serde_json::to_value(st)?)
     }
 
     /// The gateways' and the migration's logs, for failure messages.
     pub fn logs(&self) -> String {
         let d = self.vm.dir.path();
         let mut s = self.vm.logs();
-        for site in ["siteA", "siteB"] {
-            let p = d.join(format!("gateway-{site}.log"));
+        let logs = self
+            .sites()
+            .into_iter()
+            .flat_map(|(site, _, _)| [format!("gateway-{site}.log"), format!("node-{site}.log")]);
+        for name in logs {
+            let p = d.join(name);
+            if !p.exists() {
+                continue;
+            }
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(20).collect();
             s += &format!(
@@ -413,15 +619,15 @@ impl SysBed {
     /// Starts the download of `/big.bin` (`file`) at `rate` bytes per second
     /// and the echo session (a line every 50 ms), then lets them run a second.
     pub fn start_clients(&self, file: Arc<Vec<u8>>, rate: u64) -> Result<Clients> {
-        let download = download(
-            self.connect(&format!("{GUEST_IP}:80"))?,
-            "/big.bin",
-            file,
-            rate,
-        );
+        self.start_clients_at(GUEST_IP, file, rate)
+    }
+
+    /// [`SysBed::start_clients`] to the guest at `addr`.
+    pub fn start_clients_at(&self, addr: &str, file: Arc<Vec<u8>>, rate: u64) -> Result<Clients> {
+        let download = download(self.connect(&format!("{addr}:80"))?, "/big.bin", file, rate);
         let stop = Arc::new(AtomicBool::new(false));
         let (session, lines) = session(
-            self.connect(&format!("{GUEST_IP}:7"))?,
+            self.connect(&format!("{addr}:7"))?,
             Duration::from_millis(50),
             stop.clone(),
         );

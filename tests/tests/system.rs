@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tests::netns::available;
 use tests::proc::ChildGuard;
-use tests::sysbed::{random_file, SysBed, SysOpts, GUEST_IP, PUBLIC_IP};
+use tests::sysbed::{random_file, SysBed, SysOpts, GUEST_IP, PUBLIC_C, PUBLIC_IP};
 use tests::vmbed::{read_events, wait_event, wait_exit, Guest};
 
 const MIB: usize = 1 << 20;
@@ -295,4 +295,184 @@ fn refused_or_failed_migrations_leave_everything_as_it_was() {
     let st = wait_exit(&mut m, Duration::from_secs(60)).expect("migrate exits");
     assert!(!st.success(), "the migration must fail");
     unchanged(&bed, "agent killed mid-bulk");
+}
+
+/// `migrator migrate` over nodes, round a ring of three sites: the guest
+/// goes A→B→C→A (each time the command finds it where it runs now), with a
+/// download and an echo session opened before the first move, after the
+/// first and after the second, all of which stay alive to the end, every
+/// byte checked; DNS follows each move; every old site forwards straight to
+/// where the guest runs (never through another) and drains once its
+/// connections end; the guest's log is whole and its disk clean at home.
+#[test]
+fn ring_the_guest_moves_a_b_c_a_with_every_connection_its_name_and_its_disk() {
+    assert!(available(), "needs root (network namespaces)");
+    // each download lasts about 30 s (the first spans all three moves)
+    let file = Arc::new(random_file(3 * MIB / 2, 11));
+    let mut bed = SysBed::ring(SysOpts {
+        rate_mbit: Some(100),
+        delay: Duration::from_millis(10),
+        guest: Guest {
+            // it halts about 90 s after booting: the moves and the
+            // connections are over by then
+            beats: 4500,
+            disk_mib: 64,
+            www: vec![("big.bin".into(), file.to_vec())],
+            net: None,
+        },
+    })
+    .expect("ring test bed");
+    bed.start_gateways().expect("gateways");
+    let _nodes = bed.start_nodes().expect("nodes");
+    bed.vm
+        .wait_beats("A", 20, Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("node siteA boots the guest: {e:#}\n{}", bed.logs()));
+    let open = |addr: &str| {
+        // (a few tries: a TCG guest can be slow to answer its first)
+        let mut last = None;
+        for _ in 0..20 {
+            match bed.start_clients_at(addr, file.clone(), 48_000) {
+                Ok(c) => return c,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("no connection to {addr}: {last:?}\n{}", bed.logs())
+    };
+    let forwards_to = |site: &str| {
+        let st = bed.gateway_status(site).expect("gateway status");
+        let m = &st["migrations"][0];
+        assert_eq!(m["role"]["role"], "old", "{site}: {st}");
+        m["role"]["peer"].as_str().unwrap_or_default().to_string()
+    };
+    let serves = |site: &str| {
+        let st = bed.gateway_status(site).expect("gateway status");
+        assert_eq!(st["migrations"][0]["role"]["role"], "new", "{site}: {st}");
+    };
+    let mut clients = vec![open(GUEST_IP)];
+    let progress = |clients: &[tests::sysbed::Clients], what: &str| {
+        let before: Vec<u64> = clients
+            .iter()
+            .map(|c| c.lines.load(Ordering::Relaxed))
+            .collect();
+        let t = Instant::now();
+        while clients
+            .iter()
+            .zip(&before)
+            .any(|(c, b)| c.lines.load(Ordering::Relaxed) < b + 5)
+        {
+            for c in clients {
+                let s = c.session_seen();
+                assert!(s.error.is_none(), "{what}: session {s:?}\n{}", bed.logs());
+                let d = c.download_seen();
+                assert!(d.error.is_none(), "{what}: download {d:?}\n{}", bed.logs());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{what}: the sessions stalled\n{}\n{}",
+                bed.diag(),
+                bed.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    progress(&clients, "before the first move");
+    let t0 = Instant::now();
+
+    for (to, address, new) in [
+        ("siteB", PUBLIC_IP, true),
+        ("siteC", PUBLIC_C, true),
+        ("siteA", GUEST_IP, false),
+    ] {
+        let events = bed
+            .ring_migrate(to)
+            .unwrap_or_else(|e| panic!("to {to}: {e:#}\n{}", bed.logs()));
+        let report = events
+            .iter()
+            .find(|e| e["event"] == "report")
+            .unwrap_or_else(|| panic!("to {to}: no report in {events:?}"));
+        eprintln!(
+            "moved to {to} at {:.1} s (beat {}): {}",
+            t0.elapsed().as_secs_f64(),
+            bed.vm
+                .last_beat(["A", "B", "C"][usize::from(to.as_bytes()[4] - b'A')]),
+            report["report"]
+        );
+        progress(&clients, &format!("after the move to {to}"));
+        assert_eq!(
+            bed.dig().expect("dig"),
+            address,
+            "the name after the move to {to}"
+        );
+        serves(to);
+        // every other site forwards straight to where it runs now
+        for site in ["siteA", "siteB", "siteC"].into_iter().filter(|s| *s != to) {
+            if site == "siteC" && to == "siteB" {
+                continue; // it never ran there yet
+            }
+            assert_eq!(forwards_to(site), to, "{site} after the move to {to}");
+        }
+        if new {
+            clients.push(open(address));
+        } else {
+            // at home, a new connection to its own address
+            let mut c = bed
+                .connect(&format!("{GUEST_IP}:7"))
+                .expect("connect at home");
+            c.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            c.write_all(b"home again\n").expect("write");
+            let mut back = [0u8; 11];
+            c.read_exact(&mut back).expect("echo at home");
+            assert_eq!(&back, b"home again\n");
+        }
+        progress(&clients, &format!("the connections after the move to {to}"));
+    }
+
+    // every download ends whole; every session closes cleanly
+    for (i, c) in clients.iter().enumerate() {
+        let d = c
+            .settle_download(Duration::from_secs(60))
+            .expect("download");
+        assert!(
+            d.done && d.error.is_none() && d.bytes as usize > file.len(),
+            "download {i}: {d:?}\n{}",
+            bed.logs()
+        );
+        let s = c.stop_session();
+        assert!(
+            s.done && s.error.is_none(),
+            "session {i}: {s:?}\n{}",
+            bed.logs()
+        );
+    }
+    // B and C drain once their connections ended
+    for site in ["siteB", "siteC"] {
+        let t = Instant::now();
+        loop {
+            let st = bed.gateway_status(site).expect("gateway status");
+            if st["migrations"][0]["phase"] == "drained" {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{site} never drained: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    // the guest halts at home: its log whole, its filesystem clean
+    eprintln!(
+        "connections closed at {:.1} s (beat {})",
+        t0.elapsed().as_secs_f64(),
+        bed.vm.last_beat("A")
+    );
+    bed.vm
+        .wait_line("A", "guest halted", Duration::from_secs(400))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", bed.logs()));
+    std::thread::sleep(Duration::from_millis(500));
+    let image = bed.vm.path("node-siteA").join("web1.img");
+    let lines = tests::guest::check_writer_log(&image).expect("writer's log");
+    assert!(lines > 100, "only {lines} log lines");
+    tests::guest::fsck_clean(&image).expect("fsck");
 }

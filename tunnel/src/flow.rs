@@ -101,6 +101,21 @@ pub struct Flow {
     pub bytes: [u64; 2],
 }
 
+impl Flow {
+    /// A flow first seen at `now_ms`, nothing counted yet.
+    fn new(tcp: Option<TcpState>, now_ms: u64) -> Self {
+        Self {
+            tcp,
+            fin_lo: false,
+            fin_hi: false,
+            first_ms: now_ms,
+            last_ms: now_ms,
+            packets: [0; 2],
+            bytes: [0; 2],
+        }
+    }
+}
+
 /// Idle timeouts, milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeouts {
@@ -204,19 +219,8 @@ impl FlowTable {
     /// VM moved on), in `tcp` state, its idle clock starting now. A flow
     /// this table knows already is left as it is.
     pub fn adopt(&mut self, key: FlowKey, tcp: Option<TcpState>, now_ms: u64) {
-        self.flows.entry(key).or_insert(Flow {
-            tcp: if key.proto == 6 {
-                Some(tcp.unwrap_or(TcpState::Established))
-            } else {
-                None
-            },
-            fin_lo: false,
-            fin_hi: false,
-            first_ms: now_ms,
-            last_ms: now_ms,
-            packets: [0; 2],
-            bytes: [0; 2],
-        });
+        let tcp = (key.proto == 6).then(|| tcp.unwrap_or(TcpState::Established));
+        self.flows.entry(key).or_insert(Flow::new(tcp, now_ms));
     }
 
     /// Records `packets` packets of `bytes` in all, each with `flags`.
@@ -233,20 +237,15 @@ impl FlowTable {
         let opening = flags.is_some_and(|f| f.syn && !f.ack);
         let entry = self.flows.entry(key);
         let new = matches!(entry, Entry::Vacant(_));
-        let flow = entry.or_insert_with(|| Flow {
-            tcp: flags.map(|f| {
+        let flow = entry.or_insert_with(|| {
+            let tcp = flags.map(|f| {
                 if f.syn && !f.ack {
                     TcpState::Opening
                 } else {
                     TcpState::Established
                 }
-            }),
-            fin_lo: false,
-            fin_hi: false,
-            first_ms: now_ms,
-            last_ms: now_ms,
-            packets: [0; 2],
-            bytes: [0; 2],
+            });
+            Flow::new(tcp, now_ms)
         });
         flow.last_ms = now_ms;
         flow.packets[dir] += packets;

@@ -694,6 +694,33 @@ impl Gw {
     }
 }
 
+/// Waits until each of `verified()` is at least 64 KiB beyond `before`;
+/// panics on the first error recorded or at `timeout`.
+fn wait_beyond(
+    what: &str,
+    errors: &Mutex<Vec<String>>,
+    verified: impl Fn() -> Vec<u64>,
+    before: &[u64],
+    timeout: Duration,
+) {
+    let t = Instant::now();
+    loop {
+        {
+            let e = errors.lock().expect("lock");
+            assert!(e.is_empty(), "{what}: {e:?}");
+        }
+        let now = verified();
+        if now.iter().zip(before).all(|(n, b)| *n >= b + 65536) {
+            return;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "{what} stalled: before {before:?}, now {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Deterministic bytes for position `i` of stream `k`.
 pub fn byte(k: u64, i: u64) -> u8 {
     let x = (i ^ (k << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -805,11 +832,6 @@ impl Streams {
             .collect()
     }
 
-    fn check_errors(&self) {
-        let e = self.errors.lock().expect("lock");
-        assert!(e.is_empty(), "stream errors: {e:?}");
-    }
-
     pub fn wait_progress(&self, timeout: Duration) {
         let zero = vec![0; self.verified.len()];
         self.wait_progress_beyond(&zero, timeout);
@@ -817,19 +839,7 @@ impl Streams {
 
     /// Every stream verified at least 64 KiB more than `before`.
     pub fn wait_progress_beyond(&self, before: &[u64], timeout: Duration) {
-        let t = Instant::now();
-        loop {
-            self.check_errors();
-            let now = self.verified();
-            if now.iter().zip(before).all(|(n, b)| *n >= b + 65536) {
-                return;
-            }
-            assert!(
-                t.elapsed() < timeout,
-                "streams stalled: before {before:?}, now {now:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_beyond("streams", &self.errors, || self.verified(), before, timeout);
     }
 
     /// Stops writing, waits for every echo, checks every byte came back.
@@ -1013,22 +1023,13 @@ impl Downloads {
 
     /// Every download verified at least 64 KiB more than `before`.
     pub fn wait_progress_beyond(&self, before: &[u64], timeout: Duration) {
-        let t = Instant::now();
-        loop {
-            {
-                let e = self.errors.lock().expect("lock");
-                assert!(e.is_empty(), "download errors: {e:?}");
-            }
-            let now = self.verified();
-            if now.iter().zip(before).all(|(n, b)| *n >= b + 65536) {
-                return;
-            }
-            assert!(
-                t.elapsed() < timeout,
-                "downloads stalled: before {before:?}, now {now:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_beyond(
+            "downloads",
+            &self.errors,
+            || self.verified(),
+            before,
+            timeout,
+        );
     }
 
     /// Stops reading (the connections close) and checks nothing went wrong.

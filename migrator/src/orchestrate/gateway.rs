@@ -1,14 +1,20 @@
 //! Client of a site gateway's control API (HTTP/JSON with a bearer token,
-//! over TCP or a unix socket).
+//! over TCP or a unix socket); the bodies and replies are `gateway-api`'s
+//! types, the ones the gateway serves.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use gateway_api::{
+    Action, Drain, ErrorReply, Handover, Migration, MigrationStatus, Prepare, Service, Status,
+    Switch,
+};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -20,6 +26,12 @@ pub enum GatewayError {
     },
     #[error("gateway {site} refused our token (401): check the site's token or token_file")]
     Unauthorized { site: String },
+    #[error("gateway {site} sent a reply this client does not understand to {what}: {reason} (are both the same version?)")]
+    Garbled {
+        site: String,
+        what: String,
+        reason: String,
+    },
     #[error("gateway {site} answered {status} to {what}: {message}")]
     Refused {
         site: String,
@@ -84,51 +96,30 @@ impl Gateway {
         }
     }
 
-    /// One request; the parsed JSON answer of a 2xx.
-    pub async fn call(
+    /// One request; the answer of a 2xx as `R`.
+    async fn call<R: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, GatewayError> {
-        tokio::time::timeout(self.timeout, self.call_inner(method, path, body))
-            .await
-            .map_err(|_| self.unreachable(format!("no answer within {:?}", self.timeout)))?
-    }
-
-    async fn call_inner(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, GatewayError> {
+        body: Option<&impl Serialize>,
+    ) -> Result<R, GatewayError> {
         let what = format!("{method} {path}");
-        let (status, bytes) = match &self.endpoint {
-            Endpoint::Tcp(addr) => {
-                let s = tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(|e| self.unreachable(e))?;
-                self.exchange(s, method, path, body).await?
-            }
-            Endpoint::Unix(p) => {
-                let s = tokio::net::UnixStream::connect(p)
-                    .await
-                    .map_err(|e| self.unreachable(e))?;
-                self.exchange(s, method, path, body).await?
-            }
+        let body = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| self.unreachable(e))?,
+            None => Vec::new(),
         };
-        let value: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let (status, bytes) = tokio::time::timeout(self.timeout, self.send(method, path, body))
+            .await
+            .map_err(|_| self.unreachable(format!("no answer within {:?}", self.timeout)))??;
         if status == StatusCode::UNAUTHORIZED {
             return Err(GatewayError::Unauthorized {
                 site: self.site.clone(),
             });
         }
         if !status.is_success() {
-            let message = value["error"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
+            let message = serde_json::from_slice::<ErrorReply>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
             return Err(GatewayError::Refused {
                 site: self.site.clone(),
                 what,
@@ -136,7 +127,33 @@ impl Gateway {
                 message,
             });
         }
-        Ok(value)
+        serde_json::from_slice(&bytes).map_err(|e| GatewayError::Garbled {
+            site: self.site.clone(),
+            what,
+            reason: e.to_string(),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), GatewayError> {
+        match &self.endpoint {
+            Endpoint::Tcp(addr) => {
+                let s = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| self.unreachable(e))?;
+                self.exchange(s, method, path, body).await
+            }
+            Endpoint::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(|e| self.unreachable(e))?;
+                self.exchange(s, method, path, body).await
+            }
+        }
     }
 
     async fn exchange<S>(
@@ -144,7 +161,7 @@ impl Gateway {
         stream: S,
         method: Method,
         path: &str,
-        body: Option<Value>,
+        body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), GatewayError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -153,7 +170,6 @@ impl Gateway {
             .await
             .map_err(|e| self.unreachable(e))?;
         let conn = tokio::spawn(conn);
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -177,56 +193,39 @@ impl Gateway {
         Ok((status, bytes))
     }
 
-    pub async fn status(&self) -> Result<Value, GatewayError> {
-        self.call(Method::GET, "/v1/status", None).await
+    pub async fn status(&self) -> Result<Status, GatewayError> {
+        self.call(Method::GET, "/v1/status", None::<&()>).await
     }
 
-    pub async fn register(
-        &self,
-        name: &str,
-        address: &str,
-        site: &str,
-    ) -> Result<Value, GatewayError> {
-        self.call(
-            Method::POST,
-            "/v1/services",
-            Some(serde_json::json!({"name": name, "address": address, "site": site})),
-        )
-        .await
+    pub async fn register(&self, service: &Service) -> Result<Service, GatewayError> {
+        self.call(Method::POST, "/v1/services", Some(service)).await
     }
 
-    pub async fn action(
-        &self,
-        service: &str,
-        action: &str,
-        body: Value,
-    ) -> Result<Value, GatewayError> {
-        self.call(
-            Method::POST,
-            &format!("/v1/migrations/{service}/{action}"),
-            Some(body),
-        )
-        .await
+    pub async fn prepare(&self, service: &str, to: &str) -> Result<Migration, GatewayError> {
+        let body = Prepare { to: to.into() };
+        self.call(Method::POST, &Action::Prepare.path(service), Some(&body))
+            .await
     }
 
-    /// The phase of `service`'s migration here, if any.
-    pub async fn phase(&self, service: &str) -> Result<Option<String>, GatewayError> {
-        let st = self.status().await?;
-        Ok(st["migrations"].as_array().and_then(|ms| {
-            ms.iter()
-                .find(|m| m["service"] == service)
-                .and_then(|m| m["phase"].as_str().map(str::to_string))
-        }))
+    pub async fn switch(&self, service: &str, switch: &Switch) -> Result<Migration, GatewayError> {
+        self.call(Method::POST, &Action::Switch.path(service), Some(switch))
+            .await
     }
 
-    /// Flows and bytes this gateway tunnelled for `service`.
-    pub async fn traffic(&self, service: &str) -> Result<Value, GatewayError> {
-        let st = self.status().await?;
-        Ok(st["migrations"]
-            .as_array()
-            .and_then(|ms| ms.iter().find(|m| m["service"] == service))
-            .map(|m| m["traffic"].clone())
-            .unwrap_or(Value::Null))
+    pub async fn drain(&self, service: &str, drain: &Drain) -> Result<Migration, GatewayError> {
+        self.call(Method::POST, &Action::Drain.path(service), Some(drain))
+            .await
+    }
+
+    /// What this site knows of a VM that runs there, for the next site.
+    pub async fn handover(&self, service: &str) -> Result<Handover, GatewayError> {
+        self.call(Method::GET, &Action::Handover.path(service), None::<&()>)
+            .await
+    }
+
+    /// This site's part in `service`'s moves, with its traffic, if any.
+    pub async fn part(&self, service: &str) -> Result<Option<MigrationStatus>, GatewayError> {
+        Ok(self.status().await?.migration(service).cloned())
     }
 }
 

@@ -1,19 +1,23 @@
 //! `migrator migrate`: one command that moves a VM to another site with its
-//! disk, its open connections and its DNS name.
+//! disk, its open connections and its DNS name, from wherever it runs now.
 //!
 //! ```text
+//!  locate    with nodes: ask each site's node where the VM runs
 //!  prepare   both gateways answer (token checked), register + prepare the
 //!            service; DNS: lower the name's TTL
-//!  move      the disk server migrates disk + memory to the destination agent
-//!            (`control::request`); the agent checks its room at Hello
+//!  move      the source site's node sends the VM to the destination's (or:
+//!            the disk server migrates disk + memory to the destination
+//!            agent, `control::request`); the receiver checks its room
 //!  ── commit point (inside `move`) ─────────────────────────────────────────
-//!  network   gateway B delivers and translates, gateway A tunnels the old
-//!            address to B, DNS points the name at B's public address
+//!  network   the new site serves the VM with what the old one hands over,
+//!            the old site forwards to it, every other site still
+//!            forwarding is re-pointed to it (one tunnel hop, never
+//!            chained); DNS points the name at the VM's address there
 //!            (each retried; a failure is reported, never ignored)
-//!  drain     gateway A drains (flows end or the deadline passes); TTL back
+//!  drain     the old site drains (flows end or the deadline passes); TTL back
 //! ```
-//! A failure before the commit point leaves the VM at A, its routes as they
-//! were, and the name's TTL restored.
+//! A failure before the commit point leaves the VM where it was, its routes
+//! as they were, and the name's TTL restored.
 
 pub mod gateway;
 pub mod report;
@@ -25,15 +29,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::args::{Keys, MigrateArgs};
 use crate::events::{Event, Phase, Summary};
 use gateway::{Endpoint, Gateway};
+use gateway_api::{Drain, Service, Switch};
 
-/// `migrator.toml`: the sites, their gateways and agents, and the VMs.
+/// `migrator.toml`: the sites, their gateways and nodes (or agents), and
+/// the VMs.
 ///
 /// ```toml
 /// identity = "/etc/migrator/key"        # this host's key (`migrator keygen`)
@@ -49,21 +54,26 @@ use gateway::{Endpoint, Gateway};
 /// lan = "br0"                           # the VMs' LAN (proxy ARP once they left)
 /// dns = "10.0.0.1:53"                   # its gateway's embedded DNS
 ///
+/// node = "/run/migrator/node.sock"     # its node's control socket (the
+///                                       # nodes name their peers after sites)
+///
 /// [site.siteB]
 /// gateway = "10.0.0.2:7300"
 /// token_file = "/etc/migrator/siteB.token"
-/// agent = "10.0.0.2:7800"               # `migrator receive` there
-/// agent_fingerprint = "ab12…"           # its key, pinned
+/// node = "/run/migrator/siteB.sock"     # e.g. forwarded: ssh -L /run/migrator/siteB.sock:/run/migrator/node.sock siteB
 ///
 /// [vm.web1]
-/// site = "siteA"                        # where it runs now
-/// control = "/run/migrator/web1.ctl"    # its disk server's control socket
-/// qmp = "/run/qemu/web1.qmp"
-/// address = "10.1.0.10"                 # its (old) address
+/// site = "siteA"                        # its home: where its address is routed
+/// address = "10.1.0.10"                 # its own address
 /// name = "web1.example.test."           # its DNS name
-/// public = { siteB = "10.2.0.100" }     # its new public address per site
-/// lan = { siteB = "tap-web1" }          # its link at each destination
+/// public = { siteB = "10.2.0.100" }     # its public address at each other site
+/// lan = { siteB = "tap-web1" }          # its link at each other site
 /// ```
+///
+/// Without nodes, a site names the `migrator receive` agent that takes a
+/// VM there (`agent`, `agent_fingerprint`) and a VM its disk server's
+/// control socket and QMP socket at home (`control`, `qmp`): such a VM
+/// moves once, from its home.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -95,14 +105,20 @@ pub struct SiteConfig {
     pub agent: Option<String>,
     pub agent_fingerprint: Option<String>,
     pub dns: Option<SocketAddr>,
+    /// The site's node's control socket.
+    pub node: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
+    /// Its home: the site its address is routed to.
     pub site: String,
-    pub control: PathBuf,
-    pub qmp: PathBuf,
+    /// Without nodes: its disk server's control socket, its QMP socket.
+    #[serde(default)]
+    pub control: Option<PathBuf>,
+    #[serde(default)]
+    pub qmp: Option<PathBuf>,
     /// The guest's address (IPv4 or IPv6).
     pub address: IpAddr,
     pub name: Option<String>,
@@ -114,6 +130,12 @@ pub struct VmConfig {
 }
 
 impl Config {
+    pub fn vm(&self, service: &str) -> Result<&VmConfig> {
+        self.vm
+            .get(service)
+            .with_context(|| format!("no [vm.{service}] in the config"))
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| {
             format!(
@@ -138,31 +160,52 @@ impl Config {
             if let Some(t) = &mut s.token_file {
                 fix(t);
             }
+            if let Some(n) = &mut s.node {
+                fix(n);
+            }
         }
         Ok(c)
     }
 }
 
-/// What `migrator migrate SERVICE --to SITE` does, resolved from the config.
+/// What `migrator migrate SERVICE --to SITE` does, resolved from the config
+/// (and, with nodes, from where the VM runs now).
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub service: String,
     pub from: String,
     pub to: String,
+    /// The VM's home (its address is routed there).
+    pub home: String,
     pub address: IpAddr,
-    pub public: IpAddr,
+    /// Its address at `to`; none when `to` is its home.
+    pub public: Option<IpAddr>,
+    /// `from`'s LAN when that is its home (the gateway answers ARP there).
     pub old_lan: Option<String>,
     pub new_lan: String,
     pub gw_from: Gateway,
     pub gw_to: Gateway,
+    /// Every other site's gateway: those forwarding the VM are re-pointed.
+    pub gw_others: Vec<Gateway>,
     pub dns: Option<DnsPlan>,
-    /// The VM migration, as the disk server's control socket takes it.
-    pub args: MigrateArgs,
-    pub control: PathBuf,
+    pub mover: Mover,
     /// How long the old site may keep tunnelling.
     pub drain_deadline: Duration,
     /// How long to wait here for the drain (zero: do not wait).
     pub drain_wait: Duration,
+}
+
+/// Who moves the VM.
+#[derive(Debug, Clone)]
+pub enum Mover {
+    /// The source site's node sends it to the destination site's node.
+    Node {
+        socket: PathBuf,
+        tuning: crate::args::Tuning,
+    },
+    /// The disk server at its home migrates it to the destination's agent
+    /// (`args`: as the disk server's control socket takes them).
+    Agent { control: PathBuf, args: MigrateArgs },
 }
 
 #[derive(Debug, Clone)]
@@ -184,15 +227,65 @@ fn token(site: &str, s: &SiteConfig) -> Result<String> {
     }
 }
 
+/// Where `service` runs, as the sites' nodes say: the one that holds it
+/// `complete`. An error names what each node said when none or several do.
+pub async fn locate(cfg: &Config, service: &str) -> Result<String> {
+    let mut here = Vec::new();
+    let mut said = Vec::new();
+    for (site, s) in &cfg.site {
+        let Some(sock) = &s.node else { continue };
+        match crate::node::api::status(sock).await {
+            Ok(st) => match st.vms.iter().find(|v| v.name == service) {
+                Some(v) => {
+                    if v.state == crate::agent::DiskState::Complete {
+                        here.push(site.clone());
+                    }
+                    said.push(format!("{site}: {}", v.state));
+                }
+                None => said.push(format!("{site}: not there")),
+            },
+            Err(e) => said.push(format!("{site}: {e}")),
+        }
+    }
+    match here.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "no node runs {service} ({}); a move in doubt resolves when its nodes reconnect (`migrator status --node SOCKET` shows it)",
+            said.join("; ")
+        ),
+        _ => bail!("{service} runs at several sites ({}): stop and ask an operator", said.join("; ")),
+    }
+}
+
 impl Plan {
-    /// Resolves `service` → `to` from the config; `base` carries the
+    /// Resolves `service` → `to`: where it runs now (with nodes, asked;
+    /// without, its home), then [`Plan::build`].
+    pub async fn resolve(
+        cfg: &Config,
+        service: &str,
+        to: &str,
+        base: &MigrateArgs,
+    ) -> Result<Self> {
+        let nodes = cfg.site.values().any(|s| s.node.is_some());
+        let from = if nodes {
+            locate(cfg, service).await?
+        } else {
+            cfg.vm(service)?.site.clone()
+        };
+        Self::build(cfg, service, &from, to, base)
+    }
+
+    /// The plan of moving `service` from `from` to `to`; `base` carries the
     /// migration knobs from the command line.
-    pub fn new(cfg: &Config, service: &str, to: &str, base: &MigrateArgs) -> Result<Self> {
-        let vm = cfg
-            .vm
-            .get(service)
-            .with_context(|| format!("no [vm.{service}] in the config"))?;
-        if vm.site == to {
+    pub fn build(
+        cfg: &Config,
+        service: &str,
+        from: &str,
+        to: &str,
+        base: &MigrateArgs,
+    ) -> Result<Self> {
+        let vm = cfg.vm(service)?;
+        if from == to {
             bail!("{service} already runs at {to}");
         }
         let site = |n: &str| {
@@ -200,31 +293,69 @@ impl Plan {
                 .get(n)
                 .with_context(|| format!("no [site.{n}] in the config"))
         };
-        let (from_cfg, to_cfg) = (site(&vm.site)?, site(to)?);
-        let agent = to_cfg
-            .agent
-            .clone()
-            .with_context(|| format!("site {to} has no agent (the `migrator receive` address)"))?;
-        let fp = to_cfg.agent_fingerprint.clone().with_context(|| {
-            format!("site {to} has no agent_fingerprint (its `migrator keygen` output)")
-        })?;
-        let public = *vm.public.get(to).with_context(|| {
-            format!("[vm.{service}] has no public address for {to} (public = {{ {to} = \"…\" }})")
-        })?;
-        if public.is_ipv4() != vm.address.is_ipv4() {
-            bail!(
-                "[vm.{service}]: its public address at {to} ({public}) and its address ({}) are of different families",
-                vm.address
-            );
-        }
-        let new_lan = vm.lan.get(to).cloned().with_context(|| {
-            format!("[vm.{service}] has no link at {to} (lan = {{ {to} = \"…\" }})")
-        })?;
+        let (from_cfg, to_cfg, home_cfg) = (site(from)?, site(to)?, site(&vm.site)?);
+        let mover = match (&from_cfg.node, &to_cfg.node) {
+            (Some(socket), Some(_)) => Mover::Node {
+                socket: socket.clone(),
+                tuning: base.tuning.clone(),
+            },
+            (Some(_), None) | (None, Some(_)) => bail!(
+                "{from} and {to} must both have a node (`node = \"…\"` in [site.{from}] and [site.{to}]), or neither"
+            ),
+            (None, None) => {
+                if from != vm.site {
+                    bail!("without nodes {service} moves only from its home {}", vm.site);
+                }
+                let agent = to_cfg.agent.clone().with_context(|| {
+                    format!("site {to} has no node and no agent (the `migrator receive` address)")
+                })?;
+                let fp = to_cfg.agent_fingerprint.clone().with_context(|| {
+                    format!("site {to} has no agent_fingerprint (its `migrator keygen` output)")
+                })?;
+                let control = vm.control.clone().with_context(|| {
+                    format!("[vm.{service}] needs `control` (its disk server's control socket) without nodes")
+                })?;
+                let mut args = base.clone();
+                args.control = Some(control.clone());
+                args.image = None;
+                args.qmp = Some(vm.qmp.clone().with_context(|| {
+                    format!("[vm.{service}] needs `qmp` (its QEMU's QMP socket) without nodes")
+                })?);
+                args.to = agent;
+                args.keys = Keys {
+                    identity: cfg.identity.clone(),
+                    peers: vec![fp],
+                };
+                args.json = false;
+                Mover::Agent { control, args }
+            }
+        };
+        let at_home = to == vm.site;
+        let public = if at_home {
+            None
+        } else {
+            let p = *vm.public.get(to).with_context(|| {
+                format!(
+                    "[vm.{service}] has no public address for {to} (public = {{ {to} = \"…\" }})"
+                )
+            })?;
+            if p.is_ipv4() != vm.address.is_ipv4() {
+                bail!(
+                    "[vm.{service}]: its public address at {to} ({p}) and its address ({}) are of different families",
+                    vm.address
+                );
+            }
+            Some(p)
+        };
+        let new_lan = match (at_home, vm.lan.get(to), &to_cfg.lan) {
+            (false, Some(l), _) | (true, Some(l), _) | (true, None, Some(l)) => l.clone(),
+            _ => bail!("[vm.{service}] has no link at {to} (lan = {{ {to} = \"…\" }})"),
+        };
         let dns = match &vm.name {
             None => None,
             Some(name) => {
-                let server = cfg.dns.server.or(from_cfg.dns).with_context(|| {
-                    format!("{service} has a DNS name but no DNS server is configured ([dns] server, or the site's dns)")
+                let server = cfg.dns.server.or(home_cfg.dns).with_context(|| {
+                    format!("{service} has a DNS name but no DNS server is configured ([dns] server, or its home site's dns)")
                 })?;
                 let key = match (&cfg.dns.key, &cfg.dns.key_file) {
                     (Some(k), _) => dyndns::TsigKey::parse_spec(k)?,
@@ -239,36 +370,50 @@ impl Plan {
                 })
             }
         };
-        let mut args = base.clone();
-        args.control = Some(vm.control.clone());
-        args.image = None;
-        args.qmp = Some(vm.qmp.clone());
-        args.to = agent;
-        args.keys = Keys {
-            identity: cfg.identity.clone(),
-            peers: vec![fp],
+        let gateway = |name: &str, s: &SiteConfig| -> Result<Gateway> {
+            Ok(Gateway::new(
+                name,
+                Endpoint::parse(&s.gateway),
+                token(name, s)?,
+            ))
         };
-        args.json = false;
+        let gw_others = cfg
+            .site
+            .iter()
+            .filter(|(n, _)| n.as_str() != from && n.as_str() != to)
+            .map(|(n, s)| gateway(n, s))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Plan {
             service: service.to_string(),
-            from: vm.site.clone(),
+            from: from.to_string(),
             to: to.to_string(),
+            home: vm.site.clone(),
             address: vm.address,
             public,
-            old_lan: from_cfg.lan.clone(),
+            old_lan: home_cfg.lan.clone(),
             new_lan,
-            gw_from: Gateway::new(
-                &vm.site,
-                Endpoint::parse(&from_cfg.gateway),
-                token(&vm.site, from_cfg)?,
-            ),
-            gw_to: Gateway::new(to, Endpoint::parse(&to_cfg.gateway), token(to, to_cfg)?),
+            gw_from: gateway(from, from_cfg)?,
+            gw_to: gateway(to, to_cfg)?,
+            gw_others,
             dns,
-            control: vm.control.clone(),
-            args,
+            mover,
             drain_deadline: Duration::from_secs(3600),
             drain_wait: Duration::from_secs(600),
         })
+    }
+
+    /// The VM's address at `to`, the one DNS points at after the move.
+    pub fn address_at_destination(&self) -> IpAddr {
+        self.public.unwrap_or(self.address)
+    }
+
+    /// The switch that makes `site` forward to the destination (the VM's
+    /// home LAN answers ARP for it there).
+    fn forward(&self, site: &str) -> Switch {
+        Switch::Old {
+            peer: self.to.clone(),
+            lan: self.old_lan.clone().filter(|_| site == self.home),
+        }
     }
 }
 
@@ -380,16 +525,19 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
     let (sa, sb) = tokio::join!(plan.gw_from.status(), plan.gw_to.status());
     sa?;
     sb?;
-    let addr = plan.address.to_string();
+    let svc = Service {
+        name: plan.service.clone(),
+        address: plan.address,
+        site: plan.home.clone(),
+    };
     for g in [&plan.gw_from, &plan.gw_to] {
-        match g.register(&plan.service, &addr, &plan.from).await {
+        match g.register(&svc).await {
             Ok(_) => {}
-            // registered before (an earlier attempt): prepare decides
+            // registered before (an earlier move): prepare decides
             Err(gateway::GatewayError::Refused { status: 409, .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        g.action(&plan.service, "prepare", json!({"to": plan.to}))
-            .await?;
+        g.prepare(&plan.service, &plan.to).await?;
     }
     let dns = match &plan.dns {
         None => None,
@@ -444,7 +592,19 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
             (samples, phases)
         })
     };
-    let moved = crate::control::request(&plan.control, &plan.args, tx).await;
+    let moved = match &plan.mover {
+        Mover::Node { socket, tuning } => {
+            crate::node::api::migrate(socket, &plan.service, &plan.to, tuning.clone(), tx)
+                .await
+                .map_err(|e| {
+                    anyhow::Error::new(e).context(format!(
+                        "node {} failed to send {}",
+                        plan.from, plan.service
+                    ))
+                })
+        }
+        Mover::Agent { control, args } => crate::control::request(control, args, tx).await,
+    };
     let (samples, phases) = forward.await.unwrap_or_default();
     report.samples = samples;
     report.phases.extend(phases);
@@ -476,39 +636,77 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
     let t_commit = Instant::now();
     report.migration = Some(summary);
 
-    // ---- network: B delivers, A tunnels, DNS points to B ----
+    // ---- network: the new site serves, every old one forwards to it ----
     phase(&mut report, Phase::Network);
-    retry(&format!("switching gateway {}", plan.to), &events, || async {
-        plan.gw_to
-            .action(
-                &plan.service,
-                "switch",
-                json!({"role": "new", "peer": plan.from, "public": plan.public, "lan": plan.new_lan}),
-            )
-            .await
-            .map_err(Into::into)
-    })
-    .await?;
-    retry(
-        &format!("switching gateway {}", plan.from),
+    let handover = retry(
+        &format!("asking {} for its connections", plan.from),
         &events,
         || async {
-            let mut body = json!({"role": "old", "peer": plan.to});
-            if let Some(l) = &plan.old_lan {
-                body["lan"] = json!(l);
-            }
             plan.gw_from
-                .action(&plan.service, "switch", body)
+                .handover(&plan.service)
                 .await
                 .map_err(Into::into)
         },
     )
     .await?;
+    let serve = Switch::New {
+        peer: plan.from.clone(),
+        public: plan.public,
+        lan: plan.new_lan.clone(),
+        handover: Some(handover),
+    };
+    retry(
+        &format!("switching gateway {}", plan.to),
+        &events,
+        || async {
+            plan.gw_to
+                .switch(&plan.service, &serve)
+                .await
+                .map_err(Into::into)
+        },
+    )
+    .await?;
+    retry(
+        &format!("switching gateway {}", plan.from),
+        &events,
+        || async {
+            plan.gw_from
+                .switch(&plan.service, &plan.forward(&plan.from))
+                .await
+                .map_err(Into::into)
+        },
+    )
+    .await?;
+    for g in &plan.gw_others {
+        // a site that forwards the VM from an earlier move forwards to
+        // where it runs now, not to where it ran
+        let forwards = match g.part(&plan.service).await {
+            Ok(p) => p.is_some_and(|p| p.migration.forwards()),
+            Err(e) => {
+                let _ = events.send(Event::Note {
+                    message: format!("cannot ask gateway {} whether it forwards {}: {e}; re-point it with `migrator migrate` once it answers", g.site, plan.service),
+                });
+                false
+            }
+        };
+        if forwards {
+            retry(
+                &format!("re-pointing gateway {}", g.site),
+                &events,
+                || async {
+                    g.switch(&plan.service, &plan.forward(&g.site))
+                        .await
+                        .map_err(Into::into)
+                },
+            )
+            .await?;
+        }
+    }
     let t_switch = Instant::now();
     if let (Some((c, zone, name, p)), Some(d)) = (&dns, &plan.dns) {
-        let to = [plan.public];
+        let to = [plan.address_at_destination()];
         let sw = retry(
-            &format!("pointing {name} to {}", plan.public),
+            &format!("pointing {name} to {}", to[0]),
             &events,
             || async {
                 match dyndns::ops::switch(c, zone, name, &p.addrs, &to, d.ttl).await {
@@ -532,21 +730,29 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
     report.network_switch_ms = Some(t_commit.elapsed().as_secs_f64() * 1e3);
 
     // what the old site tunnels right after the switch
-    let mut last_traffic = plan
-        .gw_from
-        .traffic(&plan.service)
-        .await
-        .unwrap_or(serde_json::Value::Null);
-    let mut max_flows = last_traffic["flows"].as_u64().unwrap_or(0);
+    let traffic = |g: &Gateway| {
+        let service = plan.service.clone();
+        let g = g.clone();
+        async move {
+            g.part(&service)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|p| p.traffic)
+        }
+    };
+    let mut last_traffic = traffic(&plan.gw_from).await;
+    let mut max_flows = last_traffic.as_ref().map_or(0, |t| t.flows as u64);
 
     // ---- drain: old flows finish through the tunnel ----
     phase(&mut report, Phase::Drain);
     retry(&format!("draining at {}", plan.from), &events, || async {
         plan.gw_from
-            .action(
+            .drain(
                 &plan.service,
-                "drain",
-                json!({"deadline_s": plan.drain_deadline.as_secs()}),
+                &Drain {
+                    deadline_s: Some(plan.drain_deadline.as_secs()),
+                },
             )
             .await
             .map_err(Into::into)
@@ -554,21 +760,18 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
     .await?;
     let wait_until = Instant::now() + plan.drain_wait;
     loop {
-        if let Ok(t) = plan.gw_from.traffic(&plan.service).await {
-            if !t.is_null() {
-                max_flows = max_flows.max(t["flows"].as_u64().unwrap_or(0));
-                last_traffic = t;
-            }
+        if let Some(t) = traffic(&plan.gw_from).await {
+            max_flows = max_flows.max(t.flows as u64);
+            last_traffic = Some(t);
         }
-        if plan
+        let drained = plan
             .gw_from
-            .phase(&plan.service)
+            .part(&plan.service)
             .await
             .ok()
             .flatten()
-            .as_deref()
-            == Some("drained")
-        {
+            .is_some_and(|p| matches!(p.migration.phase, gateway_api::Phase::Drained { .. }));
+        if drained {
             report.drained_after_s = Some(t_switch.elapsed().as_secs_f64());
             break;
         }
@@ -586,8 +789,8 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
     }
     report.tunnelled_flows =
         (max_flows > 0 || report.drained_after_s.is_some()).then_some(max_flows);
-    report.tunnelled_bytes = last_traffic["bytes"]
-        .as_u64()
+    report.tunnelled_bytes = last_traffic
+        .map(|t| t.bytes)
         .filter(|_| report.tunnelled_flows.is_some());
     if let (Some((c, zone, name, p)), true) = (&dns, report.drained_after_s.is_some()) {
         // the old answer has expired everywhere: the TTL goes back
@@ -607,4 +810,96 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
     phase(&mut report, Phase::Done);
     report.total_s = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+identity = "keys"
+[dns]
+key = "hmac-sha256:mig-key:c2VjcmV0LWtleS1mb3ItdGhlLXRlc3QtYmVkLTAxMjM0NTY3"
+[site.siteA]
+gateway = "10.0.0.1:7300"
+token = "tok-a-0123456789abcdef"
+lan = "br0"
+dns = "10.0.0.1:53"
+node = "a.sock"
+[site.siteB]
+gateway = "10.0.0.2:7300"
+token = "tok-b-0123456789abcdef"
+node = "b.sock"
+[site.siteC]
+gateway = "unix:/run/c.sock"
+token = "tok-c-0123456789abcdef"
+node = "c.sock"
+[vm.web1]
+site = "siteA"
+address = "10.1.0.10"
+name = "web1.example.test."
+public = { siteB = "10.2.0.100", siteC = "10.3.0.100" }
+lan = { siteB = "tapb", siteC = "tapc" }
+"#;
+
+    fn config() -> Config {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("migrator.toml");
+        std::fs::write(&p, CONFIG).expect("write");
+        Config::load(&p).expect("config")
+    }
+
+    fn base() -> MigrateArgs {
+        MigrateArgs {
+            control: None,
+            image: None,
+            to: String::new(),
+            keys: Keys {
+                identity: "keys".into(),
+                peers: Vec::new(),
+            },
+            qmp: None,
+            tuning: crate::args::Tuning::default(),
+            json: false,
+        }
+    }
+
+    #[test]
+    fn a_move_between_nodes_is_planned_from_where_it_runs_to_anywhere() {
+        let cfg = config();
+        // onward from B to C: C's public address and link; A is re-pointed
+        let p = Plan::build(&cfg, "web1", "siteB", "siteC", &base()).expect("plan");
+        assert_eq!(p.public, Some(IpAddr::from([10, 3, 0, 100])));
+        assert_eq!(p.new_lan, "tapc");
+        assert!(matches!(&p.mover, Mover::Node { socket, .. } if socket.ends_with("b.sock")));
+        let others: Vec<&str> = p.gw_others.iter().map(|g| g.site.as_str()).collect();
+        assert_eq!(others, ["siteA"]);
+        assert!(matches!(p.forward("siteA"), Switch::Old { lan: Some(ref l), .. } if l == "br0"));
+        assert!(matches!(p.forward("siteB"), Switch::Old { lan: None, .. }));
+        // home: its own address, its home LAN
+        let p = Plan::build(&cfg, "web1", "siteC", "siteA", &base()).expect("plan");
+        assert_eq!(p.public, None);
+        assert_eq!(p.address_at_destination(), IpAddr::from([10, 1, 0, 10]));
+        assert_eq!(p.new_lan, "br0");
+        // the DNS server is its home's, wherever it moves from
+        assert_eq!(
+            p.dns.as_ref().map(|d| d.server),
+            Some(SocketAddr::from(([10, 0, 0, 1], 53)))
+        );
+    }
+
+    #[test]
+    fn a_move_to_where_it_runs_or_without_both_nodes_is_refused() {
+        let cfg = config();
+        let e = Plan::build(&cfg, "web1", "siteB", "siteB", &base()).expect_err("refused");
+        assert!(e.to_string().contains("already runs at siteB"), "{e}");
+        let mut cfg = config();
+        if let Some(s) = cfg.site.get_mut("siteC") {
+            s.node = None;
+        }
+        let e = Plan::build(&cfg, "web1", "siteB", "siteC", &base()).expect_err("refused");
+        assert!(e.to_string().contains("must both have a node"), "{e}");
+        let e = Plan::build(&cfg, "web9", "siteB", "siteC", &base()).expect_err("refused");
+        assert!(e.to_string().contains("no [vm.web9]"), "{e}");
+    }
 }
