@@ -55,10 +55,10 @@ enum Cmd {
     #[command(subcommand)]
     Node(NodeCmd),
     /// A node's VMs and its migrations in flight (phase, bytes, rate, ETA), as
-    /// `virsh domjobinfo` shows them.
+    /// `virsh domjobinfo` shows them; with `--config`, every site's.
     Status {
         #[command(flatten)]
-        node: NodeSocket,
+        node: Nodes,
         /// Only this VM.
         vm: Option<String>,
         /// The node's answer as JSON.
@@ -69,13 +69,13 @@ enum Cmd {
     Cancel {
         vm: String,
         #[command(flatten)]
-        node: NodeSocket,
+        node: Nodes,
     },
     /// Change a VM's migration while it runs.
     Set {
         vm: String,
         #[command(flatten)]
-        node: NodeSocket,
+        node: Nodes,
         /// Cap the link (and QEMU's memory stream) at this many Mbit/s.
         #[arg(long)]
         max_rate_mbit: Option<f64>,
@@ -108,6 +108,62 @@ struct NodeSocket {
         default_value = "/run/migrator/node.sock"
     )]
     socket: PathBuf,
+}
+
+/// One node, or every site's.
+#[derive(Args)]
+struct Nodes {
+    #[command(flatten)]
+    one: NodeSocket,
+    /// Every site's node instead, as this `migrator.toml` names them (the
+    /// `node` of each `[site.NAME]`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl Nodes {
+    /// The nodes to ask: (site, control socket); the one socket without
+    /// `--config` (its site unnamed).
+    fn targets(&self) -> Result<Vec<(String, PathBuf)>> {
+        let Some(c) = &self.config else {
+            return Ok(vec![(String::new(), self.one.socket.clone())]);
+        };
+        let cfg = orchestrate::Config::load(c)?;
+        let nodes: Vec<(String, PathBuf)> = cfg
+            .site
+            .into_iter()
+            .filter_map(|(site, s)| s.node.map(|n| (site, n)))
+            .collect();
+        if nodes.is_empty() {
+            bail!(
+                "{} names no node (`node = \"SOCKET\"` in a [site.NAME])",
+                c.display()
+            );
+        }
+        Ok(nodes)
+    }
+
+    /// The node where `vm` has a migration in flight.
+    async fn migrating(&self, vm: &str) -> Result<PathBuf> {
+        let targets = self.targets()?;
+        if let [(_, one)] = targets.as_slice() {
+            return Ok(one.clone());
+        }
+        let mut said = Vec::new();
+        for (site, sock) in targets {
+            match api::status(&sock).await {
+                Ok(st) if st.vms.iter().any(|v| v.name == vm && v.migration.is_some()) => {
+                    return Ok(sock)
+                }
+                Ok(_) => said.push(format!("{site}: none")),
+                Err(e) => said.push(format!("{site}: {e}")),
+            }
+        }
+        bail!(
+            "no migration of {vm} in flight at any site ({})",
+            said.join("; ")
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -242,9 +298,10 @@ fn main() -> Result<()> {
                 json,
                 tuning,
             }) => node_migrate(node.socket, vm, to, json, tuning).await,
-            Cmd::Status { node, vm, json } => status_cli(node.socket, vm, json).await,
+            Cmd::Status { node, vm, json } => status_cli(&node, vm, json).await,
             Cmd::Cancel { vm, node } => {
-                let msg = node_call(&node.socket, Request::Cancel { vm }).await?;
+                let socket = node.migrating(&vm).await?;
+                let msg = node_call(&socket, Request::Cancel { vm }).await?;
                 println!("{msg}");
                 Ok(())
             }
@@ -254,8 +311,9 @@ fn main() -> Result<()> {
                 max_rate_mbit,
                 downtime_ms,
             } => {
+                let socket = node.migrating(&vm).await?;
                 let msg = node_call(
-                    &node.socket,
+                    &socket,
                     Request::Set {
                         vm,
                         max_rate_mbit,
@@ -622,19 +680,40 @@ async fn node_call(socket: &Path, req: Request) -> Result<String> {
     Ok(said)
 }
 
-async fn status_cli(socket: PathBuf, vm: Option<String>, json: bool) -> Result<()> {
-    let mut st = api::status(&socket).await?;
+/// `migrator status`: one node's VMs, or with `--config` every site's.
+async fn status_cli(node: &Nodes, vm: Option<String>, json: bool) -> Result<()> {
+    let mut all = Vec::new();
+    for (site, socket) in node.targets()? {
+        let st = match api::status(&socket).await {
+            Ok(st) => st,
+            // one site down does not hide the others
+            Err(e) if node.config.is_some() => {
+                eprintln!("{site}: {e}");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        all.push(st);
+    }
     if let Some(vm) = &vm {
-        st.vms.retain(|v| &v.name == vm);
-        if st.vms.is_empty() {
-            bail!("no VM named {vm} at node {}", st.node);
+        for st in &mut all {
+            st.vms.retain(|v| &v.name == vm);
+        }
+        if all.iter().all(|st| st.vms.is_empty()) {
+            let nodes: Vec<&str> = all.iter().map(|s| s.node.as_str()).collect();
+            bail!("no VM named {vm} at node {}", nodes.join(", "));
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        match all.as_slice() {
+            [one] if node.config.is_none() => println!("{}", serde_json::to_string_pretty(one)?),
+            _ => println!("{}", serde_json::to_string_pretty(&all)?),
+        }
         return Ok(());
     }
-    print!("{}", migrator::node::format_status(&st));
+    for st in &all {
+        print!("{}", migrator::node::format_status(st));
+    }
     Ok(())
 }
 

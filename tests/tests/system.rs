@@ -429,6 +429,32 @@ fn ring_the_guest_moves_a_b_c_a_with_every_connection_its_name_and_its_disk() {
         progress(&clients, &format!("the connections after the move to {to}"));
     }
 
+    // where it runs is what the nodes hold: `migrator status` from any
+    // shell lists every site's node
+    let out = std::process::Command::new(tests::bed::workspace_bin("migrator"))
+        .args(["status", "web1", "--json", "--config"])
+        .arg(&bed.config)
+        .output()
+        .expect("migrator status");
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let states: Vec<(String, String)> = all
+        .iter()
+        .map(|n| {
+            let st = n["vms"][0]["state"].as_str().unwrap_or("none").to_string();
+            (n["node"].as_str().unwrap_or("?").to_string(), st)
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("siteA".to_string(), "complete".to_string()),
+            ("siteB".into(), "moved".into()),
+            ("siteC".into(), "moved".into())
+        ],
+        "{all:?}"
+    );
+
     // every download ends whole; every session closes cleanly
     for (i, c) in clients.iter().enumerate() {
         let d = c

@@ -13,7 +13,7 @@ use migrator::args::Tuning;
 use migrator::events::Summary;
 use migrator::failpoint;
 use migrator::nbd::client::ClientError;
-use migrator::node::api::{self, Reply, Request};
+use migrator::node::api::{self, Request};
 use migrator::node::{bind_control, Node, NodeConfig, PeerConfig};
 use migrator::transport::tls::Identity;
 use tokio::net::TcpListener;
@@ -519,15 +519,43 @@ async fn cancel_mid_bulk_keeps_the_vm_at_the_source_and_set_changes_the_rate() {
         rate_at_2 < rate_at_8 * 0.7,
         "the rate followed the new cap: {rate_at_8:.0} B/s at 8 Mbit/s, {rate_at_2:.0} B/s at 2"
     );
-    let mut said = String::new();
-    api::call(&a.control, &Request::Cancel { vm: "web1".into() }, |r| {
-        if let Reply::Done { message } = r {
-            said = message
-        }
-    })
-    .await
-    .expect("cancel");
+    // from any shell, knowing only the sites: the CLI finds the node that
+    // runs the migration
+    let cfg = root.path().join("migrator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "identity = \"keys\"\n[site.A]\ngateway = \"unix:/nonexistent\"\ntoken = \"t\"\nnode = \"{}\"\n\
+             [site.B]\ngateway = \"unix:/nonexistent\"\ntoken = \"t\"\nnode = \"{}\"\n",
+            a.control.display(),
+            b.control.display()
+        ),
+    )
+    .expect("migrator.toml");
+    let cli = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_migrator"));
+        c.args(args).arg("--config").arg(&cfg);
+        c.output()
+    };
+    let st = cli(&["status", "web1", "--json"]).await.expect("status");
+    let all: Vec<serde_json::Value> =
+        serde_json::from_slice(&st.stdout).expect("every site's status as JSON");
+    assert_eq!(all.len(), 2, "{all:?}");
+    let out = cli(&["cancel", "web1"]).await.expect("cancel");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(said.contains("keeps running at A"), "{said}");
+    let out = cli(&["cancel", "web1"]).await.expect("cancel");
+    assert!(!out.status.success(), "nothing left to cancel");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no migration of web1 in flight"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r = job.await.expect("job");
     assert!(r.is_err(), "the cancelled migration reports it");
     // the writer never saw an error; A still takes writes and holds them all

@@ -26,8 +26,8 @@ struct Args {
     /// Give up on QEMU's native path after this long.
     #[arg(long, default_value_t = 300)]
     native_timeout_s: u64,
-    /// Only these paths (ours, native).
-    #[arg(long, value_delimiter = ',', default_value = "ours,native")]
+    /// Only these paths (ours, native, return: A→B→A between nodes).
+    #[arg(long, value_delimiter = ',', default_value = "ours,native,return")]
     paths: Vec<String>,
     /// Only these links (wan, unlimited).
     #[arg(long, value_delimiter = ',', default_value = "wan,unlimited")]
@@ -72,6 +72,106 @@ fn bed(a: &Args, file: &[u8], rate: Option<u32>) -> Result<SysBed> {
             net: None,
         },
     })
+}
+
+/// One leg of a return trip.
+struct Leg {
+    link: String,
+    leg: &'static str,
+    total_s: f64,
+    wire_mib: f64,
+    data_mib: f64,
+    resumed_mib: f64,
+    memory_mib: f64,
+}
+
+/// A→B then B→A with `migrator migrate` between nodes (the ring bed's
+/// sites A and B): the way back sends what changed since the way there.
+/// Returns the section of system.md.
+fn return_trip(a: &Args, file: &Arc<Vec<u8>>) -> Result<String> {
+    let mut legs = Vec::new();
+    for rate in [Some(a.wan.rate_mbit), None] {
+        let wanted = if rate.is_some() { "wan" } else { "unlimited" };
+        if !a.links.iter().any(|l| l == wanted) {
+            continue;
+        }
+        let link = match rate {
+            Some(r) => format!("{r} Mbit/s, {} ms RTT", a.wan.rtt_ms),
+            None => "unlimited, no delay".into(),
+        };
+        eprintln!("== return trip over {link}");
+        let mut bed = SysBed::ring(SysOpts {
+            rate_mbit: rate,
+            delay: if rate.is_some() {
+                Duration::from_millis(a.wan.rtt_ms / 2)
+            } else {
+                Duration::ZERO
+            },
+            guest: Guest {
+                beats: 30000,
+                disk_mib: 96,
+                www: vec![("big.bin".into(), file.to_vec())],
+                net: None,
+            },
+        })?;
+        bed.start_gateways()?;
+        let _nodes = bed.start_nodes()?;
+        bed.vm.wait_beats("A", 20, Duration::from_secs(180))?;
+        for (leg, to) in [("A→B", "siteB"), ("B→A", "siteA")] {
+            let tx = |bed: &SysBed| {
+                if to == "siteB" {
+                    bed.vm.sites.a_tx_bytes()
+                } else {
+                    bed.vm.sites.b_tx_bytes()
+                }
+            };
+            let tx0 = tx(&bed)?;
+            let t = Instant::now();
+            let events = bed.ring_migrate(to)?;
+            let total_s = t.elapsed().as_secs_f64();
+            let wire = tx(&bed)? - tx0;
+            let report = events
+                .iter()
+                .find(|e| e["event"] == "report")
+                .map(|e| e["report"]["migration"].clone())
+                .unwrap_or_default();
+            let mib = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / MIB;
+            legs.push(Leg {
+                link: link.clone(),
+                leg,
+                total_s,
+                wire_mib: wire as f64 / MIB,
+                data_mib: mib(&report["data_bytes"]),
+                resumed_mib: mib(&report["resumed_bytes"]),
+                memory_mib: mib(&report["vm"]["memory_wire_bytes"]),
+            });
+        }
+    }
+    let mut md = String::from(
+        "\n## Return trip\n\n\
+        `migrator migrate web1 --to siteB`, then `--to siteA`, between nodes (`migrator node run` at each site; the ring bed of `tests/tests/system.rs`, its sites' WAN links checksumming in software), \
+        the same guest, disk and client-free workload. The way back finds the image site A kept: only blocks whose hash differs travel. \
+        Wire: the sending site's tx counter during the leg. Disk: data sent (compressed before the wire), and what the receiver already held. Memory: QEMU's stream on the wire.\n\n\
+        | link | leg | total s | wire MiB | disk data MiB | disk already there MiB | memory MiB | wire ÷ way there |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut there = 0.0;
+    for l in &legs {
+        if l.leg == "A→B" {
+            there = l.wire_mib;
+        }
+        md += &format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            l.link,
+            l.leg,
+            l.total_s,
+            l.wire_mib,
+            l.data_mib,
+            l.resumed_mib,
+            l.memory_mib,
+            if there > 0.0 { l.wire_mib / there } else { 0.0 }
+        );
+    }
+    Ok(md)
 }
 
 /// A connection's fate, once the download had time to finish.
@@ -258,6 +358,9 @@ fn run(a: Args) -> Result<()> {
     }
     for f in &failed {
         md += &format!("\nNo result: {f}\n");
+    }
+    if a.paths.iter().any(|p| p == "return") {
+        md += &return_trip(&a, &file)?;
     }
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join("system.md"), &md)?;
