@@ -384,9 +384,37 @@ fn ring_the_guest_moves_a_b_c_a_with_every_connection_its_name_and_its_disk() {
         ("siteC", PUBLIC_C, true),
         ("siteA", GUEST_IP, false),
     ] {
+        if to == "siteB" {
+            // as if a `migrator migrate` had stopped right after the move:
+            // the nodes moved the guest, the network stayed behind
+            let out = std::process::Command::new(tests::bed::workspace_bin("migrator"))
+                .args([
+                    "node", "migrate", "web1", "--to", "siteB", "--json", "--node",
+                ])
+                .arg(bed.vm.path("siteA.ctl"))
+                .output()
+                .expect("migrator node migrate");
+            assert!(
+                out.status.success(),
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                bed.logs()
+            );
+        }
+        // (to siteB: the command finds it there already, and only the
+        // network switch is left)
         let events = bed
             .ring_migrate(to)
             .unwrap_or_else(|e| panic!("to {to}: {e:#}\n{}", bed.logs()));
+        if to == "siteB" {
+            assert!(
+                events.iter().any(|e| e["event"] == "note"
+                    && e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("switching it now"))),
+                "{events:?}"
+            );
+        }
         let report = events
             .iter()
             .find(|e| e["event"] == "report")
@@ -429,6 +457,12 @@ fn ring_the_guest_moves_a_b_c_a_with_every_connection_its_name_and_its_disk() {
         progress(&clients, &format!("the connections after the move to {to}"));
     }
 
+    // now that nodes and gateways agree, a move to where it runs is refused
+    let again = bed.ring_migrate("siteA").expect_err("it runs there");
+    assert!(
+        format!("{again:#}").contains("already runs at siteA"),
+        "{again:#}"
+    );
     // where it runs is what the nodes hold: `migrator status` from any
     // shell lists every site's node
     let out = std::process::Command::new(tests::bed::workspace_bin("migrator"))

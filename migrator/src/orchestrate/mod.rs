@@ -2,7 +2,9 @@
 //! disk, its open connections and its DNS name, from wherever it runs now.
 //!
 //! ```text
-//!  locate    with nodes: ask each site's node where the VM runs
+//!  locate    with nodes: ask each site's node where the VM runs (already
+//!            at the destination, but no gateway serves it there: only the
+//!            network switch is left, from the site that serves it)
 //!  prepare   both gateways answer (token checked), register + prepare the
 //!            service; DNS: lower the name's TTL
 //!  move      the source site's node sends the VM to the destination's (or:
@@ -206,6 +208,10 @@ pub enum Mover {
     /// The disk server at its home migrates it to the destination's agent
     /// (`args`: as the disk server's control socket takes them).
     Agent { control: PathBuf, args: MigrateArgs },
+    /// Nothing: the nodes say it runs at the destination already, but the
+    /// network did not follow (a `migrate` that stopped after the move, or
+    /// a `migrator node migrate`): only the network switch is left.
+    Moved,
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +263,18 @@ pub async fn locate(cfg: &Config, service: &str) -> Result<String> {
     }
 }
 
+/// The site whose gateway serves `service` (switched in as its new site),
+/// if any does.
+async fn served_at(cfg: &Config, service: &str) -> Result<Option<String>> {
+    for (site, s) in &cfg.site {
+        let g = Gateway::new(site, Endpoint::parse(&s.gateway), token(site, s)?);
+        if g.part(service).await?.is_some_and(|p| p.migration.serves()) {
+            return Ok(Some(site.clone()));
+        }
+    }
+    Ok(None)
+}
+
 impl Plan {
     /// Resolves `service` → `to`: where it runs now (with nodes, asked;
     /// without, its home), then [`Plan::build`].
@@ -272,7 +290,21 @@ impl Plan {
         } else {
             cfg.vm(service)?.site.clone()
         };
-        Self::build(cfg, service, &from, to, base)
+        if from != to {
+            return Self::build(cfg, service, &from, to, base);
+        }
+        // it runs there: does the network agree?
+        let serving = served_at(cfg, service).await?;
+        let home = &cfg.vm(service)?.site;
+        let previous = match serving.as_deref() {
+            Some(s) if s == to => bail!("{service} already runs at {to}"),
+            Some(s) => s.to_string(),
+            None if home == to => bail!("{service} already runs at {to}"),
+            None => home.clone(),
+        };
+        let mut plan = Self::build(cfg, service, &previous, to, base)?;
+        plan.mover = Mover::Moved;
+        Ok(plan)
     }
 
     /// The plan of moving `service` from `from` to `to`; `base` carries the
@@ -593,9 +625,20 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
         })
     };
     let moved = match &plan.mover {
+        Mover::Moved => {
+            let _ = events.send(Event::Note {
+                message: format!(
+                    "{} already runs at {} (its nodes say so) but the network stayed with {}: switching it now",
+                    plan.service, plan.to, plan.from
+                ),
+            });
+            drop(tx);
+            Ok(None)
+        }
         Mover::Node { socket, tuning } => {
             crate::node::api::migrate(socket, &plan.service, &plan.to, tuning.clone(), tx)
                 .await
+                .map(Some)
                 .map_err(|e| {
                     anyhow::Error::new(e).context(format!(
                         "node {} failed to send {}",
@@ -603,7 +646,9 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
                     ))
                 })
         }
-        Mover::Agent { control, args } => crate::control::request(control, args, tx).await,
+        Mover::Agent { control, args } => {
+            crate::control::request(control, args, tx).await.map(Some)
+        }
     };
     let (samples, phases) = forward.await.unwrap_or_default();
     report.samples = samples;
@@ -634,7 +679,7 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
         }
     };
     let t_commit = Instant::now();
-    report.migration = Some(summary);
+    report.migration = summary;
 
     // ---- network: the new site serves, every old one forwards to it ----
     phase(&mut report, Phase::Network);
