@@ -164,9 +164,10 @@ impl Plane {
     /// Tunnel → TUN, a batch. Packets delivered as they came are written
     /// from the receive buffers. Those whose destination is translated (a
     /// connection that came through a site where the VM had another
-    /// address) and TCP packets longer than the tunnel allows (a peer's
-    /// kernel fast path or GRO here carried a super-packet whole) are
-    /// copied, rewritten or cut into segments, and written after them.
+    /// address) and TCP packets longer than the path MTU (a peer's kernel
+    /// fast path or GRO here carried a super-packet whole) are copied,
+    /// rewritten or cut into segments that fit the tunnel, and written after
+    /// them.
     fn tunnel_to_tun(&self, rx: &tunnel::io::OuterBatch) -> std::io::Result<()> {
         let mut tx = tunnel::coalesce::Coalescer::new();
         let mut copied: Vec<Vec<u8>> = Vec::new();
@@ -186,7 +187,9 @@ impl Plane {
                 In::DeliverTo(guest) => Some(guest),
             };
             self.counters.decapsulated(inner.bytes.len());
-            let oversize = inner.bytes.len() > usize::from(max);
+            // more than the TUN device (and the VM's link) takes: never a
+            // packet as sent, so its checksum is no sender's to keep
+            let oversize = inner.bytes.len() > usize::from(self.path_mtu);
             if to.is_none() && !oversize {
                 tx.push(inner.bytes);
                 continue;
