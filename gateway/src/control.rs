@@ -39,7 +39,13 @@ pub struct Control {
     state_path: Option<PathBuf>,
     pub plane: Option<Arc<Plane>>,
     net: Option<Net>,
+    /// What `flows.json` holds now (written again only when it changes).
+    flows_written: std::sync::Mutex<Option<Vec<u8>>>,
+    ticks: std::sync::atomic::AtomicU64,
 }
+
+/// Served VMs' connections are persisted every this many ticks (2 s).
+const FLOWS_EVERY_TICKS: u64 = 8;
 
 /// Turns a `/proc/sys` switch on.
 fn write_knob(path: &str) -> Result<(), ControlError> {
@@ -68,7 +74,66 @@ impl Control {
             state_path,
             plane,
             net,
+            flows_written: std::sync::Mutex::new(None),
+            ticks: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    fn flows_path(&self) -> Option<PathBuf> {
+        self.state_path
+            .as_ref()
+            .map(|p| p.with_file_name("flows.json"))
+    }
+
+    /// The connections of a VM served here, as the next site (or this
+    /// gateway after a restart) takes them.
+    fn served_flows(&self, guest: IpAddr) -> Vec<HandedFlow> {
+        let Some(p) = &self.plane else {
+            return Vec::new();
+        };
+        let flows = p.lock().handover(guest);
+        flows
+            .into_iter()
+            .map(|h| HandedFlow {
+                origin: h.origin,
+                proto: h.key.proto,
+                lo: h.key.lo.into(),
+                hi: h.key.hi.into(),
+                tcp: h.tcp.and_then(|t| match t {
+                    tunnel::flow::TcpState::Opening => Some(FlowState::Opening),
+                    tunnel::flow::TcpState::Established => Some(FlowState::Established),
+                    tunnel::flow::TcpState::HalfClosed => Some(FlowState::HalfClosed),
+                    tunnel::flow::TcpState::Closed => None,
+                }),
+            })
+            .collect()
+    }
+
+    /// Writes `flows.json` when what the served VMs' connections are has
+    /// changed since the last write.
+    async fn persist_flows(&self, st: &State) -> anyhow::Result<()> {
+        let Some(path) = self.flows_path() else {
+            return Ok(());
+        };
+        let flows: crate::state::Flows = st
+            .migrations
+            .values()
+            .filter(|m| m.serves())
+            .map(|m| (m.service.clone(), self.served_flows(m.address)))
+            .collect();
+        let bytes = serde_json::to_vec(&flows)?;
+        {
+            let last = self.flows_written.lock().unwrap_or_else(|p| p.into_inner());
+            if last.as_deref() == Some(bytes.as_slice()) {
+                return Ok(());
+            }
+        }
+        let b = bytes.clone();
+        tokio::task::spawn_blocking(move || crate::state::write_atomic(&path, &b))
+            .await
+            .map_err(|e| anyhow::anyhow!("the flows writer failed: {e}"))??;
+        *self.flows_written.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
+        Ok(())
     }
 
     async fn save(&self, state: &State) -> Result<(), ControlError> {
@@ -461,29 +526,11 @@ impl Control {
                 )))
             }
         };
-        let flows = match &self.plane {
-            Some(p) => p.lock().handover(m.address),
-            None => Vec::new(),
-        };
         Ok(Handover {
             site: self.config.site.clone(),
             address: Self::address_here(m),
             origins,
-            flows: flows
-                .into_iter()
-                .map(|h| HandedFlow {
-                    origin: h.origin,
-                    proto: h.key.proto,
-                    lo: h.key.lo.into(),
-                    hi: h.key.hi.into(),
-                    tcp: h.tcp.and_then(|t| match t {
-                        tunnel::flow::TcpState::Opening => Some(FlowState::Opening),
-                        tunnel::flow::TcpState::Established => Some(FlowState::Established),
-                        tunnel::flow::TcpState::HalfClosed => Some(FlowState::HalfClosed),
-                        tunnel::flow::TcpState::Closed => None,
-                    }),
-                })
-                .collect(),
+            flows: self.served_flows(m.address),
         })
     }
 
@@ -544,6 +591,10 @@ impl Control {
 
     /// Re-installs switched and draining migrations (after a restart).
     pub async fn restore(&self) -> anyhow::Result<()> {
+        let saved = self
+            .flows_path()
+            .map(|p| crate::state::load_flows(&p))
+            .unwrap_or_default();
         let mut st = self.state.lock().await;
         let mut changed = false;
         for m in st.migrations.values_mut() {
@@ -558,7 +609,13 @@ impl Control {
                 }
             }
             if let (Some(role), Phase::Switched | Phase::Draining { .. }) = (&m.role, &m.phase) {
-                self.apply(m, role, &[])
+                // a VM served here: its connections and the sites they came in at
+                let handed: Vec<Handed> = saved
+                    .get(&m.service)
+                    .filter(|_| m.serves())
+                    .map(|f| f.iter().map(handed).collect())
+                    .unwrap_or_default();
+                self.apply(m, role, &handed)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot restore {}: {e}", m.service))?;
                 tracing::info!(service = %m.service, "restored after restart");
@@ -579,6 +636,14 @@ impl Control {
         let quiet_ms = self.config.tunnel.drain_quiet_ms;
         let carried = plane.fast(|f| f.take_activity()).unwrap_or_default();
         let mut st = self.state.lock().await;
+        let n = self
+            .ticks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n.is_multiple_of(FLOWS_EVERY_TICKS) {
+            if let Err(e) = self.persist_flows(&st).await {
+                tracing::warn!(error = %format!("{e:#}"), "cannot save the served connections; retrying");
+            }
+        }
         let mut done = Vec::new();
         {
             let mut t = plane.lock();

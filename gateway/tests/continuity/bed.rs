@@ -391,6 +391,13 @@ impl Bed {
         self.start(&self.a, &config, &sock, "a")
     }
 
+    pub fn restart_gateway_c(&self, old: Gw) -> Gw {
+        let ns = self.c.as_ref().expect("a bed with three sites");
+        let (config, sock) = (old.config.clone(), old.sock.clone());
+        drop(old);
+        self.start(ns, &config, &sock, "c")
+    }
+
     pub fn register_and_prepare(&self, ga: &Gw, gb: &Gw) {
         self.register_and_prepare_service(ga, gb, "web1", "10.1.0.10");
     }

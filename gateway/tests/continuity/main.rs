@@ -385,9 +385,10 @@ fn move_around(
 /// A→B→C→A: connections opened at every site (to the VM's own address
 /// before the first move, to B's and C's public addresses after) all stay
 /// alive to the end, byte for byte, both those where the client speaks
-/// first and those where the VM does; each old site forwards straight to
-/// where the VM runs (never through another site), and drains on its own
-/// once its connections end.
+/// first and those where the VM does, also across a kill -9 of the serving
+/// site's gateway; each old site forwards straight to where the VM runs
+/// (never through another site), and drains on its own once its
+/// connections end.
 #[test]
 fn ring_of_three_sites_keeps_every_connection_and_never_chains_a_tunnel() {
     let bed = Bed::ring();
@@ -472,6 +473,14 @@ fn ring_of_three_sites_keeps_every_connection_and_never_chains_a_tunnel() {
     bed.echo_once("10.3.0.100:7000", b"hello at siteC");
     let s3 = Streams::start_to(&bed, 3, "10.3.0.100:7000");
     let d3 = Downloads::start(&bed, 20..22, "10.3.0.100:7002");
+    all_progress(&[&s1, &s2, &s3], &[&d1, &d2, &d3]);
+    // C's gateway killed and restarted: it knows again which site each
+    // connection came in at (the VM speaks first on the downloads, before
+    // any client packet could teach it)
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut gc = gc;
+    gc.kill9();
+    let gc = bed.restart_gateway_c(gc);
     all_progress(&[&s1, &s2, &s3], &[&d1, &d2, &d3]);
 
     // C → A: home again; B and C forward to A
