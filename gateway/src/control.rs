@@ -15,11 +15,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use gateway_api::{FlowState, HandedFlow, Handover, MigrationStatus, Origin, Switch, Traffic};
 use tokio::sync::Mutex;
 
+use crate::config::Config;
 use crate::netlink::{Net, REVERSE_TABLE};
 use crate::plane::Plane;
 use crate::state::{Migration, Phase, Role, Service, State};
 use crate::tables::Handed;
-use crate::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
