@@ -933,11 +933,11 @@ async fn transfer(
                     .info()
                     .await
                     .map_err(|e| MigrateError::Vm(e.to_string()))?;
-                let passes = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+                let passes = info.ram.dirty_sync_count;
                 events.send(Event::Memory {
-                    transferred_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
-                    remaining_bytes: info["ram"]["remaining"].as_u64().unwrap_or(0),
-                    dirty_pages_rate: info["ram"]["dirty-pages-rate"].as_u64().unwrap_or(0),
+                    transferred_bytes: info.ram.transferred,
+                    remaining_bytes: info.ram.remaining,
+                    dirty_pages_rate: info.ram.dirty_pages_rate,
                     passes,
                     wire_bytes: m.wire_bytes.load(Ordering::Relaxed),
                 });
@@ -1053,7 +1053,7 @@ async fn transfer(
         vm.is_none() || postcopy_run,
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut vm_info = serde_json::Value::Null;
+    let mut vm_info = crate::qmp::MigrationInfo::default();
     // where the pause goes, for the operator
     let mut marks: Vec<(&str, Duration)> = vec![("final disk set sent", t_freeze.elapsed())];
     while !(ready && loaded && completed) {
@@ -1272,9 +1272,9 @@ async fn transfer(
         s.summary.vm = Some(Box::new(VmSummary {
             memory_stream_bytes: m.stream_bytes.load(Ordering::Relaxed),
             memory_wire_bytes: m.wire_bytes.load(Ordering::Relaxed),
-            passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+            passes: info.ram.dirty_sync_count,
             paused_ms: resumed_at.map(|r| (r - t_freeze).as_secs_f64() * 1e3),
-            qemu_downtime_ms: info["downtime"].as_u64(),
+            qemu_downtime_ms: info.downtime,
             postcopy: postcopy_run,
         }));
     }

@@ -10,13 +10,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use thiserror::Error;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
 
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::{MigrationInfo, Qmp, QmpError, RunStatus};
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -70,19 +70,14 @@ impl SourceVm {
     /// The same over a QMP connection this process already holds (a node
     /// owns its VMs' QMP; QEMU takes one client at a time).
     pub async fn attach_to(qmp: std::sync::Arc<Qmp>, opts: VmOptions) -> Result<Self, VmError> {
-        let status = qmp
-            .execute_timeout("query-status", None, QMP_TIMEOUT)
-            .await?;
-        let run = status["status"].as_str().unwrap_or("unknown").to_string();
-        if run != "running" {
-            return Err(VmError::NotRunning(run));
+        let run: RunStatus = qmp.query("query-status", QMP_TIMEOUT).await?;
+        if run.status != "running" {
+            return Err(VmError::NotRunning(run.status));
         }
-        let mig = qmp
-            .execute_timeout("query-migrate", None, QMP_TIMEOUT)
-            .await?;
-        if let Some(s) = mig["status"].as_str() {
-            if !matches!(s, "none" | "completed" | "failed" | "cancelled") {
-                return Err(VmError::Busy(s.to_string()));
+        let mig: MigrationInfo = qmp.query("query-migrate", QMP_TIMEOUT).await?;
+        if let Some(s) = mig.status {
+            if !matches!(s.as_str(), "none" | "completed" | "failed" | "cancelled") {
+                return Err(VmError::Busy(s));
             }
         }
         // unique per migration: one disk server may move several VMs at once
@@ -158,33 +153,23 @@ impl SourceVm {
 
     /// What went wrong, after QEMU reported `status` (failed, cancelled).
     pub async fn failure(&self, status: String) -> VmError {
-        let detail = match self
-            .qmp
-            .execute_timeout("query-migrate", None, QMP_TIMEOUT)
-            .await
-        {
-            Ok(v) => v["error-desc"]
-                .as_str()
-                .unwrap_or("no reason given")
-                .to_string(),
+        let detail = match self.info().await {
+            Ok(i) => i
+                .error_desc
+                .unwrap_or_else(|| "no reason given".to_string()),
             Err(e) => e.to_string(),
         };
         VmError::Failed { status, detail }
     }
 
     /// `query-migrate`.
-    pub async fn info(&self) -> Result<Value, VmError> {
-        Ok(self
-            .qmp
-            .execute_timeout("query-migrate", None, QMP_TIMEOUT)
-            .await?)
+    pub async fn info(&self) -> Result<MigrationInfo, VmError> {
+        Ok(self.qmp.query("query-migrate", QMP_TIMEOUT).await?)
     }
 
     /// Memory passes QEMU has made (its dirty-sync count).
     pub async fn passes(&self) -> Result<u64, VmError> {
-        Ok(self.info().await?["ram"]["dirty-sync-count"]
-            .as_u64()
-            .unwrap_or(0))
+        Ok(self.info().await?.ram.dirty_sync_count)
     }
 
     pub fn postcopy_after_passes(&self) -> Option<u64> {
@@ -213,10 +198,7 @@ impl SourceVm {
     /// Before the commit point: stop the migration and make sure the guest
     /// runs here. Safe to call in any state.
     pub async fn rollback(&self) -> Result<(), VmError> {
-        let status = self.info().await?["status"]
-            .as_str()
-            .unwrap_or("none")
-            .to_string();
+        let status = self.info().await?.status.unwrap_or_else(|| "none".into());
         if matches!(
             status.as_str(),
             "setup" | "active" | "pre-switchover" | "device" | "wait-unplug"
@@ -227,22 +209,16 @@ impl SourceVm {
                 .await;
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(30) {
-                let s = self.info().await?["status"]
-                    .as_str()
-                    .unwrap_or("none")
-                    .to_string();
+                let s = self.info().await?.status.unwrap_or_else(|| "none".into());
                 if matches!(s.as_str(), "cancelled" | "failed" | "completed" | "none") {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        let run = self
-            .qmp
-            .execute_timeout("query-status", None, QMP_TIMEOUT)
-            .await?;
-        if run["status"] != "running" {
-            info!(status = %run["status"], "resuming the source VM");
+        let run: RunStatus = self.qmp.query("query-status", QMP_TIMEOUT).await?;
+        if run.status != "running" {
+            info!(status = %run.status, "resuming the source VM");
             self.qmp.execute_timeout("cont", None, QMP_TIMEOUT).await?;
         }
         Ok(())
@@ -464,10 +440,8 @@ impl DestVm {
         async move {
             let mut events = qmp.events();
             qmp.execute_timeout("cont", None, QMP_TIMEOUT).await?;
-            let status = qmp
-                .execute_timeout("query-status", None, QMP_TIMEOUT)
-                .await?;
-            if status["status"] != "running" {
+            let status: RunStatus = qmp.query("query-status", QMP_TIMEOUT).await?;
+            if status.status != "running" {
                 Qmp::wait_event(&mut events, "RESUME", QMP_TIMEOUT).await?;
             }
             Ok(())
