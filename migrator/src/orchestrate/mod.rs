@@ -729,7 +729,10 @@ pub async fn run(plan: Plan, events: mpsc::UnboundedSender<Event>) -> Result<Rep
             Ok(p) => p.is_some_and(|p| p.migration.forwards()),
             Err(e) => {
                 let _ = events.send(Event::Note {
-                    message: format!("cannot ask gateway {} whether it forwards {}: {e}; re-point it with `migrator migrate` once it answers", g.site, plan.service),
+                    message: format!(
+                        "cannot ask gateway {} whether it forwards {}: {e}; once it answers, re-point it: POST /v1/migrations/{}/switch {{\"role\":\"old\",\"peer\":\"{}\"}} on its API",
+                        g.site, plan.service, plan.service, plan.to
+                    ),
                 });
                 false
             }
