@@ -701,6 +701,10 @@ impl Gw {
     }
 }
 
+fn loads(counters: &[Arc<AtomicU64>]) -> Vec<u64> {
+    counters.iter().map(|v| v.load(Ordering::Relaxed)).collect()
+}
+
 /// Waits until each of `verified()` is at least 64 KiB beyond `before`;
 /// panics on the first error recorded or at `timeout`.
 fn wait_beyond(
@@ -833,10 +837,7 @@ impl Streams {
     }
 
     pub fn verified(&self) -> Vec<u64> {
-        self.verified
-            .iter()
-            .map(|v| v.load(Ordering::Relaxed))
-            .collect()
+        loads(&self.verified)
     }
 
     pub fn wait_progress(&self, timeout: Duration) {
@@ -1022,10 +1023,7 @@ impl Downloads {
     }
 
     pub fn verified(&self) -> Vec<u64> {
-        self.verified
-            .iter()
-            .map(|v| v.load(Ordering::Relaxed))
-            .collect()
+        loads(&self.verified)
     }
 
     /// Every download verified at least 64 KiB more than `before`.

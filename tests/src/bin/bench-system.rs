@@ -57,8 +57,8 @@ fn main() {
     }
 }
 
-fn bed(a: &Args, file: &[u8], rate: Option<u32>) -> Result<SysBed> {
-    SysBed::new(SysOpts {
+fn opts(a: &Args, file: &[u8], rate: Option<u32>) -> SysOpts {
+    SysOpts {
         rate_mbit: rate,
         delay: if rate.is_some() {
             Duration::from_millis(a.wan.rtt_ms / 2)
@@ -71,7 +71,11 @@ fn bed(a: &Args, file: &[u8], rate: Option<u32>) -> Result<SysBed> {
             www: vec![("big.bin".into(), file.to_vec())],
             net: None,
         },
-    })
+    }
+}
+
+fn bed(a: &Args, file: &[u8], rate: Option<u32>) -> Result<SysBed> {
+    SysBed::new(opts(a, file, rate))
 }
 
 /// One leg of a return trip.
@@ -100,20 +104,7 @@ fn return_trip(a: &Args, file: &Arc<Vec<u8>>) -> Result<String> {
             None => "unlimited, no delay".into(),
         };
         eprintln!("== return trip over {link}");
-        let mut bed = SysBed::ring(SysOpts {
-            rate_mbit: rate,
-            delay: if rate.is_some() {
-                Duration::from_millis(a.wan.rtt_ms / 2)
-            } else {
-                Duration::ZERO
-            },
-            guest: Guest {
-                beats: 30000,
-                disk_mib: 96,
-                www: vec![("big.bin".into(), file.to_vec())],
-                net: None,
-            },
-        })?;
+        let mut bed = SysBed::ring(opts(a, file, rate))?;
         bed.start_gateways()?;
         let _nodes = bed.start_nodes()?;
         bed.vm.wait_beats("A", 20, Duration::from_secs(180))?;
