@@ -202,6 +202,12 @@ impl Control {
         })?;
         if let Some(m) = st.migrations.get(service) {
             if m.role.is_some() && matches!(m.phase, Phase::Switched | Phase::Draining { .. }) {
+                if let (true, Some(Role::Old { lan: Some(lan), .. })) = (
+                    to == self.config.site && svc.site == self.config.site,
+                    &m.role,
+                ) {
+                    self.hold_at_home(m.address, lan).await?;
+                }
                 // it runs here or is forwarded from here: that goes on
                 // until the next switch says otherwise
                 return Ok(m.clone());
@@ -216,6 +222,23 @@ impl Control {
         st.migrations.insert(service.into(), m.clone());
         self.save(&st).await?;
         Ok(m)
+    }
+
+    /// The VM is coming home: from the moment it runs here until this site
+    /// serves it, its packets go to the data plane (which drops them, a
+    /// lost segment TCP sends again), not out as they are. Its replies to
+    /// connections opened at other sites would leave with its own address,
+    /// and their clients would reset them.
+    async fn hold_at_home(&self, guest: IpAddr, lan: &str) -> Result<(), ControlError> {
+        let (_, net) = self.parts()?;
+        let dev = &self.config.tunnel.device;
+        net.add_default_route(dev, REVERSE_TABLE, guest.is_ipv6())
+            .await?;
+        if guest.is_ipv4() {
+            net.add_unnumbered(dev).await?;
+        }
+        net.add_rule_from(guest, lan, REVERSE_TABLE).await?;
+        Ok(())
     }
 
     /// The address clients reach `m`'s VM at on this site: its public one
